@@ -1,0 +1,322 @@
+"""HTTP face of the simulated platform: routes, flow control, auth, faults, admin endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .platform import Platform
+from .validation import paging
+from .wire import PlatformReject, error_reply, json_reply
+
+UPGRADE = "/iodm/northbound/v1.5.0"
+SEC = "/iocm/app/sec/v1.1.0"
+GROUPS = "/iocm/app/devgroup/v1.3.0/devGroups"
+PLATFORM_KEY: web.AppKey[Platform] = web.AppKey("platform", Platform)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+UNAUTHENTICATED = frozenset({"login", "refreshToken"})
+
+
+def _platform(request: web.Request) -> Platform:
+    return request.app[PLATFORM_KEY]
+
+
+async def _json_body(request: web.Request) -> Any:
+    try:
+        return orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise PlatformReject("120015", "The body is not valid JSON.") from exc
+
+
+async def _app_id_of(request: web.Request, api: str) -> str:
+    """The application a call is charged to: app_key header, or appId in login/refresh."""
+    if api == "login":
+        form = await request.post()
+        value = form.get("appId")
+        return value if isinstance(value, str) else ""
+    if api == "refreshToken":
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return ""
+        value = body.get("appId") if isinstance(body, dict) else None
+        return value if isinstance(value, str) else ""
+    return request.headers.get("app_key", "")
+
+
+def _check_token(platform: Platform, request: web.Request, app_id: str) -> None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if not app_id or scheme.lower() != "bearer" or not platform.tokens.valid(app_id, token.strip()):
+        raise PlatformReject("1010005")
+
+
+@web.middleware
+async def platform_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith("/_sim/"):
+        return await handler(request)
+    platform = _platform(request)
+    missing = request.match_info.http_exception
+    if missing is not None:  # no such API (404) or method (405): keep the error shape
+        platform.stats.replies[str(missing.status)] += 1
+        return json_reply({"error_code": "120015", "error_desc": missing.reason}, missing.status)
+    api = request.match_info.route.name or "unknown"
+    delay = platform.faults.latency()
+    if delay:
+        await asyncio.sleep(delay)
+    try:
+        app_id = await _app_id_of(request, api)
+        if not platform.throttle.admit(app_id):
+            platform.stats.throttled += 1
+            raise PlatformReject("1010009")
+        platform.stats.calls[api] += 1
+        if api not in UNAUTHENTICATED:
+            _check_token(platform, request, app_id)
+        response = await handler(request)
+    except PlatformReject as reject:
+        platform.stats.replies[reject.code] += 1
+        return error_reply(reject)
+    platform.stats.replies[str(response.status)] += 1
+    return response
+
+
+# ---- application access security -------------------------------------------------------------
+async def login(request: web.Request) -> web.Response:
+    platform = _platform(request)
+    form = await request.post()
+    app_id, secret = form.get("appId"), form.get("secret")
+    if not isinstance(app_id, str) or not isinstance(secret, str) or not app_id or not secret:
+        raise PlatformReject("102202")
+    if not platform.tokens.credentials_ok(app_id, secret):
+        raise PlatformReject("100208")
+    return json_reply(platform.tokens.issue(app_id))
+
+
+async def refresh_token(request: web.Request) -> web.Response:
+    platform = _platform(request)
+    body = await _json_body(request)
+    if not isinstance(body, dict):
+        raise PlatformReject("50400")
+    fields = [body.get("appId"), body.get("secret"), body.get("refreshToken")]
+    if any(not isinstance(value, str) or not value for value in fields):
+        raise PlatformReject("102202")
+    app_id, secret, refresh = fields
+    assert isinstance(app_id, str) and isinstance(secret, str) and isinstance(refresh, str)
+    if not platform.tokens.credentials_ok(app_id, secret) or not platform.tokens.refresh_ok(
+        app_id, refresh
+    ):
+        raise PlatformReject("100208")
+    return json_reply(platform.tokens.issue(app_id))
+
+
+# ---- packages ----------------------------------------------------------------------------------
+def _page(rows: list[Any], page_no: int, page_size: int) -> list[Any]:
+    return rows[page_no * page_size : (page_no + 1) * page_size]
+
+
+async def list_packages(request: web.Request) -> web.Response:
+    page_no, page_size = paging(dict(request.query))
+    rows = _platform(request).list_packages(dict(request.query))
+    return json_reply(
+        {
+            "data": _page(rows, page_no, page_size),
+            "pageNo": page_no,
+            "pageSize": page_size,
+            "totalCount": len(rows),
+        }
+    )
+
+
+async def get_package(request: web.Request) -> web.Response:
+    return json_reply(_platform(request).package(request.match_info["file_id"]))
+
+
+async def delete_package(request: web.Request) -> web.Response:
+    _platform(request).delete_package(request.match_info["file_id"])
+    return web.Response(status=204)
+
+
+# ---- tasks -------------------------------------------------------------------------------------
+def _abort_connection(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+async def create_task(request: web.Request) -> web.StreamResponse:
+    platform = _platform(request)
+    operation = request.match_info["operation"]
+    body = await _json_body(request)
+    checked, device_ids = platform.check_create(operation, body)
+    fault = platform.faults.create_fault()
+    if fault == "refuse":
+        raise PlatformReject("100001", "Injected fault before commit.")
+    operation_id = platform.commit_create(operation, checked, device_ids)
+    if fault == "500":
+        raise PlatformReject("100001", "Injected fault after commit.")
+    if fault == "drop":
+        _abort_connection(request)
+        raise asyncio.CancelledError
+    if fault == "delay":
+        await asyncio.sleep(platform.faults.config.ambiguous_delay_s)
+    return json_reply({"operationId": operation_id})
+
+
+async def query_task(request: web.Request) -> web.Response:
+    return json_reply(_platform(request).query_task(request.match_info["operation_id"]))
+
+
+async def sub_operations(request: web.Request) -> web.Response:
+    page_no, page_size = paging(dict(request.query))
+    rows = _platform(request).sub_operations(
+        request.match_info["operation_id"], request.query.get("subOperationStatus")
+    )
+    return json_reply(
+        {
+            "data": _page(rows, page_no, page_size),
+            "pageNo": page_no,
+            "pageSize": page_size,
+            "totalCount": len(rows),
+        }
+    )
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    platform = _platform(request)
+    page_no, page_size = paging(dict(request.query))
+    tasks = platform.list_tasks(dict(request.query))
+    return json_reply(
+        {
+            "data": platform.task_page_wire(_page(tasks, page_no, page_size)),
+            "pageNo": page_no,
+            "pageSize": page_size,
+            "totalCount": len(tasks),
+            "totalSize": len(tasks),  # the vendor SDK's DTO reads this key (§5 rule 5)
+        }
+    )
+
+
+# ---- device groups -----------------------------------------------------------------------------
+async def create_group(request: web.Request) -> web.Response:
+    platform = _platform(request)
+    group = platform.create_group(await _json_body(request), request.headers.get("app_key", ""))
+    return json_reply(group)
+
+
+async def list_groups(request: web.Request) -> web.Response:
+    page_no, page_size = paging(dict(request.query))
+    name = request.query.get("name")
+    groups = [
+        g.to_wire()
+        for g in _platform(request).fleet.groups.values()
+        if name is None or g.name == name
+    ]
+    for group in groups:
+        del group["deviceIds"]  # the list reply carries counts, not members
+    return json_reply(
+        {
+            "totalCount": len(groups),
+            "pageNo": page_no,
+            "pageSize": page_size,
+            "list": _page(groups, page_no, page_size),
+        }
+    )
+
+
+async def group_members(request: web.Request) -> web.Response:
+    group_id = request.query.get("devGroupId")
+    if not group_id:
+        raise PlatformReject("50400", "devGroupId is mandatory.")
+    page_no, page_size = paging(dict(request.query))
+    group = _platform(request).group_by_id(group_id)
+    return json_reply(
+        {
+            "totalCount": len(group.device_ids),
+            "pageNo": page_no,
+            "pageSize": page_size,
+            "deviceIds": _page(group.device_ids, page_no, page_size),
+        }
+    )
+
+
+async def add_group_members(request: web.Request) -> web.Response:
+    return json_reply(_platform(request).add_group_members(await _json_body(request)))
+
+
+# ---- admin (not part of the platform) ----------------------------------------------------------
+async def sim_stats(request: web.Request) -> web.Response:
+    platform = _platform(request)
+    stats = platform.stats.as_dict()
+    stats["faults_injected"] = dict(platform.faults.injected)
+    stats["storm_admitted"] = platform.throttle.storm_admitted
+    stats["logins"] = platform.tokens.issued_count
+    return json_reply(stats)
+
+
+async def sim_tasks(request: web.Request) -> web.Response:
+    return json_reply({"tasks": _platform(request).truth()})
+
+
+async def sim_faults(request: web.Request) -> web.Response:
+    platform = _platform(request)
+    if request.method == "POST":
+        try:
+            changes = await request.json()
+            if not isinstance(changes, dict):
+                raise ValueError("the body must be a JSON object of knobs")
+            config = platform.faults.update(changes)
+        except (ValueError, json.JSONDecodeError) as exc:
+            return json_reply({"error": str(exc)}, 400)
+        platform.throttle.set_storm(config.storm_share)
+    return json_reply(platform.faults.config.as_dict())
+
+
+async def sim_clock(request: web.Request) -> web.Response:
+    """Advance simulated time (POST {"advance": seconds}); GET shows it."""
+    platform = _platform(request)
+    if request.method == "POST":
+        body = await request.json()
+        advance = getattr(platform.clock, "advance", None)
+        seconds = body.get("advance") if isinstance(body, dict) else None
+        if advance is None or not isinstance(seconds, int | float) or seconds < 0:
+            return json_reply({"error": 'POST {"advance": seconds >= 0}'}, 400)
+        advance(float(seconds))
+    return json_reply({"now": platform.clock.now()})
+
+
+def build_app(platform: Platform) -> web.Application:
+    app = web.Application(middlewares=[platform_middleware], client_max_size=4 * 1024 * 1024)
+    app[PLATFORM_KEY] = platform
+    r = app.router
+    r.add_post(f"{SEC}/login", login, name="login")
+    r.add_post(f"{SEC}/refreshToken", refresh_token, name="refreshToken")
+    r.add_get(f"{UPGRADE}/category", list_packages, name="listPackages")
+    r.add_get(f"{UPGRADE}/category/{{file_id}}", get_package, name="getPackage")
+    r.add_delete(f"{UPGRADE}/category/{{file_id}}", delete_package, name="deletePackage")
+    r.add_post(
+        f"{UPGRADE}/operations/{{operation:firmwareUpgrade|softwareUpgrade}}",
+        create_task,
+        name="createTask",
+    )
+    r.add_get(f"{UPGRADE}/operations", list_tasks, name="listTasks")
+    r.add_get(f"{UPGRADE}/operations/{{operation_id}}", query_task, name="queryTask")
+    r.add_get(
+        f"{UPGRADE}/operations/{{operation_id}}/subOperations", sub_operations, name="subOperations"
+    )
+    r.add_post(GROUPS, create_group, name="createGroup")
+    r.add_get(GROUPS, list_groups, name="listGroups")
+    r.add_get("/iocm/app/dm/v1.2.0/devices/ids", group_members, name="groupMembers")
+    r.add_post(
+        "/iocm/app/dm/v1.1.0/devices/addDevGroupTagToDevices",
+        add_group_members,
+        name="addGroupMembers",
+    )
+    r.add_get("/_sim/stats", sim_stats)
+    r.add_get("/_sim/tasks", sim_tasks)
+    r.add_route("*", "/_sim/faults", sim_faults)
+    r.add_route("*", "/_sim/clock", sim_clock)
+    return app

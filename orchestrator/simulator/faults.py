@@ -1,0 +1,97 @@
+"""Fault injection: the ways a real platform and network misbehave, as knobs.
+
+Kinds:
+- latency with jitter on every platform call;
+- creates refused *before* committing (HTTP 500, no task exists — safe to resend);
+- creates that commit and then fail (the ambiguous cases a client must reconcile):
+  an HTTP 500 reply, a dropped connection, or a reply delayed past the client's timeout;
+- a throttle storm: another client spending a share of the same app's budget.
+
+Decisions draw from one seeded generator, so a test that sets the same knobs and sends the
+same calls sees the same faults.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+AMBIGUOUS_KINDS = ("500", "drop", "delay")
+
+
+@dataclass
+class FaultConfig:
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0
+    create_refuse_rate: float = 0.0
+    create_ambiguous_rate: float = 0.0
+    ambiguous_kinds: list[str] = field(default_factory=lambda: list(AMBIGUOUS_KINDS))
+    ambiguous_delay_s: float = 30.0
+    storm_share: float = 0.0
+    seed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class FaultInjector:
+    def __init__(self, config: FaultConfig | None = None) -> None:
+        self.config = config or FaultConfig()
+        self._rng = random.Random(self.config.seed)
+        self.injected: dict[str, int] = {}
+
+    def update(self, changes: dict[str, Any]) -> FaultConfig:
+        """Apply a partial update; unknown knobs or bad values raise ValueError."""
+        current = self.config.as_dict()
+        for key, value in changes.items():
+            if key not in current:
+                raise ValueError(f"unknown fault knob {key!r}")
+            if key == "ambiguous_kinds":
+                if (
+                    not isinstance(value, list)
+                    or not value
+                    or any(kind not in AMBIGUOUS_KINDS for kind in value)
+                ):
+                    raise ValueError(
+                        f"ambiguous_kinds must be a non-empty subset of {AMBIGUOUS_KINDS}"
+                    )
+            elif key == "seed":
+                if not isinstance(value, int):
+                    raise ValueError("seed must be an integer")
+            else:
+                if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+                    raise ValueError(f"{key} must be a non-negative number")
+                if (key.endswith("_rate") or key == "storm_share") and value > 1:
+                    raise ValueError(f"{key} must be between 0 and 1")
+            current[key] = value
+        self.config = FaultConfig(**current)
+        if "seed" in changes:
+            self._rng = random.Random(self.config.seed)
+        return self.config
+
+    def latency(self) -> float:
+        """Seconds to hold this reply."""
+        base = self.config.latency_ms
+        jitter = self.config.jitter_ms
+        if base <= 0 and jitter <= 0:
+            return 0.0
+        return max(0.0, base + self._rng.uniform(-jitter, jitter)) / 1000.0
+
+    def create_fault(self) -> str | None:
+        """What goes wrong with this create: None, "refuse", or an ambiguous kind."""
+        refuse = self.config.create_refuse_rate
+        ambiguous = self.config.create_ambiguous_rate
+        if refuse <= 0 and ambiguous <= 0:
+            return None
+        draw = self._rng.random()
+        if draw < refuse:
+            return self._count("refuse")
+        if draw < refuse + ambiguous:
+            kinds = self.config.ambiguous_kinds
+            return self._count(kinds[self._rng.randrange(len(kinds))])
+        return None
+
+    def _count(self, kind: str) -> str:
+        self.injected[kind] = self.injected.get(kind, 0) + 1
+        return kind

@@ -1,0 +1,285 @@
+"""The platform's state: fleet, packages, groups, tasks — and the operations on them.
+
+Handlers in `app.py` translate HTTP to these methods and back; everything here raises
+`PlatformReject` for a refusal and knows nothing about HTTP.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from .clock import Clock, format_platform_time
+from .faults import FaultInjector
+from .fleet import FIRMWARE, SOFTWARE, Fleet, Group
+from .tasks import SUBTASK_STATUSES, TASK_STATUSES, Task, materialize
+from .throttle import SlidingWindowThrottle
+from .tokens import TokenStore
+from .validation import CreateRequest, validate_create
+from .wire import PlatformReject
+
+OPERATE_TYPES = {"firmwareUpgrade": "firmware_upgrade", "softwareUpgrade": "software_upgrade"}
+PACKAGE_TYPE_FOR = {"firmware_upgrade": FIRMWARE, "software_upgrade": SOFTWARE}
+
+
+@dataclass
+class Stats:
+    calls: Counter[str] = field(default_factory=Counter)
+    replies: Counter[str] = field(default_factory=Counter)
+    throttled: int = 0
+    tasks_created: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "calls": dict(self.calls),
+            "total_calls": sum(self.calls.values()),
+            "replies": dict(self.replies),
+            "throttled": self.throttled,
+            "tasks_created": self.tasks_created,
+        }
+
+
+class Platform:
+    def __init__(
+        self,
+        fleet: Fleet,
+        clock: Clock,
+        apps: dict[str, str],
+        rate_limit: tuple[int, float] = (100, 60.0),
+        token_ttl: float = 3600.0,
+        faults: FaultInjector | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.fleet = fleet
+        self.clock = clock
+        self.tokens = TokenStore(apps, token_ttl, clock.monotonic)
+        self.throttle = SlidingWindowThrottle(rate_limit[0], rate_limit[1], clock.monotonic)
+        self.faults = faults or FaultInjector()
+        self.throttle.set_storm(self.faults.config.storm_share)
+        self.stats = Stats()
+        self.tasks: list[Task] = []
+        self.tasks_by_id: dict[str, Task] = {}
+        self._device_tasks: dict[str, list[int]] = {}
+        self._device_tasks_upto = 0  # the deviceId index is built lazily, off the create path
+        self._model_key = {
+            device_id: (d.model.device_type, d.model.model, d.model.manufacturer)
+            for device_id, d in fleet.devices.items()
+        }
+        self._materialized = 0
+        self._ids = random.Random(seed ^ 0x5EED)
+
+    # ---- packages -------------------------------------------------------------------------
+    def list_packages(self, query: dict[str, str]) -> list[dict[str, str]]:
+        manufacturer = query.get("manufacturerName", query.get("manufactureName"))
+        wanted = {
+            "fileType": query.get("fileType"),
+            "deviceType": query.get("deviceType"),
+            "model": query.get("model"),
+            "manufacturerName": manufacturer,
+            "version": query.get("version"),
+        }
+        rows = [package.to_wire() for package in self.fleet.packages.values()]
+        return [r for r in rows if all(v is None or r[k] == v for k, v in wanted.items())]
+
+    def package(self, file_id: str) -> dict[str, str]:
+        if not _is_hex24(file_id):
+            raise PlatformReject("120015", "fileId is malformed.")
+        package = self.fleet.packages.get(file_id)
+        if package is None:
+            raise PlatformReject("123002")
+        return package.to_wire()
+
+    def delete_package(self, file_id: str) -> None:
+        self.package(file_id)
+        del self.fleet.packages[file_id]
+
+    # ---- tasks ----------------------------------------------------------------------------
+    def check_create(self, operation: str, body: Any) -> tuple[CreateRequest, list[str]]:
+        """Every rule of a create; returns the request and the devices it resolves to."""
+        operate_type = OPERATE_TYPES[operation]
+        request = validate_create(body, self.clock.now())
+        package = self.fleet.packages.get(request.file_id)
+        if package is None:
+            raise PlatformReject("123002", "fileId not found.")
+        if package.file_type != PACKAGE_TYPE_FOR[operate_type]:
+            raise PlatformReject("120015", "The package type does not match the operation.")
+        package_key = (package.device_type, package.model, package.manufacturer)
+        if request.devices is not None:
+            keys = set(map(self._model_key.get, request.devices))
+            if None in keys:
+                raise PlatformReject("123002", "Some devices were not found.")
+            if keys != {package_key}:
+                raise PlatformReject("123016")
+            return request, request.devices
+        assert request.groups is not None
+        unknown = [name for name in request.groups if name not in self.fleet.groups]
+        if unknown:
+            raise PlatformReject("123002", f"{len(unknown)} device group(s) not found.")
+        if (request.device_type, request.model, request.manufacturer) != package_key:
+            raise PlatformReject("123016")
+        resolved: list[str] = []
+        seen: set[str] = set()
+        for name in request.groups:
+            for device_id in self.fleet.groups[name].device_ids:
+                matches = self._model_key.get(device_id) == package_key
+                if matches and device_id not in seen:
+                    seen.add(device_id)
+                    resolved.append(device_id)
+        return request, resolved
+
+    def commit_create(self, operation: str, request: CreateRequest, device_ids: list[str]) -> str:
+        seq = len(self.tasks)
+        operation_id = f"{self._ids.getrandbits(96):024x}"
+        task = Task(
+            seq=seq,
+            operation_id=operation_id,
+            operate_type=OPERATE_TYPES[operation],
+            package=self.fleet.packages[request.file_id],
+            targets=request.targets,
+            policy=request.policy,
+            device_ids=device_ids,
+            create_time=self.clock.now(),
+            window=request.window,
+        )
+        self.tasks.append(task)
+        self.tasks_by_id[operation_id] = task
+        self.stats.tasks_created += 1
+        return operation_id
+
+    def _tasks_of_device(self, device_id: str) -> list[int]:
+        for task in self.tasks[self._device_tasks_upto :]:
+            for member in task.device_ids:
+                self._device_tasks.setdefault(member, []).append(task.seq)
+        self._device_tasks_upto = len(self.tasks)
+        return self._device_tasks.get(device_id, [])
+
+    def _materialize_through(self, seq: int) -> None:
+        # tasks are planned in creation order: a device's version depends on earlier tasks
+        while self._materialized <= seq:
+            materialize(self.tasks[self._materialized], self.fleet.devices)
+            self._materialized += 1
+
+    def task(self, operation_id: str) -> Task:
+        task = self.tasks_by_id.get(operation_id)
+        if task is None:
+            raise PlatformReject("123009")
+        self._materialize_through(task.seq)
+        return task
+
+    def query_task(self, operation_id: str) -> dict[str, Any]:
+        return self.task(operation_id).to_wire(self.clock.now())
+
+    def sub_operations(self, operation_id: str, status: str | None) -> list[dict[str, Any]]:
+        if status is not None and status not in SUBTASK_STATUSES:
+            raise PlatformReject("120015", "subOperationStatus is invalid.")
+        task = self.task(operation_id)
+        assert task.lives is not None
+        now = self.clock.now()
+        lives = (
+            task.lives
+            if status is None
+            else [life for life in task.lives if life.status_at(now) == status]
+        )
+        return [life.to_wire(now, task.create_time, task.operate_type) for life in lives]
+
+    def list_tasks(self, query: dict[str, str]) -> list[Task]:
+        operation_type = query.get("operationType")
+        if operation_type is not None and operation_type not in PACKAGE_TYPE_FOR:
+            raise PlatformReject("120015", "operationType is invalid.")
+        status = query.get("operationStatus")
+        if status is not None and status not in TASK_STATUSES:
+            raise PlatformReject("120015", "operationStatus is invalid.")
+        device_id = query.get("deviceId")
+        if device_id is not None:
+            candidates = [self.tasks[seq] for seq in self._tasks_of_device(device_id)]
+        else:
+            candidates = self.tasks
+        wanted = (query.get("deviceType"), query.get("model"), query.get("manufacturerName"))
+        chosen = []
+        now = self.clock.now()
+        for task in candidates:
+            if operation_type is not None and task.operate_type != operation_type:
+                continue
+            package = task.package
+            actual = (package.device_type, package.model, package.manufacturer)
+            if any(w is not None and w != a for w, a in zip(wanted, actual, strict=True)):
+                continue
+            if status is not None:
+                self._materialize_through(task.seq)
+                if task.status_at(now) != status:
+                    continue
+            chosen.append(task)
+        return chosen
+
+    def task_page_wire(self, tasks: list[Task]) -> list[dict[str, Any]]:
+        if tasks:
+            self._materialize_through(max(task.seq for task in tasks))
+        now = self.clock.now()
+        return [task.to_wire(now) for task in tasks]
+
+    # ---- device groups --------------------------------------------------------------------
+    def create_group(self, body: Any, app_id: str) -> dict[str, object]:
+        if not isinstance(body, dict):
+            raise PlatformReject("50400", "The body must be a JSON object.")
+        name = body.get("name")
+        if not isinstance(name, str) or not 1 <= len(name) <= 50 or not name.isalnum():
+            raise PlatformReject("50400", "name must be 1-50 letters and digits.")
+        if name in self.fleet.groups:
+            raise PlatformReject("100602")
+        device_ids = body.get("deviceIds") or []
+        if not isinstance(device_ids, list) or any(d not in self.fleet.devices for d in device_ids):
+            raise PlatformReject("50400", "deviceIds must name existing devices.")
+        max_devices = body.get("maxDevNum", 0)
+        if not isinstance(max_devices, int) or max_devices < 0:
+            raise PlatformReject("50400", "maxDevNum must be an integer >= 0.")
+        description = body.get("description", "")
+        group = Group(
+            group_id=f"{self._ids.getrandbits(96):024x}",
+            name=name,
+            description=description if isinstance(description, str) else "",
+            app_id=app_id,
+            max_devices=max_devices,
+            device_ids=list(dict.fromkeys(device_ids)),
+        )
+        self.fleet.groups[name] = group
+        return group.to_wire()
+
+    def group_by_id(self, group_id: str) -> Group:
+        for group in self.fleet.groups.values():
+            if group.group_id == group_id:
+                return group
+        raise PlatformReject("100603")
+
+    def add_group_members(self, body: Any) -> dict[str, object]:
+        if not isinstance(body, dict) or not isinstance(body.get("devGroupId"), str):
+            raise PlatformReject("50400", "devGroupId is mandatory.")
+        group = self.group_by_id(body["devGroupId"])
+        device_ids = body.get("deviceIds")
+        if not isinstance(device_ids, list) or any(d not in self.fleet.devices for d in device_ids):
+            raise PlatformReject("50400", "deviceIds must name existing devices.")
+        for device_id in device_ids:
+            if device_id not in group.device_ids:
+                group.device_ids.append(device_id)
+        return {"devGroupId": group.group_id, "deviceIds": device_ids}
+
+    # ---- ground truth ---------------------------------------------------------------------
+    def truth(self) -> list[dict[str, Any]]:
+        rows = []
+        for task in self.tasks:
+            row: dict[str, Any] = {
+                "operationId": task.operation_id,
+                "operateType": task.operate_type,
+                "fileId": task.package.file_id,
+                "devices": task.device_ids,
+                "createTime": format_platform_time(task.create_time),
+            }
+            if "deviceGroups" in task.targets:
+                row["deviceGroups"] = task.targets["deviceGroups"]
+            rows.append(row)
+        return rows
+
+
+def _is_hex24(text: str) -> bool:
+    return len(text) == 24 and all(c in "0123456789abcdefABCDEF" for c in text)

@@ -1,0 +1,116 @@
+"""Running the simulator: in-process on an ephemeral port, or as `rollout simulator`."""
+
+from __future__ import annotations
+
+import ssl
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from aiohttp import web
+
+from .app import build_app
+from .certs import server_context, write_self_signed
+from .clock import Clock, ScaledClock
+from .faults import FaultConfig, FaultInjector
+from .fleet import Fleet, generate_fleet
+from .platform import Platform
+
+DEFAULT_APP_ID = "demo-app"
+DEFAULT_SECRET = "demo-secret"
+
+
+@dataclass
+class SimulatorConfig:
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: an ephemeral port (tests, the embedded demo)
+    tls: bool = True
+    cert_file: Path | None = None  # with key_file: serve this certificate instead of a new one
+    key_file: Path | None = None
+    client_ca: Path | None = None
+    app_id: str = DEFAULT_APP_ID
+    secret: str = DEFAULT_SECRET
+    devices: int = 2000
+    seed: int = 1
+    rate_limit: tuple[int, float] = (100, 60.0)
+    token_ttl: float = 3600.0
+    speed: float = 1.0
+    faults: FaultConfig = field(default_factory=FaultConfig)
+
+
+class SimulatorServer:
+    """The simulated platform served over HTTP(S); use as an async context manager."""
+
+    def __init__(
+        self,
+        config: SimulatorConfig | None = None,
+        clock: Clock | None = None,
+        fleet: Fleet | None = None,
+    ) -> None:
+        self.config = config or SimulatorConfig()
+        cfg = self.config
+        self.clock: Clock = clock or ScaledClock(cfg.speed)
+        self.fleet = fleet or generate_fleet(cfg.devices, cfg.seed, cfg.app_id)
+        self.platform = Platform(
+            self.fleet,
+            self.clock,
+            {cfg.app_id: cfg.secret},
+            rate_limit=cfg.rate_limit,
+            token_ttl=cfg.token_ttl,
+            faults=FaultInjector(cfg.faults),
+            seed=cfg.seed,
+        )
+        self._runner: web.AppRunner | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.cert_file: Path | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.config.tls else "http"
+        return f"{scheme}://{self.config.host}:{self.port}"
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        cfg = self.config
+        if not cfg.tls:
+            return None
+        if cfg.cert_file is not None and cfg.key_file is not None:
+            cert, key = cfg.cert_file, cfg.key_file
+        else:
+            self._tmp = tempfile.TemporaryDirectory(prefix="rollout-sim-")
+            cert, key = write_self_signed(Path(self._tmp.name), cfg.host)
+        self.cert_file = cert
+        return server_context(cert, key, cfg.client_ca)
+
+    async def start(self) -> None:
+        app = build_app(self.platform)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner, self.config.host, self.config.port, ssl_context=self._ssl_context()
+        )
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else self.config.port
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    async def __aenter__(self) -> SimulatorServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

@@ -1,0 +1,60 @@
+"""Access tokens: login and refresh issue them; only the newest one of an app works.
+
+The platform documents that a new login invalidates older access tokens. Whether a refresh
+does the same is not documented (platform-api.md §7); the simulator takes the strict reading —
+any newly issued token invalidates the previous one — because a client that survives the
+strict platform also survives the lenient one.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+REFRESH_TOKEN_TTL = 30 * 24 * 3600.0
+
+
+@dataclass
+class _Issued:
+    access_token: str
+    expires_at: float
+
+
+class TokenStore:
+    def __init__(self, apps: dict[str, str], ttl: float, monotonic: Callable[[], float]) -> None:
+        self.apps = apps
+        self.ttl = ttl
+        self._monotonic = monotonic
+        self._current: dict[str, _Issued] = {}
+        self._refresh: dict[str, tuple[str, float]] = {}  # refresh token -> (app, expiry)
+        self.issued_count = 0
+
+    def credentials_ok(self, app_id: str, secret: str) -> bool:
+        expected = self.apps.get(app_id)
+        return expected is not None and secrets.compare_digest(expected, secret)
+
+    def issue(self, app_id: str) -> dict[str, object]:
+        now = self._monotonic()
+        access = secrets.token_hex(16)
+        refresh = secrets.token_hex(16)
+        self._current[app_id] = _Issued(access, now + self.ttl)
+        self._refresh[refresh] = (app_id, now + REFRESH_TOKEN_TTL)
+        self.issued_count += 1
+        return {
+            "accessToken": access,
+            "tokenType": "bearer",
+            "refreshToken": refresh,
+            "expiresIn": int(self.ttl),
+            "scope": "default",
+        }
+
+    def refresh_ok(self, app_id: str, refresh_token: str) -> bool:
+        entry = self._refresh.get(refresh_token)
+        return entry is not None and entry[0] == app_id and entry[1] > self._monotonic()
+
+    def valid(self, app_id: str, access_token: str) -> bool:
+        issued = self._current.get(app_id)
+        if issued is None or issued.expires_at <= self._monotonic():
+            return False
+        return secrets.compare_digest(issued.access_token, access_token)
