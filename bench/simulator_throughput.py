@@ -25,7 +25,6 @@ import urllib.request
 from pathlib import Path
 
 import aiohttp
-
 from _simproc import read_fleet, simulator_process
 
 UPGRADE = "/iodm/northbound/v1.5.0"
@@ -46,13 +45,16 @@ def _login(url: str) -> str:
 def _bodies(url: str, token: str, fleet: list[dict[str, str]]) -> list[bytes]:
     model = fleet[0]["model"]
     headers = {"app_key": "demo-app", "Authorization": f"Bearer {token}"}
-    rows = _get(f"{url}{UPGRADE}/category?model={model}&fileType=firmwarePackage&pageSize=100",
-                headers)["data"]
+    rows = _get(
+        f"{url}{UPGRADE}/category?model={model}&fileType=firmwarePackage&pageSize=100", headers
+    )["data"]
     assert isinstance(rows, list)
     file_id = rows[-1]["fileId"]
     ids = [row["deviceId"] for row in fleet if row["model"] == model]
-    return [json.dumps({"fileId": file_id, "targets": {"devices": ids[i:i + 256]}}).encode()
-            for i in range(0, len(ids) - 255, 256)]
+    return [
+        json.dumps({"fileId": file_id, "targets": {"devices": ids[i : i + 256]}}).encode()
+        for i in range(0, len(ids) - 255, 256)
+    ]
 
 
 def _wrk_load(url: str, token: str, body: bytes, seconds: float, tmp: Path) -> None:
@@ -64,23 +66,38 @@ def _wrk_load(url: str, token: str, body: bytes, seconds: float, tmp: Path) -> N
         'wrk.headers["app_key"] = "demo-app"\n'
         f'wrk.headers["Authorization"] = "Bearer {token}"\n'
     )
-    subprocess.run(["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{int(seconds)}s", "-s", str(script),
-                    f"{url}{UPGRADE}/operations/firmwareUpgrade"],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{CONNECTIONS}",
+            f"-d{int(seconds)}s",
+            "-s",
+            str(script),
+            f"{url}{UPGRADE}/operations/firmwareUpgrade",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 async def _aiohttp_load(url: str, token: str, bodies: list[bytes], seconds: float) -> None:
-    headers = {"app_key": "demo-app", "Authorization": f"Bearer {token}",
-               "Content-Type": "application/json"}
+    headers = {
+        "app_key": "demo-app",
+        "Authorization": f"Bearer {token}",
+        "Content-Type": "application/json",
+    }
     deadline = time.perf_counter() + seconds
     connector = aiohttp.TCPConnector(limit=CONNECTIONS)
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def worker(index: int) -> None:
             while time.perf_counter() < deadline:
-                async with session.post(f"{url}{UPGRADE}/operations/firmwareUpgrade",
-                                        data=bodies[index % len(bodies)],
-                                        headers=headers) as reply:
+                async with session.post(
+                    f"{url}{UPGRADE}/operations/firmwareUpgrade",
+                    data=bodies[index % len(bodies)],
+                    headers=headers,
+                ) as reply:
                     assert reply.status == 200, await reply.text()
                     await reply.read()
                 index += CONNECTIONS
@@ -94,9 +111,13 @@ def main() -> None:
     parser.add_argument("--load", choices=["auto", "wrk", "aiohttp"], default="auto")
     args = parser.parse_args()
     load = args.load if args.load != "auto" else ("wrk" if shutil.which("wrk") else "aiohttp")
-    with tempfile.TemporaryDirectory() as tmp, simulator_process(
-        Path(tmp), "--rate-limit", "1000000000/1", devices=20000
-    ) as (url, fleet_csv):
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        simulator_process(Path(tmp), "--rate-limit", "1000000000/1", devices=20000) as (
+            url,
+            fleet_csv,
+        ),
+    ):
         token = _login(url)
         bodies = _bodies(url, token, read_fleet(fleet_csv))
         before = _get(f"{url}/_sim/stats")
@@ -109,9 +130,11 @@ def main() -> None:
         after = _get(f"{url}/_sim/stats")
     created = int(str(after["tasks_created"])) - int(str(before["tasks_created"]))
     refused = {k: v for k, v in dict(after["replies"]).items() if k != "200"}  # type: ignore[call-overload]
-    print(f"simulator: {created / elapsed:.0f} creates/s (256 devices each; {created} tasks in "
-          f"{elapsed:.1f} s; load: {load}, {CONNECTIONS} connections; non-200 replies: "
-          f"{refused or 'none'})")
+    print(
+        f"simulator: {created / elapsed:.0f} creates/s (256 devices each; {created} tasks in "
+        f"{elapsed:.1f} s; load: {load}, {CONNECTIONS} connections; non-200 replies: "
+        f"{refused or 'none'})"
+    )
 
 
 if __name__ == "__main__":

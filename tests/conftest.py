@@ -135,3 +135,31 @@ def client_ssl(tls_files: dict[str, Path]) -> Iterator[ssl.SSLContext]:
     context = ssl.create_default_context(cafile=str(tls_files["ca"]))
     context.load_cert_chain(str(tls_files["client_cert"]), str(tls_files["client_key"]))
     yield context
+
+
+@pytest.fixture
+async def live_sim() -> AsyncIterator[SimulatorServer]:
+    """The simulator in real time (for pacing and token tests), plain HTTP."""
+    server = SimulatorServer(
+        SimulatorConfig(tls=False, devices=1000, seed=11, rate_limit=(1000, 60.0))
+    )
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+def client_config(server: SimulatorServer, **overrides: Any) -> Any:
+    from pydantic import SecretStr
+
+    from orchestrator.northbound import ClientConfig
+
+    values: dict[str, Any] = {
+        "base_url": server.url,
+        "app_id": APP_ID,
+        "secret": SecretStr(SECRET),
+        "rate_limit": (server.platform.throttle.calls, server.platform.throttle.seconds),
+    }
+    values.update(overrides)
+    return ClientConfig(**values)

@@ -1,0 +1,142 @@
+"""One exception tree for the whole orchestrator.
+
+    OrchestratorError
+    ├── InputError                  bad plan, fleet file or option — exit 2, nothing sent
+    ├── JournalError                the journal is locked, damaged or belongs to another plan
+    │   └── JournalMismatch         the plan or fleet changed under an existing run
+    ├── RunAborted                  the engine stopped a run on purpose (reason in the journal)
+    └── PlatformCallError           a call to the platform failed; `.may_have_taken_effect`
+        ├── TransportError          no usable HTTP reply
+        │   ├── ConnectFailed       refused/unreachable/DNS — certainly not sent
+        │   ├── TLSFailed           handshake or certificate — certainly not sent
+        │   ├── ConnectionLost      reset or dropped after sending — may have taken effect
+        │   └── RequestTimedOut     no reply in time — may have taken effect
+        └── PlatformError           an error reply: `.status`, `.code`, `.desc`
+            ├── BadRequest          4xx refusals (plan or device level) — certainly not
+            │   └── NotFound        404: 123002 device/package, 123009 task
+            ├── AuthFailed          401 / 100208: wrong app id or secret
+            ├── InvalidToken        403 / 1010005
+            ├── Throttled           403 / 1010009 — refused, did not count, did not act
+            └── ServerError         5xx — may have taken effect
+
+aiohttp exceptions are converted in exactly one place, `northbound.client._send`. No
+exception text ever contains a secret or a token: messages are built from codes, paths and
+the platform's own error_desc.
+"""
+
+from __future__ import annotations
+
+
+class OrchestratorError(Exception):
+    """Base of every error the orchestrator raises on purpose."""
+
+
+class InputError(OrchestratorError):
+    """Bad input: names the file, the field and the rule (one line, exit code 2)."""
+
+    def __init__(self, source: str, field: str, rule: str) -> None:
+        self.source, self.field, self.rule = source, field, rule
+        where = f"{source}: {field}" if field else source
+        super().__init__(f"{where}: {rule}")
+
+
+class JournalError(OrchestratorError):
+    """The journal cannot be used for this run."""
+
+
+class JournalMismatch(JournalError):
+    """The plan or fleet differs from what the journal's run was started with."""
+
+
+class RunAborted(OrchestratorError):
+    """The engine stopped the run deliberately; the reason is in the journal."""
+
+
+class PlatformCallError(OrchestratorError):
+    """A call to the platform failed."""
+
+    may_have_taken_effect: bool = False
+
+    def __init__(self, message: str, *, method: str = "", path: str = "") -> None:
+        self.method, self.path = method, path
+        super().__init__(f"{method} {path}: {message}" if method else message)
+
+
+class TransportError(PlatformCallError):
+    """No usable HTTP reply arrived."""
+
+
+class ConnectFailed(TransportError):
+    """The connection could not be opened: the request never left."""
+
+
+class TLSFailed(TransportError):
+    """The TLS handshake or the certificate check failed: the request never left."""
+
+
+class ConnectionLost(TransportError):
+    """The connection broke after the request was sent: it may have taken effect."""
+
+    may_have_taken_effect = True
+
+
+class RequestTimedOut(TransportError):
+    """No reply within the timeout: the request may have taken effect."""
+
+    may_have_taken_effect = True
+
+
+class PlatformError(PlatformCallError):
+    """The platform answered with an error reply."""
+
+    def __init__(
+        self, status: int, code: str, desc: str, *, method: str = "", path: str = ""
+    ) -> None:
+        self.status, self.code, self.desc = status, code, desc
+        super().__init__(f"HTTP {status} error_code {code}: {desc}", method=method, path=path)
+
+
+class BadRequest(PlatformError):
+    """The platform refused the request (4xx): nothing happened."""
+
+
+class NotFound(BadRequest):
+    """404: the device, package (123002) or task (123009) does not exist."""
+
+
+class AuthFailed(PlatformError):
+    """401 / 100208: the app id or secret is wrong (or the host is)."""
+
+
+class InvalidToken(PlatformError):
+    """403 / 1010005: the access token is wrong, expired or belongs to another app."""
+
+
+class Throttled(PlatformError):
+    """403 / 1010009: the app exceeded its flow-control limit; the call did not count."""
+
+
+class ServerError(PlatformError):
+    """5xx: the platform failed; a create may nevertheless have been committed."""
+
+    may_have_taken_effect = True
+
+
+def platform_error(
+    status: int, code: str, desc: str, *, method: str = "", path: str = ""
+) -> PlatformError:
+    """The one mapping from an error reply to its class."""
+    cls: type[PlatformError]
+    if code == "1010009":
+        cls = Throttled
+    elif code == "1010005":
+        cls = InvalidToken
+    elif code == "100208" or status == 401:
+        cls = AuthFailed
+    elif status >= 500:
+        cls = ServerError
+    elif status == 404:
+        cls = NotFound
+    else:
+        cls = BadRequest
+    return cls(status, code, desc, method=method, path=path)

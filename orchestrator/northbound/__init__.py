@@ -1,0 +1,36 @@
+"""The platform client: typed calls, tokens, one error tree, and pacing."""
+
+from .client import NorthboundClient
+from .config import ClientConfig, TLSConfig
+from .models import (
+    CreateTaskRequest,
+    ExecuteType,
+    OperationType,
+    Package,
+    Page,
+    Policy,
+    Status,
+    SubOperation,
+    Targets,
+    Task,
+)
+from .pacing import Pacer, Priority, shared_pacer
+
+__all__ = [
+    "ClientConfig",
+    "CreateTaskRequest",
+    "ExecuteType",
+    "NorthboundClient",
+    "OperationType",
+    "Pacer",
+    "Package",
+    "Page",
+    "Policy",
+    "Priority",
+    "Status",
+    "SubOperation",
+    "TLSConfig",
+    "Targets",
+    "Task",
+    "shared_pacer",
+]

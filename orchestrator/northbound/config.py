@@ -1,0 +1,58 @@
+"""Connection settings of the platform client, with every default named."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+from pydantic import SecretStr
+
+log = structlog.get_logger("orchestrator.northbound")
+
+DEFAULT_RATE_LIMIT = (100, 60.0)
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_TOTAL_TIMEOUT = 30.0
+DEFAULT_REFRESH_BEFORE = 300.0  # refresh a token this long before it expires
+DEFAULT_GET_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    insecure: bool = False  # no certificate or host name check: explicit, and logged loudly
+
+    def context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(
+            cafile=str(self.ca_file) if self.ca_file is not None else None
+        )
+        if self.client_cert is not None:
+            context.load_cert_chain(
+                str(self.client_cert),
+                str(self.client_key) if self.client_key is not None else None,
+            )
+        if self.insecure:
+            log.warning(
+                "TLS VERIFICATION IS OFF: the platform's certificate is not checked; "
+                "anyone on the path can read the secret and forge replies"
+            )
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    base_url: str
+    app_id: str
+    secret: SecretStr = field(repr=False)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    rate_limit: tuple[int, float] = DEFAULT_RATE_LIMIT
+    pacing_margin: float | None = None  # seconds; None: 1 % of the window
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    total_timeout: float = DEFAULT_TOTAL_TIMEOUT
+    refresh_before: float = DEFAULT_REFRESH_BEFORE
+    get_attempts: int = DEFAULT_GET_ATTEMPTS
