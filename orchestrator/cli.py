@@ -7,16 +7,38 @@ match the plan; 130 interrupted (Ctrl-C), in-flight state recorded.
 
 from __future__ import annotations
 
+import json
 import signal
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import wraps
 from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
 
 import anyio
 import click
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
 
 from . import __version__
+from .engine import RunOptions, execute, journal_path
+from .errors import InputError, JournalError, PlatformCallError, RunAborted
 from .logs import configure_logging
+from .plan import LoadedPlan, load_plan
+from .planner import chunk_count
 from .simulator import FaultConfig, SimulatorConfig, SimulatorServer, write_fleet_csv
+from .status import read_status
+from .submitter import Progress as RunProgress
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -25,6 +47,49 @@ EXIT_JOURNAL = 3
 EXIT_INTERRUPTED = 130
 
 stderr = Console(stderr=True)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def exits_cleanly(command: Callable[P, R]) -> Callable[P, R]:
+    """Map the orchestrator's errors to one line on stderr and a documented exit code."""
+
+    @wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except InputError as exc:
+            stderr.print(f"[red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except JournalError as exc:
+            stderr.print(f"[red]journal:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(EXIT_JOURNAL)
+        except RunAborted as exc:
+            stderr.print(f"[red]run stopped:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(EXIT_FAILED)
+        except PlatformCallError as exc:
+            stderr.print(f"[red]platform:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(EXIT_FAILED)
+        except KeyboardInterrupt:
+            stderr.print(
+                "[yellow]interrupted[/]: in-flight state is in the journal; "
+                "`rollout resume` finishes the run"
+            )
+            sys.exit(EXIT_INTERRUPTED)
+
+    return wrapper
+
+
+def _load(plan: Path) -> LoadedPlan:
+    return load_plan(plan)
+
+
+plan_argument = click.argument("plan", type=click.Path(path_type=Path))
+journal_option = click.option(
+    "--journal",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Journal file (default: .rollout/<plan name>.journal.sqlite in the working directory).",
+)
 
 
 def _rate_limit(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[int, float]:
@@ -212,3 +277,131 @@ def simulator(
         stderr.print("Simulator stopped.")
 
     anyio.run(serve)
+
+
+@main.command("plan")
+@plan_argument
+@click.option("--json", "as_json", is_flag=True, help="Print the preview as JSON on stdout.")
+@exits_cleanly
+def plan_command(plan: Path, as_json: bool) -> None:
+    """Check PLAN offline and preview it: chunks, calls, ETA. Nothing is sent."""
+    loaded = _load(plan)
+    p = loaded.plan
+    calls_per_window, window = p.platform.rate
+    chunks = chunk_count(loaded.fleet)
+    calls = chunks + 2  # a login and the package lookup
+    spacing = window * 1.01 / calls_per_window
+    preview = {
+        "plan": p.name,
+        "operation": p.operation.value,
+        "platform": p.platform.url,
+        "targets": len(loaded.fleet.members),
+        "target_kind": loaded.fleet.kind,
+        "chunks": chunks,
+        "calls": calls,
+        "rate_limit": p.platform.rate_limit,
+        "eta_seconds": round(max(calls - 1, 0) * spacing, 1),
+        "policy": p.policy.wire(),
+    }
+    if as_json:
+        click.echo(json.dumps(preview, indent=2))
+        return
+    table = Table(title=f"plan {p.name}: checked, nothing sent", show_header=False)
+    for key, value in preview.items():
+        table.add_row(key, str(value))
+    stderr.print(table)
+
+
+def _progress_bar(total: int) -> tuple[Progress, Callable[[RunProgress], None]]:
+    bar = Progress(
+        TextColumn("[bold]targets in tasks"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=stderr,
+        transient=False,
+    )
+    task = bar.add_task("submit", total=total, rate="")
+
+    def update(progress: RunProgress) -> None:
+        elapsed = max(1e-6, time.monotonic() - progress.started)
+        rate = f"{progress.creates / elapsed * 60:.0f} creates/min"
+        bar.update(task, completed=progress.done_targets, rate=rate)
+
+    return bar, update
+
+
+def _drive(plan: Path, journal: Path | None, new_run: bool, resume_only: bool) -> None:
+    loaded = _load(plan)
+    bar, update = _progress_bar(len(loaded.fleet.members))
+    options = RunOptions(journal=journal, new_run=new_run, resume_only=resume_only)
+
+    async def go() -> Any:
+        return await execute(loaded, options, update)
+
+    with bar:
+        result = anyio.run(go)
+    status = read_status(result.journal, loaded.plan.name)
+    _print_status(status)
+
+
+@main.command()
+@plan_argument
+@journal_option
+@click.option(
+    "--new-run",
+    is_flag=True,
+    help="Start a new run even if the journal has one (every target is sent again).",
+)
+@exits_cleanly
+def run(plan: Path, journal: Path | None, new_run: bool) -> None:
+    """Run PLAN: submit one upgrade task per chunk, exactly once (continues an unfinished run)."""
+    _drive(plan, journal, new_run, resume_only=False)
+
+
+@main.command()
+@plan_argument
+@journal_option
+@exits_cleanly
+def resume(plan: Path, journal: Path | None) -> None:
+    """Finish the journal's run of PLAN: reconcile in-flight chunks, then submit the rest."""
+    _drive(plan, journal, new_run=False, resume_only=True)
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    table = Table(title=f"{status['plan']} — run {status['run_id']}: {status['status']}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("targets", str(status["targets"]))
+    table.add_row("in upgrade tasks", str(status["targets_in_tasks"]))
+    table.add_row("quarantined", str(status["targets_quarantined"]))
+    table.add_row("remaining", str(status["targets_remaining"]))
+    for state, values in sorted(status["chunks"].items()):
+        table.add_row(f"chunks {state}", str(values["chunks"]))
+    for outcome, count in sorted(status["attempts"].items()):
+        table.add_row(f"create attempts {outcome}", str(count))
+    if status["stop_reason"]:
+        table.add_row("stop reason", str(status["stop_reason"]))
+    updated = datetime.fromtimestamp(status["updated_at"], UTC).isoformat(timespec="seconds")
+    table.add_row("updated", updated)
+    stderr.print(table)
+    for row in status["quarantined"][:20]:
+        stderr.print(f"  quarantined {row['target']}: {row['error_code']} {row['reason']}")
+
+
+@main.command()
+@plan_argument
+@journal_option
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON on stdout.")
+@exits_cleanly
+def status(plan: Path, journal: Path | None, as_json: bool) -> None:
+    """Show the state of PLAN's latest run, from the journal alone."""
+    loaded = _load(plan)
+    result = read_status(journal_path(loaded, journal), loaded.plan.name)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        _print_status(result)

@@ -1,0 +1,101 @@
+"""The fleet file: one device ID per line, or a CSV with a `deviceId` column.
+
+Read once, checked for the faults an operator makes (empty file, blank or duplicate IDs,
+a missing column, an unreadable file), fingerprinted so a changed file is noticed on resume.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError
+
+MAX_DEVICE_ID = 256
+ID_COLUMN = "deviceId"
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """Targets in file order: device IDs, or group names."""
+
+    kind: str  # "devices" | "groups"
+    members: list[str]
+    sha256: str
+    source: str
+
+    @classmethod
+    def of_groups(cls, groups: list[str]) -> Fleet:
+        digest = hashlib.sha256("\n".join(groups).encode()).hexdigest()
+        return cls("groups", list(groups), digest, "plan groups")
+
+
+def read_fleet_file(path: Path) -> Fleet:
+    source = str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(source, "", f"cannot read the fleet file: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise InputError(source, "", "the fleet file is not UTF-8") from None
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), None)
+    if first is None:
+        raise InputError(source, "", "the fleet file is empty")
+    is_csv = "," in first or first.strip() == ID_COLUMN
+    ids = _csv_ids(text, source) if is_csv else [line.strip() for line in lines if line.strip()]
+    del lines
+    if not ids:
+        raise InputError(source, ID_COLUMN, "the fleet file lists no device")
+    # Line numbers are worked out only for an error: a million-device fleet must stay small.
+    for device_id in ids:
+        if len(device_id) > MAX_DEVICE_ID or " " in device_id or "\t" in device_id:
+            raise InputError(
+                source,
+                f"line {_line_of(text, device_id)}",
+                f"device ID {device_id[:40]!r} has spaces or is over 256 characters",
+            )
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        for device_id in ids:
+            if device_id in seen:
+                raise InputError(
+                    source,
+                    f"line {_line_of(text, device_id, nth=2)}",
+                    f"device {device_id} is listed twice",
+                )
+            seen.add(device_id)
+    return Fleet("devices", ids, hashlib.sha256(data).hexdigest(), source)
+
+
+def _line_of(text: str, needle: str, nth: int = 1) -> int:
+    found = 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        if needle in line:
+            found += 1
+            if found == nth:
+                return number
+    return 0
+
+
+def _csv_ids(text: str, source: str) -> list[str]:
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader)
+    names = [name.strip() for name in header]
+    if ID_COLUMN not in names:
+        raise InputError(source, "header", f"a CSV fleet file needs a {ID_COLUMN} column")
+    column = names.index(ID_COLUMN)
+    ids: list[str] = []
+    for row in reader:
+        if not row or not any(cell.strip() for cell in row):
+            continue
+        value = row[column].strip() if column < len(row) else ""
+        if not value:
+            raise InputError(source, f"line {reader.line_num}", f"the {ID_COLUMN} cell is empty")
+        ids.append(value)
+    return ids

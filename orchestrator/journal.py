@@ -1,0 +1,482 @@
+"""The journal: one SQLite file per plan, the single source of truth of a rollout.
+
+Write-ahead: an attempt's *intent* is committed (WAL, `synchronous=FULL`, so it survives a
+power cut) before its request leaves; its *outcome* after the reply. A chunk whose last
+attempt has an intent and no outcome — the process died in between, or the reply was
+ambiguous — is reconciled against the platform before anything else is sent for it.
+
+It holds no secret (the app secret and tokens never reach it), it is created with mode 0600,
+and one process at a time may drive it (an exclusive `flock` on `<journal>.lock`, released
+by the kernel even on SIGKILL).
+
+Chunk states: pending → intent → submitted | split | quarantined | failed
+(intent → pending again when reconciliation proves nothing was created).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import JournalError
+from .planner import Chunk
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id INTEGER PRIMARY KEY,
+    plan_name TEXT NOT NULL,
+    plan_path TEXT NOT NULL,
+    plan_sha TEXT NOT NULL,
+    fleet_sha TEXT NOT NULL,
+    fleet_kind TEXT NOT NULL,
+    target_count INTEGER NOT NULL,
+    operation TEXT NOT NULL,
+    file_id TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    status TEXT NOT NULL,
+    stop_reason TEXT
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    run_id INTEGER NOT NULL REFERENCES runs(run_id),
+    chunk_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    members TEXT NOT NULL,
+    member_count INTEGER NOT NULL,
+    first_member TEXT NOT NULL,
+    state TEXT NOT NULL,
+    operation_id TEXT,
+    adopted INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (run_id, chunk_id)
+);
+CREATE INDEX IF NOT EXISTS chunks_state ON chunks(run_id, state);
+CREATE TABLE IF NOT EXISTS attempts (
+    attempt_id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL,
+    chunk_id TEXT NOT NULL,
+    sent_at REAL NOT NULL,
+    finished_at REAL,
+    outcome TEXT,
+    http_status INTEGER,
+    error_code TEXT,
+    detail TEXT,
+    operation_id TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_chunk ON attempts(run_id, chunk_id);
+CREATE TABLE IF NOT EXISTS quarantine (
+    run_id INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    chunk_id TEXT NOT NULL,
+    error_code TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (run_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS events (
+    event_id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+"""
+
+PENDING, INTENT, SUBMITTED, SPLIT, QUARANTINED, FAILED = (
+    "pending",
+    "intent",
+    "submitted",
+    "split",
+    "quarantined",
+    "failed",
+)
+FINAL_STATES = frozenset({SUBMITTED, SPLIT, QUARANTINED})
+RUNNING, INTERRUPTED, COMPLETED, ABORTED = "running", "interrupted", "completed", "aborted"
+
+
+@dataclass(frozen=True)
+class RunRow:
+    run_id: int
+    plan_name: str
+    plan_sha: str
+    fleet_sha: str
+    fleet_kind: str
+    target_count: int
+    operation: str
+    file_id: str | None
+    created_at: float
+    status: str
+    stop_reason: str | None
+
+
+@dataclass(frozen=True)
+class ChunkRow:
+    chunk_id: str
+    kind: str
+    members: list[str]
+    state: str
+    operation_id: str | None
+    last_error: str | None
+
+    def as_chunk(self) -> Chunk:
+        return Chunk(self.chunk_id, self.kind, self.members)
+
+
+def default_journal_path(plan_name: str, workdir: Path | None = None) -> Path:
+    return (workdir or Path.cwd()) / ".rollout" / f"{plan_name}.journal.sqlite"
+
+
+class Journal:
+    def __init__(self, path: Path, connection: sqlite3.Connection, lock_fd: int) -> None:
+        self.path = path
+        self._db = connection
+        self._lock_fd = lock_fd
+
+    # ---- opening, locking --------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: Path) -> Journal:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            raise JournalError(
+                f"{path}: another rollout process is driving this journal (lock held)"
+            ) from None
+        try:
+            if not path.exists():
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            os.chmod(path, 0o600)
+            connection = sqlite3.connect(path, isolation_level=None)
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=FULL")
+            connection.execute("PRAGMA foreign_keys=ON")
+            connection.executescript(SCHEMA)
+            row = connection.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                connection.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise JournalError(f"{path}: journal schema {row[0]}, expected {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            os.close(lock_fd)
+            raise JournalError(f"{path}: not a usable journal ({exc})") from None
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return cls(path, connection, lock_fd)
+
+    @classmethod
+    def open_readonly(cls, path: Path) -> sqlite3.Connection:
+        """A read-only view for `status` and reports while a run may be going on."""
+        if not path.exists():
+            raise JournalError(f"{path}: no journal here (has this plan been run?)")
+        return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+    def close(self) -> None:
+        self._db.close()
+        with contextlib.suppress(OSError):
+            os.close(self._lock_fd)
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # ---- runs --------------------------------------------------------------------------------
+    def latest_run(self, plan_name: str) -> RunRow | None:
+        row = self._db.execute(
+            "SELECT run_id, plan_name, plan_sha, fleet_sha, fleet_kind, target_count, operation,"
+            " file_id, created_at, status, stop_reason FROM runs WHERE plan_name=?"
+            " ORDER BY run_id DESC LIMIT 1",
+            (plan_name,),
+        ).fetchone()
+        return RunRow(*row) if row else None
+
+    def create_run(
+        self,
+        *,
+        plan_name: str,
+        plan_path: str,
+        plan_sha: str,
+        fleet_sha: str,
+        fleet_kind: str,
+        target_count: int,
+        operation: str,
+        chunks: Iterable[Chunk],
+    ) -> int:
+        now = time.time()
+        with self._tx() as db:
+            cursor = db.execute(
+                "INSERT INTO runs (plan_name, plan_path, plan_sha, fleet_sha, fleet_kind,"
+                " target_count, operation, created_at, updated_at, status)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    plan_name,
+                    plan_path,
+                    plan_sha,
+                    fleet_sha,
+                    fleet_kind,
+                    target_count,
+                    operation,
+                    now,
+                    now,
+                    RUNNING,
+                ),
+            )
+            run_id = int(cursor.lastrowid or 0)
+            db.executemany(
+                "INSERT INTO chunks (run_id, chunk_id, kind, members, member_count, first_member,"
+                " state, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    (
+                        run_id,
+                        c.chunk_id,
+                        c.kind,
+                        "\n".join(c.members),
+                        len(c.members),
+                        c.members[0],
+                        PENDING,
+                        now,
+                    )
+                    for c in chunks
+                ),
+            )
+            self._event(db, run_id, "run-created", {"targets": target_count})
+        return run_id
+
+    def set_file_id(self, run_id: int, file_id: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE runs SET file_id=?, updated_at=? WHERE run_id=?",
+                (file_id, time.time(), run_id),
+            )
+
+    def set_status(self, run_id: int, status: str, reason: str | None = None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE runs SET status=?, stop_reason=?, updated_at=? WHERE run_id=?",
+                (status, reason, time.time(), run_id),
+            )
+            self._event(db, run_id, f"run-{status}", {"reason": reason} if reason else {})
+
+    def event(self, run_id: int, kind: str, detail: dict[str, Any]) -> None:
+        with self._tx() as db:
+            self._event(db, run_id, kind, detail)
+
+    @staticmethod
+    def _event(db: sqlite3.Connection, run_id: int, kind: str, detail: dict[str, Any]) -> None:
+        db.execute(
+            "INSERT INTO events (run_id, at, kind, detail) VALUES (?,?,?,?)",
+            (run_id, time.time(), kind, json.dumps(detail, sort_keys=True)),
+        )
+
+    # ---- chunks ------------------------------------------------------------------------------
+    def chunks(self, run_id: int, states: Iterable[str] | None = None) -> list[ChunkRow]:
+        query = (
+            "SELECT chunk_id, kind, members, state, operation_id, last_error FROM chunks"
+            " WHERE run_id=?"
+        )
+        params: list[Any] = [run_id]
+        if states is not None:
+            wanted = list(states)
+            query += f" AND state IN ({','.join('?' * len(wanted))})"
+            params += wanted
+        rows = self._db.execute(query + " ORDER BY chunk_id", params).fetchall()
+        return [ChunkRow(r[0], r[1], r[2].split("\n"), r[3], r[4], r[5]) for r in rows]
+
+    def first_intent_at(self, run_id: int, chunk_id: str) -> float | None:
+        row = self._db.execute(
+            "SELECT MIN(sent_at) FROM attempts WHERE run_id=? AND chunk_id=?", (run_id, chunk_id)
+        ).fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    def record_intent(self, run_id: int, chunk_id: str) -> int:
+        """Committed durably before the create request leaves."""
+        with self._tx() as db:
+            cursor = db.execute(
+                "INSERT INTO attempts (run_id, chunk_id, sent_at) VALUES (?,?,?)",
+                (run_id, chunk_id, time.time()),
+            )
+            db.execute(
+                "UPDATE chunks SET state=?, updated_at=? WHERE run_id=? AND chunk_id=?",
+                (INTENT, time.time(), run_id, chunk_id),
+            )
+        return int(cursor.lastrowid or 0)
+
+    def _finish_attempt(
+        self,
+        db: sqlite3.Connection,
+        attempt_id: int,
+        outcome: str,
+        *,
+        http_status: int | None = None,
+        error_code: str | None = None,
+        detail: str | None = None,
+        operation_id: str | None = None,
+    ) -> None:
+        db.execute(
+            "UPDATE attempts SET finished_at=?, outcome=?, http_status=?, error_code=?, detail=?,"
+            " operation_id=? WHERE attempt_id=?",
+            (time.time(), outcome, http_status, error_code, detail, operation_id, attempt_id),
+        )
+
+    def _set_chunk(
+        self,
+        db: sqlite3.Connection,
+        run_id: int,
+        chunk_id: str,
+        state: str,
+        operation_id: str | None = None,
+        last_error: str | None = None,
+        adopted: bool = False,
+    ) -> None:
+        db.execute(
+            "UPDATE chunks SET state=?, operation_id=COALESCE(?, operation_id), last_error=?,"
+            " adopted=adopted OR ?, updated_at=? WHERE run_id=? AND chunk_id=?",
+            (state, operation_id, last_error, adopted, time.time(), run_id, chunk_id),
+        )
+
+    def record_created(
+        self, run_id: int, chunk_id: str, attempt_id: int, operation_id: str
+    ) -> None:
+        with self._tx() as db:
+            self._finish_attempt(
+                db, attempt_id, "created", http_status=200, operation_id=operation_id
+            )
+            self._set_chunk(db, run_id, chunk_id, SUBMITTED, operation_id)
+
+    def record_ambiguous(
+        self,
+        run_id: int,
+        chunk_id: str,
+        attempt_id: int,
+        http_status: int | None,
+        error_code: str | None,
+        detail: str,
+    ) -> None:
+        """The create may or may not have happened: the chunk stays in `intent`."""
+        with self._tx() as db:
+            self._finish_attempt(
+                db,
+                attempt_id,
+                "ambiguous",
+                http_status=http_status,
+                error_code=error_code,
+                detail=detail,
+            )
+            self._set_chunk(db, run_id, chunk_id, INTENT, last_error=detail)
+
+    def record_not_created(
+        self,
+        run_id: int,
+        chunk_id: str,
+        attempt_id: int,
+        outcome: str,
+        new_state: str,
+        http_status: int | None,
+        error_code: str | None,
+        detail: str,
+    ) -> None:
+        """The create certainly did not happen (refused, or never sent)."""
+        with self._tx() as db:
+            self._finish_attempt(
+                db,
+                attempt_id,
+                outcome,
+                http_status=http_status,
+                error_code=error_code,
+                detail=detail,
+            )
+            self._set_chunk(db, run_id, chunk_id, new_state, last_error=detail)
+
+    def record_adopted(
+        self, run_id: int, chunk_id: str, operation_id: str, duplicates: list[str]
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE attempts SET outcome=COALESCE(outcome, 'ambiguous'), finished_at="
+                "COALESCE(finished_at, ?) WHERE run_id=? AND chunk_id=? AND outcome IS NULL",
+                (time.time(), run_id, chunk_id),
+            )
+            self._set_chunk(db, run_id, chunk_id, SUBMITTED, operation_id, adopted=True)
+            self._event(
+                db, run_id, "reconciled-adopted", {"chunk": chunk_id, "operationId": operation_id}
+            )
+            if duplicates:
+                self._event(
+                    db, run_id, "duplicate-tasks", {"chunk": chunk_id, "operationIds": duplicates}
+                )
+
+    def record_absent(self, run_id: int, chunk_id: str) -> None:
+        """Reconciliation proved no task exists for the chunk: it may be sent again."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE attempts SET outcome=COALESCE(outcome, 'lost'), finished_at="
+                "COALESCE(finished_at, ?) WHERE run_id=? AND chunk_id=? AND outcome IS NULL",
+                (time.time(), run_id, chunk_id),
+            )
+            db.execute(
+                "UPDATE attempts SET outcome='absent' WHERE run_id=? AND chunk_id=?"
+                " AND outcome IN ('ambiguous', 'lost')",
+                (run_id, chunk_id),
+            )
+            self._set_chunk(db, run_id, chunk_id, PENDING)
+            self._event(db, run_id, "reconciled-absent", {"chunk": chunk_id})
+
+    def split(self, run_id: int, parent: str, children: Iterable[Chunk]) -> None:
+        now = time.time()
+        with self._tx() as db:
+            self._set_chunk(db, run_id, parent, SPLIT)
+            db.executemany(
+                "INSERT OR IGNORE INTO chunks (run_id, chunk_id, kind, members, member_count,"
+                " first_member, state, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    (
+                        run_id,
+                        c.chunk_id,
+                        c.kind,
+                        "\n".join(c.members),
+                        len(c.members),
+                        c.members[0],
+                        PENDING,
+                        now,
+                    )
+                    for c in children
+                ),
+            )
+
+    def quarantine(
+        self, run_id: int, chunk_id: str, device_id: str, error_code: str, reason: str
+    ) -> None:
+        with self._tx() as db:
+            self._set_chunk(db, run_id, chunk_id, QUARANTINED, last_error=reason)
+            db.execute(
+                "INSERT OR REPLACE INTO quarantine VALUES (?,?,?,?,?)",
+                (run_id, device_id, chunk_id, error_code, reason),
+            )
+
+    # ---- summaries ---------------------------------------------------------------------------
+    def counts(self, run_id: int) -> dict[str, int]:
+        rows = self._db.execute(
+            "SELECT state, COUNT(*), SUM(member_count) FROM chunks WHERE run_id=? GROUP BY state",
+            (run_id,),
+        ).fetchall()
+        result = {f"chunks_{state}": int(n) for state, n, _ in rows}
+        result.update({f"targets_{state}": int(m or 0) for state, _, m in rows})
+        return result

@@ -1,0 +1,330 @@
+"""The rollout plan file (TOML): its model and every offline check.
+
+A plan that passes `load_plan` must not draw a 4xx from the platform for a plan-level rule:
+each create-task rule of the platform (platform-api.md §3.4) has its twin here, checked
+before any call. Errors are `InputError(file, field, rule)` — one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import re
+import tomllib
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import InputError
+from .fleet import Fleet, read_fleet_file
+
+MAX_TARGETS = 256
+MIN_WINDOW = timedelta(minutes=5)
+PLATFORM_TIME_FORMAT = "%Y%m%dT%H%M%SZ"
+SIMULATOR_URL = "simulator"
+HEX24 = re.compile(r"^[0-9a-fA-F]{24}$")
+GROUP_NAME = re.compile(r"^[A-Za-z0-9]{1,50}$")
+RATE_LIMIT = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Operation(StrEnum):
+    FIRMWARE = "firmware"
+    SOFTWARE = "software"
+
+
+class SimulatorSection(_Section):
+    """Settings of the embedded simulator (only with `url = "simulator"`)."""
+
+    devices: int = Field(default=24000, ge=1, le=2_000_000)
+    seed: int = 1
+    speed: float = Field(default=60.0, gt=0)
+
+
+class PlatformSection(_Section):
+    url: str
+    app_id: str = Field(default="demo-app", min_length=1, max_length=256)
+    secret_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    insecure: bool = False
+    rate_limit: str = "100/60"
+    connect_timeout: float = Field(default=10.0, gt=0, le=300)
+    request_timeout: float = Field(default=30.0, gt=0, le=600)
+    simulator: SimulatorSection = Field(default_factory=SimulatorSection)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value == SIMULATOR_URL:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError('must be "simulator" or an https:// URL')
+        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+            raise ValueError("plain http is allowed only on loopback; the platform is HTTPS")
+        if parts.path not in ("", "/") or parts.query:
+            raise ValueError("must be the server's base URL (scheme, host, port), no path")
+        return value.rstrip("/")
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        match = RATE_LIMIT.match(value)
+        if not match or int(match[1]) < 1 or float(match[2]) <= 0:
+            raise ValueError('must be "CALLS/SECONDS" with CALLS >= 1, e.g. "100/60"')
+        return value
+
+    @model_validator(mode="after")
+    def _pairs(self) -> PlatformSection:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key go together")
+        if self.url != SIMULATOR_URL and self.secret_env is None:
+            raise ValueError("secret_env is required: the secret comes from the environment")
+        return self
+
+    @property
+    def rate(self) -> tuple[int, float]:
+        match = RATE_LIMIT.match(self.rate_limit)
+        assert match is not None
+        return int(match[1]), float(match[2])
+
+    @property
+    def is_simulator(self) -> bool:
+        return self.url == SIMULATOR_URL
+
+
+class FirmwareSection(_Section):
+    file_id: str | None = None
+    version: str | None = Field(default=None, min_length=1, max_length=256)
+    device_type: str | None = Field(default=None, min_length=1, max_length=256)
+    model: str | None = Field(default=None, min_length=1, max_length=256)
+    manufacturer: str | None = Field(default=None, min_length=1, max_length=256)
+
+    @field_validator("file_id")
+    @classmethod
+    def _file_id(cls, value: str | None) -> str | None:
+        if value is not None and not HEX24.match(value):
+            raise ValueError("must be the package's 24-hex-digit fileId")
+        return value
+
+    @model_validator(mode="after")
+    def _one_way(self) -> FirmwareSection:
+        lookup = (self.version, self.device_type, self.model, self.manufacturer)
+        if self.file_id is None and any(v is None for v in lookup):
+            raise ValueError("give file_id, or version + device_type + model + manufacturer")
+        if self.file_id is not None and any(v is not None for v in lookup):
+            raise ValueError("give file_id or the lookup fields, not both")
+        return self
+
+
+class FleetSection(_Section):
+    devices_file: Path | None = None
+    groups: list[str] | None = None
+    device_type: str | None = Field(default=None, min_length=1, max_length=256)
+    model: str | None = Field(default=None, min_length=1, max_length=256)
+    manufacturer: str | None = Field(default=None, min_length=1, max_length=256)
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("must name at least one group")
+        for name in value:
+            if not GROUP_NAME.match(name):
+                raise ValueError(f"group name {name!r} must be 1-50 letters and digits")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a group twice")
+        return value
+
+    @model_validator(mode="after")
+    def _mode(self) -> FleetSection:
+        if (self.devices_file is None) == (self.groups is None):
+            raise ValueError("give devices_file or groups, not both and not neither")
+        if self.groups is not None:
+            for name in ("device_type", "model", "manufacturer"):
+                if getattr(self, name) is None:
+                    raise ValueError(f"{name} is required with groups (the platform needs it)")
+        return self
+
+
+class PolicySection(_Section):
+    execute_type: Literal["now", "device_online", "custom"] = "now"
+    start: datetime | None = None  # custom: local time in `timezone`, or with an offset
+    end: datetime | None = None
+    timezone: str = "UTC"
+    retry: Annotated[int, Field(ge=1, le=5)] | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name)") from None
+        return value
+
+    @model_validator(mode="after")
+    def _window(self) -> PolicySection:
+        if self.execute_type != "custom":
+            if self.start is not None or self.end is not None:
+                raise ValueError("start/end apply only to execute_type = 'custom'")
+            return self
+        if self.start is None or self.end is None:
+            raise ValueError("execute_type = 'custom' needs start and end")
+        start, end = self.start_utc, self.end_utc
+        assert start is not None and end is not None
+        if end < start + MIN_WINDOW:
+            raise ValueError("end must be at least 5 minutes after start")
+        return self
+
+    def _utc(self, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=ZoneInfo(self.timezone))
+        return value.astimezone(UTC)
+
+    @property
+    def start_utc(self) -> datetime | None:
+        return self._utc(self.start)
+
+    @property
+    def end_utc(self) -> datetime | None:
+        return self._utc(self.end)
+
+    def wire(self) -> dict[str, Any]:
+        """The platform's OperatePolicy for this section."""
+        policy: dict[str, Any] = {"executeType": self.execute_type}
+        if self.execute_type == "custom":
+            start, end = self.start_utc, self.end_utc
+            assert start is not None and end is not None
+            policy["startTime"] = start.strftime(PLATFORM_TIME_FORMAT)
+            policy["endTime"] = end.strftime(PLATFORM_TIME_FORMAT)
+        policy["retryType"] = self.retry is not None
+        if self.retry is not None:
+            policy["retryTimes"] = self.retry
+        return policy
+
+
+class ExecutionSection(_Section):
+    concurrency: int = Field(default=4, ge=1, le=64)
+    stop_after_identical_failures: int = Field(default=8, ge=1, le=1000)
+    reconcile_delay: float = Field(default=1.0, ge=0, le=600)
+    clock_skew: float = Field(default=300.0, ge=0, le=86400)
+
+
+class Plan(_Section):
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    operation: Operation = Operation.FIRMWARE
+    platform: PlatformSection
+    firmware: FirmwareSection
+    fleet: FleetSection
+    policy: PolicySection = Field(default_factory=PolicySection)
+    execution: ExecutionSection = Field(default_factory=ExecutionSection)
+
+
+class LoadedPlan:
+    """A validated plan, its fleet, and the fingerprints the journal pins."""
+
+    def __init__(self, path: Path, plan: Plan, fleet: Fleet, plan_sha: str) -> None:
+        self.path = path
+        self.plan = plan
+        self.fleet = fleet
+        self.plan_sha = plan_sha
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def secret(self) -> str:
+        """The app secret from the environment (never from the plan file)."""
+        platform = self.plan.platform
+        if platform.secret_env is None:
+            raise InputError(str(self.path), "platform.secret_env", "is required for this URL")
+        value = os.environ.get(platform.secret_env)
+        if not value:
+            raise InputError(
+                str(self.path),
+                "platform.secret_env",
+                f"environment variable {platform.secret_env} is not set or empty",
+            )
+        return value
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def check_times(plan: Plan, source: str, now: datetime | None = None) -> None:
+    """The rules that depend on the present: a custom window must not start in the past."""
+    start = plan.policy.start_utc
+    if start is not None and start < (now or datetime.now(UTC)):
+        raise InputError(source, "policy.start", "is in the past (the platform refuses 123033)")
+
+
+def parse_plan(text: str, source: str) -> Plan:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(source, "", f"not valid TOML: {exc}") from None
+    try:
+        return Plan.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise InputError(source, _field_path(tuple(first["loc"])), message) from None
+
+
+def load_plan(path: Path, now: datetime | None = None) -> LoadedPlan:
+    """Read and check a plan and its fleet file, offline. Raises InputError."""
+    source = str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(source, "", f"cannot read the plan file: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(source, "", "the plan file is not UTF-8") from None
+    plan = parse_plan(text, source)
+    check_times(plan, source, now)
+    base = path.parent
+    for name in ("ca_file", "client_cert", "client_key"):
+        value = getattr(plan.platform, name)
+        if value is not None and not (base / value).is_file():
+            raise InputError(source, f"platform.{name}", f"file {value} does not exist")
+    if plan.fleet.devices_file is not None:
+        fleet = read_fleet_file(base / plan.fleet.devices_file)
+    else:
+        assert plan.fleet.groups is not None
+        fleet = Fleet.of_groups(plan.fleet.groups)
+    return LoadedPlan(path, plan, fleet, hashlib.sha256(data).hexdigest())

@@ -1,0 +1,71 @@
+"""What a run looks like, read from the journal alone (no platform call)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from .errors import JournalError
+from .journal import Journal
+
+
+def read_status(path: Path, plan_name: str) -> dict[str, Any]:
+    db: sqlite3.Connection = Journal.open_readonly(path)
+    try:
+        run = db.execute(
+            "SELECT run_id, status, stop_reason, target_count, file_id, created_at, updated_at,"
+            " fleet_kind FROM runs WHERE plan_name=? ORDER BY run_id DESC LIMIT 1",
+            (plan_name,),
+        ).fetchone()
+        if run is None:
+            raise JournalError(f"{path}: no run of plan {plan_name!r}")
+        run_id = run[0]
+        chunks = {
+            state: {"chunks": n, "targets": m or 0}
+            for state, n, m in db.execute(
+                "SELECT state, COUNT(*), SUM(member_count) FROM chunks WHERE run_id=?"
+                " GROUP BY state",
+                (run_id,),
+            )
+        }
+        attempts = dict(
+            db.execute(
+                "SELECT COALESCE(outcome, 'in-flight'), COUNT(*) FROM attempts WHERE run_id=?"
+                " GROUP BY 1",
+                (run_id,),
+            ).fetchall()
+        )
+        quarantined = [
+            {"target": t, "chunk": c, "error_code": e, "reason": r}
+            for t, c, e, r in db.execute(
+                "SELECT device_id, chunk_id, error_code, reason FROM quarantine WHERE run_id=?"
+                " ORDER BY chunk_id",
+                (run_id,),
+            )
+        ]
+        duplicates = db.execute(
+            "SELECT COUNT(*) FROM events WHERE run_id=? AND kind='duplicate-tasks'", (run_id,)
+        ).fetchone()[0]
+        submitted = chunks.get("submitted", {"targets": 0})["targets"]
+        return {
+            "plan": plan_name,
+            "journal": str(path),
+            "run_id": run_id,
+            "status": run[1],
+            "stop_reason": run[2],
+            "file_id": run[4],
+            "targets": run[3],
+            "target_kind": run[7],
+            "targets_in_tasks": submitted,
+            "targets_quarantined": len(quarantined),
+            "targets_remaining": run[3] - submitted - len(quarantined),
+            "chunks": chunks,
+            "attempts": attempts,
+            "quarantined": quarantined,
+            "duplicate_task_events": duplicates,
+            "created_at": run[5],
+            "updated_at": run[6],
+        }
+    finally:
+        db.close()
