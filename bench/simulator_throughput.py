@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
 import shutil
 import subprocess
@@ -25,7 +26,8 @@ import urllib.request
 from pathlib import Path
 
 import aiohttp
-from _simproc import read_fleet, simulator_process
+
+from orchestrator.simulator.testing import simulator_process
 
 UPGRADE = "/iodm/northbound/v1.5.0"
 CONNECTIONS = 32
@@ -113,13 +115,14 @@ def main() -> None:
     load = args.load if args.load != "auto" else ("wrk" if shutil.which("wrk") else "aiohttp")
     with (
         tempfile.TemporaryDirectory() as tmp,
-        simulator_process(Path(tmp), "--rate-limit", "1000000000/1", devices=20000) as (
+        simulator_process(Path(tmp), "--rate-limit", "1000000000/1", "--devices", "20000") as (
             url,
             fleet_csv,
         ),
     ):
         token = _login(url)
-        bodies = _bodies(url, token, read_fleet(fleet_csv))
+        with fleet_csv.open(newline="") as handle:
+            bodies = _bodies(url, token, list(csv.DictReader(handle)))
         before = _get(f"{url}/_sim/stats")
         started = time.perf_counter()
         if load == "wrk":

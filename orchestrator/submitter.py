@@ -227,17 +227,40 @@ class Submitter:
 
     async def _submit(self, chunk: Chunk) -> None:
         request = self._request(chunk)
-        attempt = self.journal.record_intent(self.run_id, chunk.chunk_id)
+        attempt: int | None = None
+
+        def journal_intent() -> None:
+            nonlocal attempt
+            attempt = self.journal.record_intent(self.run_id, chunk.chunk_id)
+
         try:
-            operation_id = await self.client.create_upgrade_task(self.operation, request)
+            operation_id = await self.client.create_upgrade_task(
+                self.operation, request, before_send=journal_intent
+            )
         except PlatformCallError as error:
-            await self._failed(chunk, attempt, error)
+            if attempt is None:
+                await self._never_sent(chunk, error)
+            else:
+                await self._failed(chunk, attempt, error)
             return
+        assert attempt is not None
         self.journal.record_created(self.run_id, chunk.chunk_id, attempt, operation_id)
         self._identical_failures = 0
         self.progress.creates += 1
         self._done(len(chunk.members))
         log.debug("chunk submitted", chunk=chunk.chunk_id, operation_id=operation_id)
+
+    async def _never_sent(self, chunk: Chunk, error: PlatformCallError) -> None:
+        """The create never left (the login before it failed): nothing to journal."""
+        if isinstance(error, AuthFailed):
+            raise RunAborted(
+                f"the platform refused the app credentials ({error.code}); "
+                "check platform.app_id and the secret"
+            )
+        code = error.code if isinstance(error, PlatformError) else type(error).__name__
+        self._count_failure(code, str(error))
+        await asyncio.sleep(RETRY_PAUSE)
+        self._enqueue(chunk)
 
     async def _failed(self, chunk: Chunk, attempt: int, error: PlatformCallError) -> None:
         status = error.status if isinstance(error, PlatformError) else None

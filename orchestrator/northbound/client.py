@@ -9,7 +9,7 @@ not act, so any call — a create included — waits for the pacer's cool-down a
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -52,6 +52,7 @@ REFRESH_PATH = "/iocm/app/sec/v1.1.0/refreshToken"
 UPGRADE = "/iodm/northbound/v1.5.0"
 MAX_PAGE_SIZE = 100
 MAX_THROTTLED_ATTEMPTS = 20
+BeforeSend = Callable[[], None]
 
 
 class NorthboundClient:
@@ -105,6 +106,7 @@ class NorthboundClient:
         body: Any = None,
         form: Mapping[str, str] | None = None,
         token: str | None = None,
+        before_send: BeforeSend | None = None,
     ) -> Any:
         if self._session is None:
             raise RuntimeError("use the client as `async with NorthboundClient(...)`")
@@ -112,6 +114,8 @@ class NorthboundClient:
         if token is not None:
             headers = {"app_key": self.config.app_id, "Authorization": f"Bearer {token}"}
         await self.pacer.acquire(priority)
+        if before_send is not None:
+            before_send()
         self.calls += 1
         try:
             async with self._session.request(
@@ -174,13 +178,28 @@ class NorthboundClient:
         raise error
 
     # ---- authenticated calls ----------------------------------------------------------------
-    async def _call(self, method: str, path: str, priority: Priority, **kwargs: Any) -> Any:
-        """One logical call: token, one re-login on 1010005, waits out throttling."""
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        priority: Priority,
+        before_send: BeforeSend | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """One logical call: token, one re-login on 1010005, waits out throttling.
+
+        `before_send` runs once, when the first attempt has its pacing slot and is about to
+        leave — the engine journals its intent there, so a process killed while waiting for
+        a slot leaves nothing to reconcile.
+        """
         relogged = False
         token = await self.tokens.access_token()
         for _ in range(MAX_THROTTLED_ATTEMPTS):
+            hook, before_send = before_send, None
             try:
-                return await self._send(method, path, priority, token=token, **kwargs)
+                return await self._send(
+                    method, path, priority, token=token, before_send=hook, **kwargs
+                )
             except InvalidToken:
                 if relogged:
                     raise
@@ -261,13 +280,17 @@ class NorthboundClient:
 
     # ---- tasks -------------------------------------------------------------------------------
     async def create_upgrade_task(
-        self, operation: OperationType, request: CreateTaskRequest
+        self,
+        operation: OperationType,
+        request: CreateTaskRequest,
+        before_send: BeforeSend | None = None,
     ) -> str:
         """Create a task; never retried here on an outcome that may have taken effect."""
         reply = await self._call(
             "POST",
             f"{UPGRADE}/operations/{operation.create_path}",
             Priority.SUBMIT,
+            before_send,
             body=request.wire(),
         )
         if not isinstance(reply, dict) or not isinstance(reply.get("operationId"), str):
