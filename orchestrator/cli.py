@@ -313,6 +313,7 @@ def plan_command(plan: Path, as_json: bool) -> None:
 
 
 def _progress_bar(total: int) -> tuple[Progress, Callable[[RunProgress], None]]:
+    """A progress bar that appears with the first progress, so errors before it stay alone."""
     bar = Progress(
         TextColumn("[bold]targets in tasks"),
         BarColumn(),
@@ -327,6 +328,8 @@ def _progress_bar(total: int) -> tuple[Progress, Callable[[RunProgress], None]]:
     task = bar.add_task("submit", total=total, rate="")
 
     def update(progress: RunProgress) -> None:
+        if not bar.live.is_started:
+            bar.start()
         elapsed = max(1e-6, time.monotonic() - progress.started)
         rate = f"{progress.creates / elapsed * 60:.0f} creates/min"
         bar.update(task, completed=progress.done_targets, rate=rate)
@@ -342,8 +345,10 @@ def _drive(plan: Path, journal: Path | None, new_run: bool, resume_only: bool) -
     async def go() -> Any:
         return await execute(loaded, options, update)
 
-    with bar:
+    try:
         result = anyio.run(go)
+    finally:
+        bar.stop()
     status = read_status(result.journal, loaded.plan.name)
     _print_status(status)
 

@@ -111,6 +111,8 @@ def _check_same_inputs(
 async def execute(
     loaded: LoadedPlan, options: RunOptions, progress: ProgressHook | None = None
 ) -> RunResult:
+    if not loaded.plan.platform.is_simulator:
+        loaded.secret()  # an unset secret is bad input: fail before a journal or a call exists
     path = journal_path(loaded, options.journal)
     journal = Journal.open(path)
     try:

@@ -323,7 +323,12 @@ def load_plan(path: Path, now: datetime | None = None) -> LoadedPlan:
         if value is not None and not (base / value).is_file():
             raise InputError(source, f"platform.{name}", f"file {value} does not exist")
     if plan.fleet.devices_file is not None:
-        fleet = read_fleet_file(base / plan.fleet.devices_file)
+        fleet_path = base / plan.fleet.devices_file
+        if not fleet_path.is_file():
+            raise InputError(
+                source, "fleet.devices_file", f"{plan.fleet.devices_file} is not an existing file"
+            )
+        fleet = read_fleet_file(fleet_path)
     else:
         assert plan.fleet.groups is not None
         fleet = Fleet.of_groups(plan.fleet.groups)
