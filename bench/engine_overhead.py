@@ -30,12 +30,18 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
     configure_logging("console", "warning")
-    with tempfile.TemporaryDirectory() as tmp, simulator_process(
-        Path(tmp), "--devices", str(args.devices * 4 + 20_000), "--rate-limit", "1000000000/1"
-    ) as (url, sim_fleet):
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        simulator_process(
+            Path(tmp), "--devices", str(args.devices * 4 + 20_000), "--rate-limit", "1000000000/1"
+        ) as (url, sim_fleet),
+    ):
         directory = Path(tmp)
-        ids = [line.split(",", 1)[0] for line in sim_fleet.read_text().splitlines()[1:]
-               if ",WM-200," in line][: args.devices]
+        ids = [
+            line.split(",", 1)[0]
+            for line in sim_fleet.read_text().splitlines()[1:]
+            if ",WM-200," in line
+        ][: args.devices]
         (directory / "fleet.txt").write_text("\n".join(ids) + "\n")
         (directory / "plan.toml").write_text(f"""
 name = "overhead"
@@ -60,11 +66,14 @@ concurrency = {args.concurrency}
         asyncio.run(execute(loaded, RunOptions(journal=journal)))
         elapsed = time.perf_counter() - started
         with sqlite3.connect(journal) as db:
-            created = db.execute("SELECT COUNT(*) FROM attempts WHERE outcome='created'"
-                                 ).fetchone()[0]
+            created = db.execute(
+                "SELECT COUNT(*) FROM attempts WHERE outcome='created'"
+            ).fetchone()[0]
         assert get_json(url + "/_sim/stats")["tasks_created"] == created
-    print(f"engine: {created / elapsed:.0f} creates/s ({created} chunks of {len(ids)} devices "
-          f"in {elapsed:.2f} s, concurrency {args.concurrency}, journal fsyncs included)")
+    print(
+        f"engine: {created / elapsed:.0f} creates/s ({created} chunks of {len(ids)} devices "
+        f"in {elapsed:.2f} s, concurrency {args.concurrency}, journal fsyncs included)"
+    )
 
 
 if __name__ == "__main__":

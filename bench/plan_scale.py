@@ -41,21 +41,29 @@ def main() -> None:
         (directory / "plan.toml").write_text(
             'name = "scale"\n[platform]\nurl = "https://iot.example.com:8743"\n'
             'secret_env = "ROLLOUT_SECRET"\n[firmware]\nfile_id = "0123456789abcdef01234567"\n'
-            '[fleet]\ndevices_file = "fleet.txt"\n')
+            '[fleet]\ndevices_file = "fleet.txt"\n'
+        )
         baseline = _peak_mb()
         started = time.perf_counter()
         loaded = load_plan(directory / "plan.toml")
         journal = Journal.open(directory / "scale.journal.sqlite")
         journal.create_run(
-            plan_name=loaded.plan.name, plan_path=str(loaded.path), plan_sha=loaded.plan_sha,
-            fleet_sha=loaded.fleet.sha256, fleet_kind=loaded.fleet.kind,
-            target_count=len(loaded.fleet.members), operation=loaded.plan.operation.value,
-            chunks=plan_chunks(loaded.fleet))
+            plan_name=loaded.plan.name,
+            plan_path=str(loaded.path),
+            plan_sha=loaded.plan_sha,
+            fleet_sha=loaded.fleet.sha256,
+            fleet_kind=loaded.fleet.kind,
+            target_count=len(loaded.fleet.members),
+            operation=loaded.plan.operation.value,
+            chunks=plan_chunks(loaded.fleet),
+        )
         journal.close()
         elapsed = time.perf_counter() - started
         chunks = chunk_count(loaded.fleet)
-    print(f"plan + journal of {args.devices} devices ({chunks} chunks): {elapsed:.2f} s, "
-          f"peak RSS {_peak_mb():.0f} MB (interpreter and libraries before: {baseline:.0f} MB)")
+    print(
+        f"plan + journal of {args.devices} devices ({chunks} chunks): {elapsed:.2f} s, "
+        f"peak RSS {_peak_mb():.0f} MB (interpreter and libraries before: {baseline:.0f} MB)"
+    )
 
 
 if __name__ == "__main__":
