@@ -58,6 +58,8 @@ manufacturer = "Aqualis"
 devices_file = "fleet.txt"
 [execution]
 concurrency = {args.concurrency}
+[monitor]
+follow = false
 """)
         os.environ["BENCH_SECRET"] = "demo-secret"
         journal = directory / "overhead.sqlite"

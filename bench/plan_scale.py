@@ -55,11 +55,12 @@ def main() -> None:
             fleet_kind=loaded.fleet.kind,
             target_count=len(loaded.fleet.members),
             operation=loaded.plan.operation.value,
-            chunks=plan_chunks(loaded.fleet),
+            chunks=plan_chunks(loaded.fleet, loaded.waves),
+            waves=loaded.waves,
         )
         journal.close()
         elapsed = time.perf_counter() - started
-        chunks = chunk_count(loaded.fleet)
+        chunks = chunk_count(loaded.waves)
     print(
         f"plan + journal of {args.devices} devices ({chunks} chunks): {elapsed:.2f} s, "
         f"peak RSS {_peak_mb():.0f} MB (interpreter and libraries before: {baseline:.0f} MB)"

@@ -168,6 +168,13 @@ def main(log_format: str, log_level: str) -> None:
     help="Simulated seconds per real second (device behaviour only).",
 )
 @click.option("--token-ttl", default=3600.0, show_default=True, type=click.FloatRange(min=1))
+@click.option(
+    "--failure-rate",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Every model fails upgrades at this rate (and no device is offline or "
+    "already upgraded), for a known failure share.",
+)
 @click.option("--latency-ms", default=0.0, type=click.FloatRange(min=0), help="Added latency.")
 @click.option("--jitter-ms", default=0.0, type=click.FloatRange(min=0), help="± jitter.")
 @click.option(
@@ -220,6 +227,7 @@ def simulator(
     ambiguous_delay: float,
     storm_share: float,
     fault_seed: int,
+    failure_rate: float | None,
 ) -> None:
     """Serve the simulated platform (the northbound API of platform-api.md) on loopback.
 
@@ -245,6 +253,7 @@ def simulator(
         rate_limit=rate_limit,
         token_ttl=token_ttl,
         speed=speed,
+        failure_rate=failure_rate,
         faults=FaultConfig(
             latency_ms=latency_ms,
             jitter_ms=jitter_ms,
@@ -288,7 +297,7 @@ def plan_command(plan: Path, as_json: bool) -> None:
     loaded = _load(plan)
     p = loaded.plan
     calls_per_window, window = p.platform.rate
-    chunks = chunk_count(loaded.fleet)
+    chunks = chunk_count(loaded.waves)
     calls = chunks + 2  # a login and the package lookup
     spacing = window * 1.01 / calls_per_window
     preview = {

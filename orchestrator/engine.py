@@ -1,27 +1,44 @@
-"""A rollout end to end: plan → journal → platform session → submitter → journal.
+"""A rollout end to end: plan → journal → platform session → waves of submission and gates
+→ monitor → journal.
 
-`execute` is what `rollout run` and `rollout resume` call; tests call it directly too.
+`execute` is what `rollout run` and `rollout resume` call, `watch` what `rollout watch`
+calls; tests call them directly too.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import structlog
 from pydantic import SecretStr
 
-from .errors import JournalError, JournalMismatch, RunAborted
-from .journal import ABORTED, COMPLETED, INTERRUPTED, RUNNING, Journal, default_journal_path
-from .northbound import ClientConfig, NorthboundClient, TLSConfig
-from .plan import LoadedPlan
+from .errors import JournalError, JournalMismatch, RunAborted, RunHalted
+from .gates import Verdict, evaluate
+from .journal import (
+    ABORTED,
+    COMPLETED,
+    INTERRUPTED,
+    RUNNING,
+    Journal,
+    default_journal_path,
+)
+from .monitor import Monitor, Sleep
+from .northbound import ClientConfig, NorthboundClient, Package, TLSConfig
+from .plan import PLATFORM_TIME_FORMAT, LoadedPlan, WaveSection
 from .planner import plan_chunks
 from .simulator import DEFAULT_SECRET, SimulatorConfig, SimulatorServer
-from .submitter import ProgressHook, Submitter, resolve_package
+from .submitter import Progress, ProgressHook, Submitter, operation_type, resolve_package
 
 log = structlog.get_logger("orchestrator.engine")
+
+HALTED = "halted"
+SUBMITTED_ALL = "submitted"
 
 
 @dataclass(frozen=True)
@@ -29,6 +46,7 @@ class RunOptions:
     journal: Path | None = None
     new_run: bool = False
     resume_only: bool = False
+    follow: bool | None = None  # None: the plan's monitor.follow
 
 
 @dataclass(frozen=True)
@@ -108,8 +126,123 @@ def _check_same_inputs(
         )
 
 
+def _wave_policy(loaded: LoadedPlan, section: WaveSection | None) -> dict[str, Any]:
+    policy = loaded.plan.policy.wire()
+    if section is not None and section.window is not None:
+        start, end = section.window.next_window(datetime.now(UTC))
+        policy.update(
+            executeType="custom",
+            startTime=start.strftime(PLATFORM_TIME_FORMAT),
+            endTime=end.strftime(PLATFORM_TIME_FORMAT),
+        )
+    return policy
+
+
+class Rollout:
+    """One run being driven: waves in order, each submitted, then gated."""
+
+    def __init__(
+        self,
+        loaded: LoadedPlan,
+        journal: Journal,
+        client: NorthboundClient,
+        run_id: int,
+        package: Package,
+        progress: ProgressHook | None,
+        sleep: Sleep | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.plan = loaded.plan
+        self.journal = journal
+        self.client = client
+        self.run_id = run_id
+        self.package = package
+        self.hook = progress
+        self.progress = Progress(total_targets=len(loaded.fleet.members))
+        extra = {"sleep": sleep} if sleep is not None else {}
+        self.monitor = Monitor(
+            journal,
+            client,
+            run_id,
+            package,
+            operation_type(self.plan.operation),
+            self.plan.monitor,
+            **extra,
+        )
+
+    async def drive(self, follow: bool) -> None:
+        rows = {row.wave: row for row in self.journal.waves(self.run_id)}
+        last = len(self.loaded.waves) - 1
+        for wave in self.loaded.waves:
+            section = self.plan.waves[wave.index] if self.plan.waves else None
+            if rows[wave.index].gate_state == "passed":
+                continue
+            log.info("wave", wave=wave.name, targets=len(wave.members))
+            await Submitter(
+                self.loaded,
+                self.journal,
+                self.client,
+                self.run_id,
+                self.package,
+                self.hook,
+                wave=wave.index,
+                policy=_wave_policy(self.loaded, section),
+                shared_progress=self.progress,
+            ).run()
+            self.journal.add_calls(self.run_id, self.client.take_call_counts())
+            if section is not None and wave.index < last:
+                await self._gate(wave.index, wave.name, section)
+        if follow:
+            await self.monitor.follow()
+
+    async def _gate(self, wave: int, name: str, section: WaveSection) -> None:
+        gate = section.gate
+        interval = self.plan.monitor.poll_interval
+        while True:
+            await self.monitor.poll()
+            counts = self.journal.wave_counts(self.run_id, wave)
+            verdict, reason = evaluate(gate, counts)
+            row = next(r for r in self.journal.waves(self.run_id) if r.wave == wave)
+            approved = self.journal.approved(self.run_id, wave)
+            if verdict is Verdict.FAIL:
+                if approved:
+                    self.journal.set_gate(
+                        self.run_id, wave, "passed", f"failed gate overridden by approval: {reason}"
+                    )
+                    return
+                self.journal.set_gate(self.run_id, wave, "failed", reason)
+                raise RunHalted(
+                    f"wave {name!r} failed its gate: {reason}. Nothing more was submitted. "
+                    f"To go on anyway: rollout approve PLAN --wave {name}, then rollout resume"
+                )
+            if verdict is Verdict.WAIT:
+                self.journal.set_gate(self.run_id, wave, "waiting", reason)
+                await self.monitor.sleep(interval)
+                interval = min(self.plan.monitor.max_poll_interval, interval * 1.5)
+                continue
+            if gate.soak > 0:
+                soak_until = row.soak_until or time.time() + gate.soak
+                if time.time() < soak_until:
+                    self.journal.set_gate(self.run_id, wave, "soaking", reason, soak_until)
+                    await self.monitor.sleep(min(interval, max(0.0, soak_until - time.time())))
+                    continue
+            if gate.approval and not approved:
+                self.journal.set_gate(self.run_id, wave, "awaiting-approval", reason)
+                raise RunHalted(
+                    f"wave {name!r} passed its gate ({reason}) and waits for approval: "
+                    f"rollout approve PLAN --wave {name}, then rollout resume"
+                )
+            self.journal.set_gate(self.run_id, wave, "passed", reason)
+            log.info("gate passed", wave=name, reason=reason)
+            return
+
+
 async def execute(
-    loaded: LoadedPlan, options: RunOptions, progress: ProgressHook | None = None
+    loaded: LoadedPlan,
+    options: RunOptions,
+    progress: ProgressHook | None = None,
+    *,
+    sleep: Sleep | None = None,
 ) -> RunResult:
     if not loaded.plan.platform.is_simulator:
         loaded.secret()  # an unset secret is bad input: fail before a journal or a call exists
@@ -140,20 +273,51 @@ async def execute(
                     fleet_kind=loaded.fleet.kind,
                     target_count=len(loaded.fleet.members),
                     operation=loaded.plan.operation.value,
-                    chunks=plan_chunks(loaded.fleet),
+                    chunks=plan_chunks(loaded.fleet, loaded.waves),
+                    waves=loaded.waves,
                 )
             journal.set_file_id(run_id, package.file_id)
             journal.set_status(run_id, RUNNING)
-            submitter = Submitter(loaded, journal, client, run_id, package, progress)
+            rollout = Rollout(loaded, journal, client, run_id, package, progress, sleep)
+            follow = loaded.plan.monitor.follow if options.follow is None else options.follow
             try:
-                await submitter.run()
+                await rollout.drive(follow)
             except RunAborted as exc:
                 journal.set_status(run_id, ABORTED, str(exc))
+                raise
+            except RunHalted as exc:
+                journal.set_status(run_id, HALTED, str(exc))
                 raise
             except BaseException:
                 journal.set_status(run_id, INTERRUPTED, "interrupted; in-flight state recorded")
                 raise
-            journal.set_status(run_id, COMPLETED)
+            finally:
+                journal.add_calls(run_id, client.take_call_counts())
+            journal.set_status(run_id, COMPLETED if follow else SUBMITTED_ALL)
             return RunResult(run_id, path, journal.counts(run_id))
+    finally:
+        journal.close()
+
+
+async def watch(
+    loaded: LoadedPlan, journal_file: Path | None, *, sleep: Sleep | None = None
+) -> RunResult:
+    """Follow the journal's run to the end without submitting anything."""
+    path = journal_path(loaded, journal_file)
+    if not path.exists():
+        raise JournalError(f"{path}: no journal here (has this plan been run?)")
+    journal = Journal.open(path)
+    try:
+        existing = journal.latest_run(loaded.plan.name)
+        if existing is None:
+            raise JournalError(f"{path}: no run of plan {loaded.plan.name!r} to watch")
+        async with platform_client(loaded) as client:
+            package = await resolve_package(loaded, client)
+            rollout = Rollout(loaded, journal, client, existing.run_id, package, None, sleep)
+            try:
+                await rollout.monitor.follow()
+            finally:
+                journal.add_calls(existing.run_id, client.take_call_counts())
+            return RunResult(existing.run_id, path, journal.counts(existing.run_id))
     finally:
         journal.close()

@@ -5,6 +5,7 @@
     ├── JournalError                the journal is locked, damaged or belongs to another plan
     │   └── JournalMismatch         the plan or fleet changed under an existing run
     ├── RunAborted                  the engine stopped a run on purpose (reason in the journal)
+    ├── RunHalted                   a wave gate failed or waits for approval — exit 4
     └── PlatformCallError           a call to the platform failed; `.may_have_taken_effect`
         ├── TransportError          no usable HTTP reply
         │   ├── ConnectFailed       refused/unreachable/DNS — certainly not sent
@@ -50,6 +51,10 @@ class JournalMismatch(JournalError):
 
 class RunAborted(OrchestratorError):
     """The engine stopped the run deliberately; the reason is in the journal."""
+
+
+class RunHalted(OrchestratorError):
+    """A wave's gate stopped the run: it failed, or it waits for an operator's approval."""
 
 
 class PlatformCallError(OrchestratorError):

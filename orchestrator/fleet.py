@@ -9,7 +9,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
@@ -26,6 +27,7 @@ class Fleet:
     members: list[str]
     sha256: str
     source: str
+    attributes: dict[str, list[str]] = field(default_factory=dict)  # CSV columns asked for
 
     @classmethod
     def of_groups(cls, groups: list[str]) -> Fleet:
@@ -33,7 +35,8 @@ class Fleet:
         return cls("groups", list(groups), digest, "plan groups")
 
 
-def read_fleet_file(path: Path) -> Fleet:
+def read_fleet_file(path: Path, columns: Sequence[str] = ()) -> Fleet:
+    """Read a fleet file; `columns` are CSV columns to keep (e.g. for stratified waves)."""
     source = str(path)
     try:
         data = path.read_bytes()
@@ -48,7 +51,13 @@ def read_fleet_file(path: Path) -> Fleet:
     if first is None:
         raise InputError(source, "", "the fleet file is empty")
     is_csv = "," in first or first.strip() == ID_COLUMN
-    ids = _csv_ids(text, source) if is_csv else [line.strip() for line in lines if line.strip()]
+    attributes: dict[str, list[str]] = {}
+    if is_csv:
+        ids, attributes = _csv_ids(text, source, columns)
+    elif columns:
+        raise InputError(source, columns[0], "a column to stratify by needs a CSV fleet file")
+    else:
+        ids = [line.strip() for line in lines if line.strip()]
     del lines
     if not ids:
         raise InputError(source, ID_COLUMN, "the fleet file lists no device")
@@ -70,7 +79,7 @@ def read_fleet_file(path: Path) -> Fleet:
                     f"device {device_id} is listed twice",
                 )
             seen.add(device_id)
-    return Fleet("devices", ids, hashlib.sha256(data).hexdigest(), source)
+    return Fleet("devices", ids, hashlib.sha256(data).hexdigest(), source, attributes)
 
 
 def _line_of(text: str, needle: str, nth: int = 1) -> int:
@@ -83,13 +92,20 @@ def _line_of(text: str, needle: str, nth: int = 1) -> int:
     return 0
 
 
-def _csv_ids(text: str, source: str) -> list[str]:
+def _csv_ids(
+    text: str, source: str, columns: Sequence[str]
+) -> tuple[list[str], dict[str, list[str]]]:
     reader = csv.reader(io.StringIO(text))
     header = next(reader)
     names = [name.strip() for name in header]
     if ID_COLUMN not in names:
         raise InputError(source, "header", f"a CSV fleet file needs a {ID_COLUMN} column")
     column = names.index(ID_COLUMN)
+    for wanted in columns:
+        if wanted not in names:
+            raise InputError(source, "header", f"no column {wanted!r} to stratify by")
+    extra = {name: names.index(name) for name in columns}
+    attributes: dict[str, list[str]] = {name: [] for name in columns}
     ids: list[str] = []
     for row in reader:
         if not row or not any(cell.strip() for cell in row):
@@ -98,4 +114,6 @@ def _csv_ids(text: str, source: str) -> list[str]:
         if not value:
             raise InputError(source, f"line {reader.line_num}", f"the {ID_COLUMN} cell is empty")
         ids.append(value)
-    return ids
+        for name, index in extra.items():
+            attributes[name].append(row[index].strip() if index < len(row) else "")
+    return ids, attributes

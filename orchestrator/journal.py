@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import JournalError
-from .planner import Chunk
+from .northbound import SubOperation, Task
+from .planner import Chunk, Wave
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -50,6 +51,7 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE TABLE IF NOT EXISTS chunks (
     run_id INTEGER NOT NULL REFERENCES runs(run_id),
     chunk_id TEXT NOT NULL,
+    wave INTEGER NOT NULL DEFAULT 0,
     kind TEXT NOT NULL,
     members TEXT NOT NULL,
     member_count INTEGER NOT NULL,
@@ -82,6 +84,65 @@ CREATE TABLE IF NOT EXISTS quarantine (
     error_code TEXT NOT NULL,
     reason TEXT NOT NULL,
     PRIMARY KEY (run_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS waves (
+    run_id INTEGER NOT NULL,
+    wave INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    target_count INTEGER NOT NULL,
+    gate_state TEXT NOT NULL DEFAULT 'pending',
+    gate_reason TEXT,
+    soak_until REAL,
+    approved_at REAL,
+    approved_by TEXT,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (run_id, wave)
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    run_id INTEGER NOT NULL,
+    operation_id TEXT NOT NULL,
+    chunk_id TEXT NOT NULL,
+    wave INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    total INTEGER NOT NULL DEFAULT 0,
+    waiting INTEGER NOT NULL DEFAULT 0,
+    processing INTEGER NOT NULL DEFAULT 0,
+    succeeded INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    stopped INTEGER NOT NULL DEFAULT 0,
+    timed_out INTEGER NOT NULL DEFAULT 0,
+    create_time TEXT,
+    start_time TEXT,
+    stop_time TEXT,
+    final INTEGER NOT NULL DEFAULT 0,
+    details_fetched INTEGER NOT NULL DEFAULT 0,
+    observed_at REAL,
+    PRIMARY KEY (run_id, operation_id)
+);
+CREATE TABLE IF NOT EXISTS device_results (
+    run_id INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    operation_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    detail TEXT,
+    version TEXT,
+    start_time TEXT,
+    stop_time TEXT,
+    PRIMARY KEY (run_id, device_id, operation_id)
+);
+CREATE TABLE IF NOT EXISTS api_calls (
+    run_id INTEGER NOT NULL,
+    api TEXT NOT NULL,
+    calls INTEGER NOT NULL,
+    PRIMARY KEY (run_id, api)
+);
+CREATE TABLE IF NOT EXISTS progress_samples (
+    run_id INTEGER NOT NULL,
+    at REAL NOT NULL,
+    submitted INTEGER NOT NULL,
+    finished INTEGER NOT NULL,
+    succeeded INTEGER NOT NULL,
+    failed INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS events (
     event_id INTEGER PRIMARY KEY,
@@ -127,9 +188,38 @@ class ChunkRow:
     state: str
     operation_id: str | None
     last_error: str | None
+    wave: int
 
     def as_chunk(self) -> Chunk:
-        return Chunk(self.chunk_id, self.kind, self.members)
+        return Chunk(self.chunk_id, self.kind, self.members, self.wave)
+
+
+@dataclass(frozen=True)
+class WaveRow:
+    wave: int
+    name: str
+    target_count: int
+    gate_state: str
+    gate_reason: str | None
+    soak_until: float | None
+    approved_at: float | None
+
+
+@dataclass(frozen=True)
+class WaveCounts:
+    """Targets of a wave by where they stand, from the journal."""
+
+    targets: int
+    submitted: int
+    quarantined: int
+    tasks: int
+    final_tasks: int
+    succeeded: int
+    failed: int
+
+    @property
+    def finished(self) -> int:
+        return self.succeeded + self.failed
 
 
 def default_journal_path(plan_name: str, workdir: Path | None = None) -> Path:
@@ -219,6 +309,7 @@ class Journal:
         target_count: int,
         operation: str,
         chunks: Iterable[Chunk],
+        waves: Iterable[Wave],
     ) -> int:
         now = time.time()
         with self._tx() as db:
@@ -240,25 +331,37 @@ class Journal:
                 ),
             )
             run_id = int(cursor.lastrowid or 0)
+            self._insert_chunks(db, run_id, chunks, now)
             db.executemany(
-                "INSERT INTO chunks (run_id, chunk_id, kind, members, member_count, first_member,"
-                " state, updated_at) VALUES (?,?,?,?,?,?,?,?)",
-                (
-                    (
-                        run_id,
-                        c.chunk_id,
-                        c.kind,
-                        "\n".join(c.members),
-                        len(c.members),
-                        c.members[0],
-                        PENDING,
-                        now,
-                    )
-                    for c in chunks
-                ),
+                "INSERT INTO waves (run_id, wave, name, target_count, updated_at)"
+                " VALUES (?,?,?,?,?)",
+                ((run_id, w.index, w.name, len(w.members), now) for w in waves),
             )
             self._event(db, run_id, "run-created", {"targets": target_count})
         return run_id
+
+    @staticmethod
+    def _insert_chunks(
+        db: sqlite3.Connection, run_id: int, chunks: Iterable[Chunk], now: float
+    ) -> None:
+        db.executemany(
+            "INSERT OR IGNORE INTO chunks (run_id, chunk_id, wave, kind, members, member_count,"
+            " first_member, state, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                (
+                    run_id,
+                    c.chunk_id,
+                    c.wave,
+                    c.kind,
+                    "\n".join(c.members),
+                    len(c.members),
+                    c.members[0],
+                    PENDING,
+                    now,
+                )
+                for c in chunks
+            ),
+        )
 
     def set_file_id(self, run_id: int, file_id: str) -> None:
         with self._tx() as db:
@@ -287,18 +390,23 @@ class Journal:
         )
 
     # ---- chunks ------------------------------------------------------------------------------
-    def chunks(self, run_id: int, states: Iterable[str] | None = None) -> list[ChunkRow]:
+    def chunks(
+        self, run_id: int, states: Iterable[str] | None = None, wave: int | None = None
+    ) -> list[ChunkRow]:
         query = (
-            "SELECT chunk_id, kind, members, state, operation_id, last_error FROM chunks"
-            " WHERE run_id=?"
+            "SELECT chunk_id, kind, members, state, operation_id, last_error, wave"
+            " FROM chunks WHERE run_id=?"
         )
         params: list[Any] = [run_id]
+        if wave is not None:
+            query += " AND wave=?"
+            params.append(wave)
         if states is not None:
             wanted = list(states)
             query += f" AND state IN ({','.join('?' * len(wanted))})"
             params += wanted
         rows = self._db.execute(query + " ORDER BY chunk_id", params).fetchall()
-        return [ChunkRow(r[0], r[1], r[2].split("\n"), r[3], r[4], r[5]) for r in rows]
+        return [ChunkRow(r[0], r[1], r[2].split("\n"), r[3], r[4], r[5], r[6]) for r in rows]
 
     def first_intent_at(self, run_id: int, chunk_id: str) -> float | None:
         row = self._db.execute(
@@ -443,23 +551,7 @@ class Journal:
         now = time.time()
         with self._tx() as db:
             self._set_chunk(db, run_id, parent, SPLIT)
-            db.executemany(
-                "INSERT OR IGNORE INTO chunks (run_id, chunk_id, kind, members, member_count,"
-                " first_member, state, updated_at) VALUES (?,?,?,?,?,?,?,?)",
-                (
-                    (
-                        run_id,
-                        c.chunk_id,
-                        c.kind,
-                        "\n".join(c.members),
-                        len(c.members),
-                        c.members[0],
-                        PENDING,
-                        now,
-                    )
-                    for c in children
-                ),
-            )
+            self._insert_chunks(db, run_id, children, now)
 
     def quarantine(
         self, run_id: int, chunk_id: str, device_id: str, error_code: str, reason: str
@@ -480,3 +572,201 @@ class Journal:
         result = {f"chunks_{state}": int(n) for state, n, _ in rows}
         result.update({f"targets_{state}": int(m or 0) for state, _, m in rows})
         return result
+
+    # ---- monitoring ------------------------------------------------------------------------
+    def unfinished_tasks(self, run_id: int) -> dict[str, tuple[str, int, bool]]:
+        """operationId → (chunk, wave, final) of every submitted chunk not yet fully known."""
+        rows = self._db.execute(
+            "SELECT c.operation_id, c.chunk_id, c.wave, COALESCE(t.final, 0),"
+            " COALESCE(t.details_fetched, 0) FROM chunks c LEFT JOIN tasks t"
+            " ON t.run_id=c.run_id AND t.operation_id=c.operation_id"
+            " WHERE c.run_id=? AND c.state='submitted' ORDER BY c.chunk_id",
+            (run_id,),
+        ).fetchall()
+        return {
+            op: (chunk, wave, bool(final))
+            for op, chunk, wave, final, fetched in rows
+            if not (final and fetched)
+        }
+
+    def record_task(self, run_id: int, chunk_id: str, wave: int, task: Task) -> None:
+        s = task.sta_result
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO tasks (run_id, operation_id, chunk_id, wave, status, total, waiting,"
+                " processing, succeeded, failed, stopped, timed_out, create_time, start_time,"
+                " stop_time, final, observed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT (run_id, operation_id) DO UPDATE SET status=excluded.status,"
+                " total=excluded.total, waiting=excluded.waiting,"
+                " processing=excluded.processing, succeeded=excluded.succeeded,"
+                " failed=excluded.failed, stopped=excluded.stopped,"
+                " timed_out=excluded.timed_out, start_time=excluded.start_time,"
+                " stop_time=excluded.stop_time, final=excluded.final,"
+                " observed_at=excluded.observed_at",
+                (
+                    run_id,
+                    task.operation_id,
+                    chunk_id,
+                    wave,
+                    task.status.value,
+                    s.total,
+                    s.wait,
+                    s.processing,
+                    s.success,
+                    s.fail,
+                    s.stop,
+                    s.timeout,
+                    task.create_time,
+                    task.start_time,
+                    task.stop_time,
+                    int(task.status.final),
+                    time.time(),
+                ),
+            )
+
+    def task_failures(self, run_id: int, operation_id: str) -> tuple[int, int]:
+        row = self._db.execute(
+            "SELECT failed, stopped FROM tasks WHERE run_id=? AND operation_id=?",
+            (run_id, operation_id),
+        ).fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    def approved(self, run_id: int, wave: int) -> bool:
+        row = self._db.execute(
+            "SELECT approved_at FROM waves WHERE run_id=? AND wave=?", (run_id, wave)
+        ).fetchone()
+        return bool(row and row[0] is not None)
+
+    def record_device_results(
+        self, run_id: int, operation_id: str, results: Iterable[SubOperation]
+    ) -> None:
+        """The non-success subtasks of a finished task, fetched once and kept."""
+        with self._tx() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO device_results VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    (
+                        run_id,
+                        r.device_id,
+                        operation_id,
+                        r.status.value,
+                        r.detail,
+                        r.reported_version,
+                        r.start_time,
+                        r.stop_time,
+                    )
+                    for r in results
+                ),
+            )
+            db.execute(
+                "UPDATE tasks SET details_fetched=1 WHERE run_id=? AND operation_id=?",
+                (run_id, operation_id),
+            )
+
+    def add_calls(self, run_id: int, calls: dict[str, int]) -> None:
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO api_calls VALUES (?,?,?) ON CONFLICT (run_id, api)"
+                " DO UPDATE SET calls = calls + excluded.calls",
+                ((run_id, api, n) for api, n in calls.items() if n),
+            )
+
+    def add_progress_sample(self, run_id: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO progress_samples SELECT ?, ?,"
+                " (SELECT COALESCE(SUM(member_count), 0) FROM chunks"
+                "   WHERE run_id=? AND state='submitted'),"
+                " COALESCE(SUM(succeeded + failed + stopped), 0), COALESCE(SUM(succeeded), 0),"
+                " COALESCE(SUM(failed + stopped), 0) FROM tasks WHERE run_id=?",
+                (run_id, time.time(), run_id, run_id),
+            )
+
+    # ---- waves and gates ---------------------------------------------------------------------
+    def waves(self, run_id: int) -> list[WaveRow]:
+        rows = self._db.execute(
+            "SELECT wave, name, target_count, gate_state, gate_reason, soak_until, approved_at"
+            " FROM waves WHERE run_id=? ORDER BY wave",
+            (run_id,),
+        ).fetchall()
+        return [WaveRow(*row) for row in rows]
+
+    def wave_counts(self, run_id: int, wave: int) -> WaveCounts:
+        targets, submitted, quarantined = self._db.execute(
+            "SELECT (SELECT target_count FROM waves WHERE run_id=?1 AND wave=?2),"
+            " (SELECT COALESCE(SUM(member_count), 0) FROM chunks"
+            "   WHERE run_id=?1 AND wave=?2 AND state='submitted'),"
+            " (SELECT COUNT(*) FROM chunks WHERE run_id=?1 AND wave=?2"
+            "   AND state='quarantined')",
+            (run_id, wave),
+        ).fetchone()
+        tasks, final, succeeded, failed = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(final), 0), COALESCE(SUM(succeeded), 0),"
+            " COALESCE(SUM(failed + stopped), 0) FROM tasks WHERE run_id=? AND wave=?",
+            (run_id, wave),
+        ).fetchone()
+        return WaveCounts(
+            int(targets or 0),
+            int(submitted),
+            int(quarantined),
+            int(tasks),
+            int(final),
+            int(succeeded),
+            int(failed),
+        )
+
+    def set_gate(
+        self,
+        run_id: int,
+        wave: int,
+        state: str,
+        reason: str | None = None,
+        soak_until: float | None = None,
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE waves SET gate_state=?, gate_reason=?, soak_until=COALESCE(?, soak_until),"
+                " updated_at=? WHERE run_id=? AND wave=?",
+                (state, reason, soak_until, time.time(), run_id, wave),
+            )
+            self._event(db, run_id, f"gate-{state}", {"wave": wave, "reason": reason})
+
+
+def approve_wave(path: Path, plan_name: str, wave_name: str | None, by: str) -> str:
+    """Record an operator's approval of a wave's gate (the first gate not yet passed when no
+    name is given). It writes beside a running process: the lock is for drivers, and an
+    approval is one row that the driver reads."""
+    if not path.exists():
+        raise JournalError(f"{path}: no journal here (has this plan been run?)")
+    db = sqlite3.connect(path, timeout=30, isolation_level=None)
+    try:
+        run = db.execute(
+            "SELECT run_id FROM runs WHERE plan_name=? ORDER BY run_id DESC LIMIT 1", (plan_name,)
+        ).fetchone()
+        if run is None:
+            raise JournalError(f"{path}: no run of plan {plan_name!r}")
+        if wave_name is None:
+            row = db.execute(
+                "SELECT wave, name FROM waves WHERE run_id=? AND gate_state!="
+                "'passed' ORDER BY wave LIMIT 1",
+                (run[0],),
+            ).fetchone()
+        else:
+            row = db.execute(
+                "SELECT wave, name FROM waves WHERE run_id=? AND name=?", (run[0], wave_name)
+            ).fetchone()
+        if row is None:
+            raise JournalError(f"{path}: no wave {wave_name or 'waiting for a decision'}")
+        db.execute("BEGIN IMMEDIATE")
+        db.execute(
+            "UPDATE waves SET approved_at=?, approved_by=? WHERE run_id=? AND wave=?",
+            (time.time(), by, run[0], row[0]),
+        )
+        db.execute(
+            "INSERT INTO events (run_id, at, kind, detail) VALUES (?,?,?,?)",
+            (run[0], time.time(), "gate-approved", json.dumps({"wave": row[0], "by": by})),
+        )
+        db.execute("COMMIT")
+        return str(row[1])
+    finally:
+        db.close()

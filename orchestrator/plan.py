@@ -30,6 +30,7 @@ from pydantic import (
 
 from .errors import InputError
 from .fleet import Fleet, read_fleet_file
+from .planner import assign_waves
 
 MAX_TARGETS = 256
 MIN_WINDOW = timedelta(minutes=5)
@@ -226,6 +227,80 @@ class PolicySection(_Section):
         return policy
 
 
+class GateSection(_Section):
+    """When the next wave may start (all optional; the default gate passes at once)."""
+
+    min_finished: float = Field(default=0.0, ge=0, le=1)  # share of the wave's targets final
+    max_failed: float | None = Field(default=None, ge=0, le=1)  # share of the finished
+    min_sample: int = Field(default=0, ge=0)  # finished targets before max_failed is judged
+    soak: float = Field(default=0.0, ge=0, le=7 * 86400)  # seconds to watch after passing
+    approval: bool = False  # an operator must run `rollout approve`
+
+
+class WindowSection(_Section):
+    """A daily maintenance window in local time: the wave's tasks use executeType custom."""
+
+    start: str = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    end: str = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        return PolicySection._zone(value)
+
+    @model_validator(mode="after")
+    def _length(self) -> WindowSection:
+        if self.minutes() < 5:
+            raise ValueError("a maintenance window must last at least 5 minutes")
+        return self
+
+    def minutes(self) -> int:
+        start_h, start_m = map(int, self.start.split(":"))
+        end_h, end_m = map(int, self.end.split(":"))
+        return (end_h * 60 + end_m - start_h * 60 - start_m) % (24 * 60)
+
+    def next_window(self, now: datetime) -> tuple[datetime, datetime]:
+        """The next occurrence (UTC) that has at least 5 minutes left after `now`."""
+        zone = ZoneInfo(self.timezone)
+        local_now = now.astimezone(zone)
+        hour, minute = map(int, self.start.split(":"))
+        for days in (-1, 0, 1, 2):
+            start = (local_now + timedelta(days=days)).replace(
+                hour=hour, minute=minute, second=0, microsecond=0
+            )
+            end = start + timedelta(minutes=self.minutes())
+            begin = max(start, local_now + timedelta(minutes=1))
+            if end - begin >= MIN_WINDOW:
+                return begin.astimezone(UTC), end.astimezone(UTC)
+        raise AssertionError("a daily window recurs within two days")
+
+
+class WaveSection(_Section):
+    name: str = Field(min_length=1, max_length=50, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    count: int | None = Field(default=None, ge=1)
+    share: float | None = Field(default=None, gt=0, le=1)
+    selection: Literal["ordered", "random", "stratified"] = "ordered"
+    stratify_by: str | None = None  # a column of the fleet CSV, e.g. "group" or "model"
+    seed: int = 0
+    window: WindowSection | None = None
+    gate: GateSection = Field(default_factory=GateSection)
+
+    @model_validator(mode="after")
+    def _selection(self) -> WaveSection:
+        if self.count is not None and self.share is not None:
+            raise ValueError("give count or share, not both")
+        if (self.selection == "stratified") != (self.stratify_by is not None):
+            raise ValueError("stratify_by goes with selection = 'stratified'")
+        return self
+
+
+class MonitorSection(_Section):
+    follow: bool = True  # `run` watches the tasks to their end (else: `rollout watch`)
+    poll_interval: float = Field(default=30.0, gt=0, le=3600)
+    max_poll_interval: float = Field(default=600.0, gt=0, le=86400)
+
+
 class ExecutionSection(_Section):
     concurrency: int = Field(default=4, ge=1, le=64)
     stop_after_identical_failures: int = Field(default=8, ge=1, le=1000)
@@ -241,6 +316,28 @@ class Plan(_Section):
     fleet: FleetSection
     policy: PolicySection = Field(default_factory=PolicySection)
     execution: ExecutionSection = Field(default_factory=ExecutionSection)
+    monitor: MonitorSection = Field(default_factory=MonitorSection)
+    waves: list[WaveSection] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _waves(self) -> Plan:
+        if not self.waves:
+            return self
+        names = [wave.name for wave in self.waves]
+        if len(set(names)) != len(names):
+            raise ValueError("wave names must be unique")
+        last = self.waves[-1]
+        if last.count is not None or last.share is not None:
+            raise ValueError("the last wave takes the rest: give it no count or share")
+        if any(w.count is None and w.share is None for w in self.waves[:-1]):
+            raise ValueError("every wave but the last needs a count or a share")
+        if sum(w.share or 0 for w in self.waves) >= 1:
+            raise ValueError("the shares of the waves before the last must add up to under 1")
+        if self.policy.execute_type == "custom" and any(w.window for w in self.waves):
+            raise ValueError("a wave window and policy.execute_type = 'custom' exclude each other")
+        if self.fleet.groups is not None and any(w.selection != "ordered" for w in self.waves):
+            raise ValueError("group fleets support only ordered waves")
+        return self
 
 
 class LoadedPlan:
@@ -251,6 +348,7 @@ class LoadedPlan:
         self.plan = plan
         self.fleet = fleet
         self.plan_sha = plan_sha
+        self.waves = assign_waves(plan, fleet, str(path))
 
     @property
     def base_dir(self) -> Path:
@@ -328,7 +426,8 @@ def load_plan(path: Path, now: datetime | None = None) -> LoadedPlan:
             raise InputError(
                 source, "fleet.devices_file", f"{plan.fleet.devices_file} is not an existing file"
             )
-        fleet = read_fleet_file(fleet_path)
+        columns = sorted({w.stratify_by for w in plan.waves if w.stratify_by})
+        fleet = read_fleet_file(fleet_path, columns)
     else:
         assert plan.fleet.groups is not None
         fleet = Fleet.of_groups(plan.fleet.groups)

@@ -1,20 +1,28 @@
-"""Fleet → chunks of at most 256 targets, deterministically.
+"""Fleet → waves → chunks of at most 256 targets, deterministically.
 
-The same plan and the same fleet file always give the same chunks with the same IDs, so a
-resumed run and the reconciliation step can rely on them. Chunks keep the fleet file's order
-(operators often order a fleet by region or by risk on purpose). A chunk refused for a cause
-that belongs to some of its devices is bisected; its children are named `<parent>.0` and
-`<parent>.1`, which keeps the natural sort order of IDs equal to submission order.
+The same plan and the same fleet file always give the same waves and chunks with the same
+IDs, so a resumed run and the reconciliation step can rely on them. Targets keep the fleet
+file's order inside a wave (operators often order a fleet by region or risk on purpose);
+`random` and `stratified` wave selections draw from a seeded generator. A chunk refused for a
+cause that belongs to some of its devices is bisected; its children are named `<parent>.0`
+and `<parent>.1`, which keeps the sort order of IDs equal to submission order.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from .errors import InputError
 from .fleet import Fleet
 
+if TYPE_CHECKING:  # the plan module loads fleets into waves with this one
+    from .plan import Plan, WaveSection
+
 CHUNK_SIZE = 256
+DEFAULT_WAVE = "all"
 
 
 @dataclass(frozen=True)
@@ -22,22 +30,92 @@ class Chunk:
     chunk_id: str
     kind: str  # "devices" | "groups"
     members: Sequence[str]
+    wave: int = 0
 
 
-def root_chunk_id(index: int) -> str:
-    return f"{index:07d}"
+@dataclass(frozen=True)
+class Wave:
+    index: int
+    name: str
+    members: Sequence[str]
 
 
-def plan_chunks(fleet: Fleet, size: int = CHUNK_SIZE) -> Iterator[Chunk]:
+def root_chunk_id(wave: int, index: int) -> str:
+    return f"w{wave:02d}-{index:06d}"
+
+
+def _size(wave: WaveSection, total: int, remaining: int, last: bool) -> int:
+    if last:
+        return remaining
+    wanted = wave.count if wave.count is not None else max(1, round((wave.share or 0) * total))
+    return wanted
+
+
+def _pick(wave: WaveSection, pool: list[int], size: int, fleet: Fleet) -> list[int]:
+    """Positions (into `pool`) of the targets this wave takes, in file order."""
+    if wave.selection == "ordered" or size >= len(pool):
+        return list(range(min(size, len(pool))))
+    rng = random.Random(wave.seed)
+    if wave.selection == "random":
+        return sorted(rng.sample(range(len(pool)), size))
+    assert wave.stratify_by is not None
+    values = fleet.attributes[wave.stratify_by]
+    strata: dict[str, list[int]] = {}
+    for position, member in enumerate(pool):
+        strata.setdefault(values[member], []).append(position)
+    # proportional allocation, largest remainder first, so no stratum fills the wave alone
+    exact = {key: size * len(items) / len(pool) for key, items in strata.items()}
+    quota = {key: int(value) for key, value in exact.items()}
+    short = size - sum(quota.values())
+    for key in sorted(exact, key=lambda k: (quota[k] - exact[k], k))[:short]:
+        quota[key] += 1
+    chosen: list[int] = []
+    for key in sorted(strata):
+        chosen.extend(rng.sample(strata[key], quota[key]))
+    return sorted(chosen)
+
+
+def assign_waves(plan: Plan, fleet: Fleet, source: str) -> list[Wave]:
+    """Split the fleet into the plan's waves (one wave "all" when the plan has none)."""
+    if not plan.waves:
+        return [Wave(0, DEFAULT_WAVE, fleet.members)]
+    total = len(fleet.members)
+    pool = list(range(total))
+    waves: list[Wave] = []
+    for index, section in enumerate(plan.waves):
+        last = index == len(plan.waves) - 1
+        size = _size(section, total, len(pool), last)
+        if size > len(pool) or (size == 0 and not last):
+            raise InputError(
+                source,
+                f"waves[{index}]",
+                f"wave {section.name!r} needs {size} targets, {len(pool)} remain",
+            )
+        taken = set(_pick(section, pool, size, fleet))
+        members = [fleet.members[pool[p]] for p in sorted(taken)]
+        pool = [item for position, item in enumerate(pool) if position not in taken]
+        waves.append(Wave(index, section.name, members))
+    return waves
+
+
+def plan_chunks(
+    fleet: Fleet, waves: Sequence[Wave] | None = None, size: int = CHUNK_SIZE
+) -> Iterator[Chunk]:
     if not 1 <= size <= CHUNK_SIZE:
         raise ValueError(f"a chunk holds 1 to {CHUNK_SIZE} targets")
-    members = fleet.members
-    for index, start in enumerate(range(0, len(members), size)):
-        yield Chunk(root_chunk_id(index), fleet.kind, members[start : start + size])
+    for wave in waves or [Wave(0, DEFAULT_WAVE, fleet.members)]:
+        members = wave.members
+        for index, start in enumerate(range(0, len(members), size)):
+            yield Chunk(
+                root_chunk_id(wave.index, index),
+                fleet.kind,
+                members[start : start + size],
+                wave.index,
+            )
 
 
-def chunk_count(fleet: Fleet, size: int = CHUNK_SIZE) -> int:
-    return -(-len(fleet.members) // size)
+def chunk_count(waves: Sequence[Wave], size: int = CHUNK_SIZE) -> int:
+    return sum(-(-len(wave.members) // size) for wave in waves)
 
 
 def bisect(chunk: Chunk) -> tuple[Chunk, Chunk]:
@@ -46,6 +124,6 @@ def bisect(chunk: Chunk) -> tuple[Chunk, Chunk]:
         raise ValueError("a single-target chunk cannot be split")
     middle = (len(chunk.members) + 1) // 2
     return (
-        Chunk(f"{chunk.chunk_id}.0", chunk.kind, chunk.members[:middle]),
-        Chunk(f"{chunk.chunk_id}.1", chunk.kind, chunk.members[middle:]),
+        Chunk(f"{chunk.chunk_id}.0", chunk.kind, chunk.members[:middle], chunk.wave),
+        Chunk(f"{chunk.chunk_id}.1", chunk.kind, chunk.members[middle:], chunk.wave),
     )

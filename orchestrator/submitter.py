@@ -76,12 +76,14 @@ def _platform_time(text: str) -> float | None:
         return None
 
 
+def operation_type(operation: Operation) -> OperationType:
+    return OperationType.FIRMWARE if operation is Operation.FIRMWARE else OperationType.SOFTWARE
+
+
 async def resolve_package(loaded: LoadedPlan, client: NorthboundClient) -> Package:
     """Find the plan's package on the platform and check it fits the plan (before any create)."""
     plan, source = loaded.plan, str(loaded.path)
-    operation = (
-        OperationType.FIRMWARE if plan.operation is Operation.FIRMWARE else OperationType.SOFTWARE
-    )
+    operation = operation_type(plan.operation)
     firmware = plan.firmware
     if firmware.file_id is not None:
         try:
@@ -128,6 +130,8 @@ async def resolve_package(loaded: LoadedPlan, client: NorthboundClient) -> Packa
 
 
 class Submitter:
+    """Submits the pending chunks of one wave (or of the whole run when `wave` is None)."""
+
     def __init__(
         self,
         loaded: LoadedPlan,
@@ -136,6 +140,10 @@ class Submitter:
         run_id: int,
         package: Package,
         progress: ProgressHook | None = None,
+        *,
+        wave: int | None = None,
+        policy: dict[str, object] | None = None,
+        shared_progress: Progress | None = None,
     ) -> None:
         self.loaded = loaded
         self.plan = loaded.plan
@@ -143,19 +151,16 @@ class Submitter:
         self.client = client
         self.run_id = run_id
         self.package = package
-        self.operation = (
-            OperationType.FIRMWARE
-            if self.plan.operation is Operation.FIRMWARE
-            else OperationType.SOFTWARE
-        )
+        self.wave = wave
+        self.operation = operation_type(self.plan.operation)
         self._progress_hook = progress
-        self.progress = Progress(total_targets=loaded.fleet.members.__len__())
+        self.progress = shared_progress or Progress(total_targets=len(loaded.fleet.members))
         self._queue: asyncio.Queue[Chunk] = asyncio.Queue()
         self._outstanding = 0
         self._idle = asyncio.Event()
         self._last_failure: str | None = None
         self._identical_failures = 0
-        self._policy = Policy.model_validate(self.plan.policy.wire())
+        self._policy = Policy.model_validate(policy or self.plan.policy.wire())
 
     # ---- the run -----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -165,10 +170,9 @@ class Submitter:
         )
         self.progress.quarantined = counts.get("targets_quarantined", 0)
         self._report()
-        for row in self.journal.chunks(self.run_id, [INTENT]):
+        for row in self.journal.chunks(self.run_id, [INTENT], self.wave):
             await self._reconcile_or_requeue(row.as_chunk(), enqueue=False)
-        pending = self.journal.chunks(self.run_id, [PENDING])
-        for row in pending:
+        for row in self.journal.chunks(self.run_id, [PENDING], self.wave):
             self._enqueue(row.as_chunk())
         if self._outstanding == 0:
             return

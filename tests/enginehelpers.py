@@ -29,6 +29,8 @@ def plan_text(
     policy: str = 'execute_type = "now"',
     execution: str = "",
     extra_platform: str = "",
+    monitor: str = "follow = false",
+    waves: str = "",
 ) -> str:
     package = newest_package(server, model)
     calls, seconds = server.platform.throttle.calls, server.platform.throttle.seconds
@@ -50,6 +52,9 @@ devices_file = "{fleet_file}"
 [execution]
 reconcile_delay = 0
 {execution}
+[monitor]
+{monitor}
+{waves}
 """
 
 

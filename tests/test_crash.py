@@ -87,6 +87,8 @@ devices_file = "fleet.txt"
 [execution]
 reconcile_delay = 0
 stop_after_identical_failures = 50
+[monitor]
+follow = false
 """)
     journal = tmp_path / "crash.sqlite"
     env = dict(os.environ, **{SECRET_ENV: "demo-secret"})

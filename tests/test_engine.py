@@ -73,7 +73,7 @@ async def test_ambiguous_creates_are_reconciled_not_duplicated(
     assert set(counts) == set(devices) and set(counts.values()) == {1}
     assert sum(sim.platform.faults.injected.values()) > 0
     status = read_status(tmp_path / "j.sqlite", "test-plan")
-    assert status["status"] == "completed" and status["targets_in_tasks"] == 900
+    assert status["status"] == "submitted" and status["targets_in_tasks"] == 900
 
 
 async def test_resume_reconciles_intent_without_outcome(
@@ -88,9 +88,9 @@ async def test_resume_reconciles_intent_without_outcome(
     # forge a crash: the last chunk is back to "intent, no outcome", its task still exists
     journal = Journal.open(journal_file)
     journal._db.execute(
-        "UPDATE chunks SET state='intent', operation_id=NULL WHERE chunk_id='0000002'"
+        "UPDATE chunks SET state='intent', operation_id=NULL WHERE chunk_id='w00-000002'"
     )
-    journal._db.execute("UPDATE attempts SET outcome=NULL WHERE chunk_id='0000002'")
+    journal._db.execute("UPDATE attempts SET outcome=NULL WHERE chunk_id='w00-000002'")
     journal.close()
     creates_before = sim.platform.stats.calls["createTask"]
     await execute(loaded, RunOptions(journal=journal_file, resume_only=True))
@@ -114,7 +114,7 @@ async def test_bad_devices_are_bisected_and_quarantined(
     status = read_status(tmp_path / "j.sqlite", "test-plan")
     quarantined = {row["target"]: row["error_code"] for row in status["quarantined"]}
     assert quarantined == {wrong_model[0]: "123016", unknown[0]: "123002"}
-    assert status["status"] == "completed"
+    assert status["status"] == "submitted"
 
 
 async def test_identical_failures_stop_the_run(sim: SimulatorServer, tmp_path: Path) -> None:

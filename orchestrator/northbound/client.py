@@ -9,6 +9,7 @@ not act, so any call — a create included — waits for the pacer's cool-down a
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
@@ -65,6 +66,12 @@ class NorthboundClient:
         self._session: aiohttp.ClientSession | None = None
         self.tokens = TokenKeeper(self._login, self._refresh, config.refresh_before)
         self.calls = 0
+        self._calls_by_api: Counter[str] = Counter()
+
+    def take_call_counts(self) -> dict[str, int]:
+        """Calls sent per API since the last time this was asked (for the journal)."""
+        counts, self._calls_by_api = dict(self._calls_by_api), Counter()
+        return counts
 
     @property
     def pacer(self) -> Pacer:
@@ -117,6 +124,7 @@ class NorthboundClient:
         if before_send is not None:
             before_send()
         self.calls += 1
+        self._calls_by_api[_api_name(method, path)] += 1
         try:
             async with self._session.request(
                 method,
@@ -357,6 +365,23 @@ class NorthboundClient:
             if not page.items or len(found) >= page.total:
                 return found
             page_no += 1
+
+
+def _api_name(method: str, path: str) -> str:
+    if path == LOGIN_PATH:
+        return "login"
+    if path == REFRESH_PATH:
+        return "refreshToken"
+    tail = path.removeprefix(UPGRADE)
+    if tail.startswith("/category"):
+        if method == "DELETE":
+            return "deletePackage"
+        return "getPackage" if tail.count("/") > 1 else "listPackages"
+    if method == "POST":
+        return "createTask"
+    if tail.endswith("/subOperations"):
+        return "subOperations"
+    return "getTask" if tail.count("/") > 1 else "listTasks"
 
 
 def _params(**values: str | int | None) -> dict[str, str]:

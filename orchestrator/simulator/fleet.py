@@ -7,6 +7,7 @@ that ask for the same fleet get the same device IDs, versions and behaviour.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import random
 import uuid
 from collections.abc import Iterable
@@ -181,11 +182,28 @@ def _hex24(rng: random.Random) -> str:
     return f"{rng.getrandbits(96):024x}"
 
 
-def generate_fleet(device_count: int, seed: int, app_id: str = "demo-app") -> Fleet:
-    """Build a deterministic fleet of `device_count` devices across every model and region."""
+def generate_fleet(
+    device_count: int,
+    seed: int,
+    app_id: str = "demo-app",
+    *,
+    failure_probability: float | None = None,
+    never_online_share: float = NEVER_ONLINE_SHARE,
+    already_upgraded_share: float = ALREADY_UPGRADED_SHARE,
+) -> Fleet:
+    """Build a deterministic fleet of `device_count` devices across every model and region.
+
+    `failure_probability` replaces every model's own upgrade failure rate (benchmarks and
+    tests that need a known failure share set it, with the other two shares at 0).
+    """
     rng = random.Random(seed)
+    models = MODELS
+    if failure_probability is not None:
+        models = tuple(
+            dataclasses.replace(m, failure_probability=failure_probability) for m in MODELS
+        )
     packages: dict[str, Package] = {}
-    for model in MODELS:
+    for model in models:
         for index, version in enumerate(model.versions):
             file_id = _hex24(rng)
             packages[file_id] = Package(
@@ -218,9 +236,9 @@ def generate_fleet(device_count: int, seed: int, app_id: str = "demo-app") -> Fl
         for region in REGIONS
     }
     for _ in range(device_count):
-        model = MODELS[rng.randrange(len(MODELS))]
+        model = models[rng.randrange(len(models))]
         device_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
-        already_upgraded = rng.random() < ALREADY_UPGRADED_SHARE
+        already_upgraded = rng.random() < already_upgraded_share
         region = REGIONS[rng.randrange(len(REGIONS))]
         devices[device_id] = Device(
             device_id=device_id,
@@ -228,7 +246,7 @@ def generate_fleet(device_count: int, seed: int, app_id: str = "demo-app") -> Fl
             version=model.versions[-1] if already_upgraded else model.versions[0],
             group=region,
             wake_phase=rng.random() * model.wake_interval,
-            never_online=rng.random() < NEVER_ONLINE_SHARE,
+            never_online=rng.random() < never_online_share,
             behaviour_seed=rng.getrandbits(32),
         )
         groups[region].device_ids.append(device_id)

@@ -36,6 +36,8 @@ class SimulatorConfig:
     rate_limit: tuple[int, float] = (100, 60.0)
     token_ttl: float = 3600.0
     speed: float = 1.0
+    failure_rate: float | None = None  # None: each model's own; else every model's, and no
+    # never-online or already-upgraded devices, so the failure share is known exactly
     faults: FaultConfig = field(default_factory=FaultConfig)
 
 
@@ -51,6 +53,15 @@ class SimulatorServer:
         self.config = config or SimulatorConfig()
         cfg = self.config
         self.clock: Clock = clock or ScaledClock(cfg.speed)
+        if fleet is None and cfg.failure_rate is not None:
+            fleet = generate_fleet(
+                cfg.devices,
+                cfg.seed,
+                cfg.app_id,
+                failure_probability=cfg.failure_rate,
+                never_online_share=0.0,
+                already_upgraded_share=0.0,
+            )
         self.fleet = fleet or generate_fleet(cfg.devices, cfg.seed, cfg.app_id)
         self.platform = Platform(
             self.fleet,

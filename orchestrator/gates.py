@@ -1,0 +1,46 @@
+"""Wave gates: may the next wave start?
+
+A gate looks at the targets of its wave that are in upgrade tasks (quarantined targets never
+reached the platform and say nothing about the image):
+
+- it **fails** once the failure share of the finished devices exceeds `max_failed`, judged
+  only when at least `min_sample` devices have finished (or the whole wave has): AWS IoT
+  Jobs' abort rule, so three early failures out of five do not stop a 10 000-device wave;
+- it **passes** when the finished share reaches `min_finished` (and the sample rule is met);
+- otherwise it **waits**.
+
+A passed gate may then soak (keep watching for `soak` seconds, failing if the failure share
+crosses the limit meanwhile) and may need an operator's approval (`rollout approve`).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from .journal import WaveCounts
+from .plan import GateSection
+
+
+class Verdict(StrEnum):
+    PASS = "pass"
+    FAIL = "fail"
+    WAIT = "wait"
+
+
+def evaluate(gate: GateSection, counts: WaveCounts) -> tuple[Verdict, str]:
+    base = counts.submitted
+    finished, failed = counts.finished, counts.failed
+    all_final = counts.tasks > 0 and counts.final_tasks == counts.tasks
+    sample_ok = finished >= gate.min_sample or all_final or base == 0
+    if gate.max_failed is not None and finished and sample_ok:
+        share = failed / finished
+        if share > gate.max_failed:
+            return Verdict.FAIL, (
+                f"{failed} of {finished} finished devices failed "
+                f"({share:.1%} > max_failed {gate.max_failed:.1%})"
+            )
+    finished_share = finished / base if base else 1.0
+    summary = f"{finished} of {base} finished ({finished_share:.1%}), {failed} failed"
+    if finished_share >= gate.min_finished and (gate.max_failed is None or sample_ok):
+        return Verdict.PASS, summary
+    return Verdict.WAIT, summary

@@ -1,0 +1,152 @@
+"""The monitor: task statuses and device results in the journal, for as few calls as the API allows.
+
+Knowing where a rollout stands needs, at the least, every task's final status and the detail
+of every device that did not succeed. The cheapest way the API offers:
+
+- statuses from task-list pages (up to 100 tasks a call, filtered to the package's
+  type/model/manufacturer), never one call per task. The list is in creation order and tasks
+  are only appended, so pages holding nothing of ours but finished tasks are not read again:
+  a cursor remembers the first page that still holds an unfinished task of ours;
+- device results only for finished tasks, only for their non-success subtasks
+  (`subOperationStatus=fail`, and `stop` when counted), fetched once and kept; a task whose
+  counters show no failure costs no device call at all;
+- polls back off: the first after `poll_interval`, each next one 1.5× later, up to
+  `max_poll_interval` — devices that sleep for hours do not finish faster when asked often.
+
+All of it at `Priority.MONITOR`, so submission goes first in the shared pacing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+
+from .journal import Journal
+from .northbound import NorthboundClient, OperationType, Package, Priority, StaResult, Status
+from .plan import MonitorSection
+
+log = structlog.get_logger("orchestrator.monitor")
+
+Sleep = Callable[[float], Awaitable[None]]
+PAGE_SIZE = 100
+BACKOFF = 1.5
+
+
+@dataclass(frozen=True)
+class PollResult:
+    changed: bool
+    unfinished: int  # our tasks not yet final, or final without their device details
+
+
+class Monitor:
+    def __init__(
+        self,
+        journal: Journal,
+        client: NorthboundClient,
+        run_id: int,
+        package: Package,
+        operation: OperationType,
+        settings: MonitorSection,
+        *,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.journal = journal
+        self.client = client
+        self.run_id = run_id
+        self.package = package
+        self.operation = operation
+        self.settings = settings
+        self.sleep = sleep
+        self._cursor = 0
+        self._last_seen: dict[str, StaResult] = {}
+        self.polls = 0
+
+    async def poll(self) -> PollResult:
+        """One sweep over our unfinished tasks, then the details of newly finished ones."""
+        self.polls += 1
+        ours = self.journal.unfinished_tasks(self.run_id)
+        pending_status = {op for op, (_, _, final) in ours.items() if not final}
+        needs_details = [op for op, (_, _, final) in ours.items() if final]
+        changed = False
+        if pending_status:
+            finished, changed = await self._sweep(ours, pending_status)
+            needs_details += finished
+        for operation_id in needs_details:
+            await self._fetch_details(operation_id)
+            changed = True
+        self.journal.add_calls(self.run_id, self.client.take_call_counts())
+        self.journal.add_progress_sample(self.run_id)
+        remaining = len(self.journal.unfinished_tasks(self.run_id))
+        log.info("monitor poll", unfinished=remaining, changed=changed)
+        return PollResult(changed, remaining)
+
+    async def _sweep(
+        self, ours: dict[str, tuple[str, int, bool]], wanted: set[str]
+    ) -> tuple[list[str], bool]:
+        seen: set[str] = set()
+        finished: list[str] = []
+        changed = False
+        first_unfinished_page: int | None = None
+        page_no = self._cursor
+        while True:
+            page = await self.client.list_tasks(
+                operation_type=self.operation,
+                device_type=self.package.device_type or None,
+                model=self.package.model or None,
+                manufacturer=self.package.manufacturer or None,
+                page_no=page_no,
+                page_size=PAGE_SIZE,
+                priority=Priority.MONITOR,
+            )
+            for task in page.items:
+                if task.operation_id not in wanted:
+                    continue
+                seen.add(task.operation_id)
+                chunk_id, wave, _ = ours[task.operation_id]
+                if self._last_seen.get(task.operation_id) != task.sta_result or task.status.final:
+                    self.journal.record_task(self.run_id, chunk_id, wave, task)
+                    self._last_seen[task.operation_id] = task.sta_result
+                    changed = True
+                if task.status.final:
+                    finished.append(task.operation_id)
+                elif first_unfinished_page is None:
+                    first_unfinished_page = page_no
+            last_page = not page.items or (page_no + 1) * PAGE_SIZE >= page.total
+            if seen >= wanted or last_page:
+                break
+            page_no += 1
+        missing = wanted - seen
+        if missing:
+            # not where the cursor said: read from the start next time, and ask for these now
+            self._cursor = 0
+            for operation_id in sorted(missing):
+                task = await self.client.get_task(operation_id, priority=Priority.MONITOR)
+                chunk_id, wave, _ = ours[operation_id]
+                self.journal.record_task(self.run_id, chunk_id, wave, task)
+                if task.status.final:
+                    finished.append(operation_id)
+            return finished, True
+        self._cursor = first_unfinished_page if first_unfinished_page is not None else page_no
+        return finished, changed
+
+    async def _fetch_details(self, operation_id: str) -> None:
+        failed, stopped = self.journal.task_failures(self.run_id, operation_id)
+        results = []
+        if failed:
+            results += await self.client.sub_operations(operation_id, Status.FAILED)
+        if stopped:
+            results += await self.client.sub_operations(operation_id, Status.STOPPED)
+        self.journal.record_device_results(self.run_id, operation_id, results)
+
+    async def follow(self, done: Callable[[PollResult], bool] | None = None) -> PollResult:
+        """Poll until every task is final with its details (or until `done` says so)."""
+        interval = self.settings.poll_interval
+        while True:
+            result = await self.poll()
+            if result.unfinished == 0 or (done is not None and done(result)):
+                return result
+            await self.sleep(interval)
+            interval = min(self.settings.max_poll_interval, interval * BACKOFF)
