@@ -8,6 +8,7 @@ match the plan; 130 interrupted (Ctrl-C), in-flight state recorded.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -31,11 +32,14 @@ from rich.progress import (
 from rich.table import Table
 
 from . import __version__
-from .engine import RunOptions, execute, journal_path
-from .errors import InputError, JournalError, PlatformCallError, RunAborted
+from .engine import RunOptions, execute, journal_path, refresh
+from .engine import watch as watch_run
+from .errors import InputError, JournalError, PlatformCallError, RunAborted, RunHalted
+from .journal import approve_wave
 from .logs import configure_logging
 from .plan import LoadedPlan, load_plan
 from .planner import chunk_count
+from .report import WRITERS, collect
 from .simulator import FaultConfig, SimulatorConfig, SimulatorServer, write_fleet_csv
 from .status import read_status
 from .submitter import Progress as RunProgress
@@ -44,6 +48,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_JOURNAL = 3
+EXIT_HALTED = 4
 EXIT_INTERRUPTED = 130
 
 stderr = Console(stderr=True)
@@ -64,6 +69,9 @@ def exits_cleanly(command: Callable[P, R]) -> Callable[P, R]:
         except JournalError as exc:
             stderr.print(f"[red]journal:[/] {exc}", highlight=False, soft_wrap=True)
             sys.exit(EXIT_JOURNAL)
+        except RunHalted as exc:
+            stderr.print(f"[yellow]halted at a gate:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(EXIT_HALTED)
         except RunAborted as exc:
             stderr.print(f"[red]run stopped:[/] {exc}", highlight=False, soft_wrap=True)
             sys.exit(EXIT_FAILED)
@@ -346,10 +354,12 @@ def _progress_bar(total: int) -> tuple[Progress, Callable[[RunProgress], None]]:
     return bar, update
 
 
-def _drive(plan: Path, journal: Path | None, new_run: bool, resume_only: bool) -> None:
+def _drive(
+    plan: Path, journal: Path | None, new_run: bool, resume_only: bool, follow: bool | None
+) -> None:
     loaded = _load(plan)
     bar, update = _progress_bar(len(loaded.fleet.members))
-    options = RunOptions(journal=journal, new_run=new_run, resume_only=resume_only)
+    options = RunOptions(journal=journal, new_run=new_run, resume_only=resume_only, follow=follow)
 
     async def go() -> Any:
         return await execute(loaded, options, update)
@@ -358,8 +368,14 @@ def _drive(plan: Path, journal: Path | None, new_run: bool, resume_only: bool) -
         result = anyio.run(go)
     finally:
         bar.stop()
-    status = read_status(result.journal, loaded.plan.name)
-    _print_status(status)
+    _print_status(read_status(result.journal, loaded.plan.name))
+
+
+follow_option = click.option(
+    "--follow/--no-follow",
+    default=None,
+    help="Watch the tasks to their end after submitting (default: the plan's monitor.follow).",
+)
 
 
 @main.command()
@@ -370,19 +386,50 @@ def _drive(plan: Path, journal: Path | None, new_run: bool, resume_only: bool) -
     is_flag=True,
     help="Start a new run even if the journal has one (every target is sent again).",
 )
+@follow_option
 @exits_cleanly
-def run(plan: Path, journal: Path | None, new_run: bool) -> None:
-    """Run PLAN: submit one upgrade task per chunk, exactly once (continues an unfinished run)."""
-    _drive(plan, journal, new_run, resume_only=False)
+def run(plan: Path, journal: Path | None, new_run: bool, follow: bool | None) -> None:
+    """Run PLAN: submit one upgrade task per chunk, exactly once, wave by wave; watch them."""
+    _drive(plan, journal, new_run, resume_only=False, follow=follow)
+
+
+@main.command()
+@plan_argument
+@journal_option
+@follow_option
+@exits_cleanly
+def resume(plan: Path, journal: Path | None, follow: bool | None) -> None:
+    """Finish the journal's run of PLAN: reconcile in-flight chunks, then go on."""
+    _drive(plan, journal, new_run=False, resume_only=True, follow=follow)
 
 
 @main.command()
 @plan_argument
 @journal_option
 @exits_cleanly
-def resume(plan: Path, journal: Path | None) -> None:
-    """Finish the journal's run of PLAN: reconcile in-flight chunks, then submit the rest."""
-    _drive(plan, journal, new_run=False, resume_only=True)
+def watch(plan: Path, journal: Path | None) -> None:
+    """Follow PLAN's submitted tasks to their end (statuses, failure details); submit nothing."""
+    loaded = _load(plan)
+    result = anyio.run(watch_run, loaded, journal)
+    _print_status(read_status(result.journal, loaded.plan.name))
+
+
+@main.command()
+@plan_argument
+@journal_option
+@click.option("--wave", help="The wave to approve (default: the first not yet passed).")
+@click.option(
+    "--by",
+    default=lambda: os.environ.get("USER", "operator"),
+    show_default="$USER",
+    help="Who approves (kept in the journal).",
+)
+@exits_cleanly
+def approve(plan: Path, journal: Path | None, wave: str | None, by: str) -> None:
+    """Approve a wave's gate: it passes (even a failed one) when the run resumes."""
+    loaded = _load(plan)
+    name = approve_wave(journal_path(loaded, journal), loaded.plan.name, wave, by)
+    stderr.print(f"wave {name!r} approved by {by}; `rollout resume` goes on")
 
 
 def _print_status(status: dict[str, Any]) -> None:
@@ -393,6 +440,9 @@ def _print_status(status: dict[str, Any]) -> None:
     table.add_row("in upgrade tasks", str(status["targets_in_tasks"]))
     table.add_row("quarantined", str(status["targets_quarantined"]))
     table.add_row("remaining", str(status["targets_remaining"]))
+    table.add_row("devices upgraded", str(status["devices_succeeded"]))
+    table.add_row("devices failed", str(status["devices_failed"]))
+    table.add_row("tasks final / observed", f"{status['tasks_final']} / {status['tasks_observed']}")
     for state, values in sorted(status["chunks"].items()):
         table.add_row(f"chunks {state}", str(values["chunks"]))
     for outcome, count in sorted(status["attempts"].items()):
@@ -402,6 +452,24 @@ def _print_status(status: dict[str, Any]) -> None:
     updated = datetime.fromtimestamp(status["updated_at"], UTC).isoformat(timespec="seconds")
     table.add_row("updated", updated)
     stderr.print(table)
+    if len(status["waves"]) > 1 or (status["waves"] and status["waves"][0]["name"] != "all"):
+        waves = Table(title="waves")
+        for column in ("wave", "targets", "in tasks", "upgraded", "failed", "gate", "reason"):
+            waves.add_column(column)
+        for w in status["waves"]:
+            gate = w["gate"] + (" (approved)" if w["approved"] else "")
+            waves.add_row(
+                w["name"],
+                str(w["targets"]),
+                str(w["in_tasks"]),
+                str(w["succeeded"]),
+                str(w["failed"]),
+                gate,
+                w["gate_reason"] or "",
+            )
+        stderr.print(waves)
+    if status["calls"]:
+        stderr.print("calls spent: " + ", ".join(f"{k} {v}" for k, v in status["calls"].items()))
     for row in status["quarantined"][:20]:
         stderr.print(f"  quarantined {row['target']}: {row['error_code']} {row['reason']}")
 
@@ -419,3 +487,40 @@ def status(plan: Path, journal: Path | None, as_json: bool) -> None:
         click.echo(json.dumps(result, indent=2))
     else:
         _print_status(result)
+
+
+@main.command()
+@plan_argument
+@journal_option
+@click.option(
+    "--format", "fmt", type=click.Choice(sorted(WRITERS)), default="html", show_default=True
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write here (default: stdout).",
+)
+@click.option(
+    "--refresh",
+    "refresh_first",
+    is_flag=True,
+    help="Poll the platform once before reporting (spends calls); by default the "
+    "report comes from the journal alone.",
+)
+@exits_cleanly
+def report(
+    plan: Path, journal: Path | None, fmt: str, output: Path | None, refresh_first: bool
+) -> None:
+    """Report PLAN's run: one row per device, per-task and per-wave summaries, quarantined
+    devices, failure reasons and the calls spent — as CSV, JSON or a self-contained HTML page."""
+    loaded = _load(plan)
+    if refresh_first:
+        anyio.run(refresh, loaded, journal)
+    data = collect(journal_path(loaded, journal), loaded.plan.name)
+    if output is None:
+        WRITERS[fmt](data, sys.stdout)
+        return
+    with output.open("w", encoding="utf-8", newline="") as handle:
+        WRITERS[fmt](data, handle)
+    stderr.print(f"{fmt} report written to {output}")

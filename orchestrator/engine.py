@@ -192,6 +192,8 @@ class Rollout:
             self.journal.add_calls(self.run_id, self.client.take_call_counts())
             if section is not None and wave.index < last:
                 await self._gate(wave.index, wave.name, section)
+            elif wave.index == last:
+                self.journal.set_gate(self.run_id, wave.index, "none", "the last wave has no gate")
         if follow:
             await self.monitor.follow()
 
@@ -276,7 +278,7 @@ async def execute(
                     chunks=plan_chunks(loaded.fleet, loaded.waves),
                     waves=loaded.waves,
                 )
-            journal.set_file_id(run_id, package.file_id)
+            journal.set_package(run_id, package.file_id, package.version)
             journal.set_status(run_id, RUNNING)
             rollout = Rollout(loaded, journal, client, run_id, package, progress, sleep)
             follow = loaded.plan.monitor.follow if options.follow is None else options.follow
@@ -319,5 +321,23 @@ async def watch(
             finally:
                 journal.add_calls(existing.run_id, client.take_call_counts())
             return RunResult(existing.run_id, path, journal.counts(existing.run_id))
+    finally:
+        journal.close()
+
+
+async def refresh(loaded: LoadedPlan, journal_file: Path | None) -> None:
+    """One monitor poll, so a report shows the platform's latest word (costs calls)."""
+    path = journal_path(loaded, journal_file)
+    if not path.exists():
+        raise JournalError(f"{path}: no journal here (has this plan been run?)")
+    journal = Journal.open(path)
+    try:
+        existing = journal.latest_run(loaded.plan.name)
+        if existing is None:
+            raise JournalError(f"{path}: no run of plan {loaded.plan.name!r}")
+        async with platform_client(loaded) as client:
+            package = await resolve_package(loaded, client)
+            rollout = Rollout(loaded, journal, client, existing.run_id, package, None)
+            await rollout.monitor.poll()
     finally:
         journal.close()

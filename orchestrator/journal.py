@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS runs (
     target_count INTEGER NOT NULL,
     operation TEXT NOT NULL,
     file_id TEXT,
+    package_version TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     status TEXT NOT NULL,
@@ -363,11 +364,11 @@ class Journal:
             ),
         )
 
-    def set_file_id(self, run_id: int, file_id: str) -> None:
+    def set_package(self, run_id: int, file_id: str, version: str) -> None:
         with self._tx() as db:
             db.execute(
-                "UPDATE runs SET file_id=?, updated_at=? WHERE run_id=?",
-                (file_id, time.time(), run_id),
+                "UPDATE runs SET file_id=?, package_version=?, updated_at=? WHERE run_id=?",
+                (file_id, version, time.time(), run_id),
             )
 
     def set_status(self, run_id: int, status: str, reason: str | None = None) -> None:

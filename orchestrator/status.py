@@ -48,6 +48,42 @@ def read_status(path: Path, plan_name: str) -> dict[str, Any]:
             "SELECT COUNT(*) FROM events WHERE run_id=? AND kind='duplicate-tasks'", (run_id,)
         ).fetchone()[0]
         submitted = chunks.get("submitted", {"targets": 0})["targets"]
+        succeeded, failed, tasks_final, tasks_known = db.execute(
+            "SELECT COALESCE(SUM(succeeded), 0), COALESCE(SUM(failed + stopped), 0),"
+            " COALESCE(SUM(final), 0), COUNT(*) FROM tasks WHERE run_id=?",
+            (run_id,),
+        ).fetchone()
+        waves = []
+        for wave, name, targets, gate, reason, soak_until, approved_at in db.execute(
+            "SELECT wave, name, target_count, gate_state, gate_reason, soak_until,"
+            " approved_at FROM waves WHERE run_id=? ORDER BY wave",
+            (run_id,),
+        ).fetchall():
+            in_tasks, w_succeeded, w_failed = db.execute(
+                "SELECT (SELECT COALESCE(SUM(member_count), 0) FROM chunks WHERE run_id=?1"
+                " AND wave=?2 AND state='submitted'), COALESCE(SUM(succeeded), 0),"
+                " COALESCE(SUM(failed + stopped), 0) FROM tasks WHERE run_id=?1 AND wave=?2",
+                (run_id, wave),
+            ).fetchone()
+            waves.append(
+                {
+                    "wave": wave,
+                    "name": name,
+                    "targets": targets,
+                    "in_tasks": in_tasks,
+                    "succeeded": w_succeeded,
+                    "failed": w_failed,
+                    "gate": gate,
+                    "gate_reason": reason,
+                    "soak_until": soak_until,
+                    "approved": approved_at is not None,
+                }
+            )
+        calls = dict(
+            db.execute(
+                "SELECT api, calls FROM api_calls WHERE run_id=? ORDER BY api", (run_id,)
+            ).fetchall()
+        )
         return {
             "plan": plan_name,
             "journal": str(path),
@@ -60,10 +96,16 @@ def read_status(path: Path, plan_name: str) -> dict[str, Any]:
             "targets_in_tasks": submitted,
             "targets_quarantined": len(quarantined),
             "targets_remaining": run[3] - submitted - len(quarantined),
+            "devices_succeeded": succeeded,
+            "devices_failed": failed,
+            "tasks_final": tasks_final,
+            "tasks_observed": tasks_known,
+            "waves": waves,
             "chunks": chunks,
             "attempts": attempts,
             "quarantined": quarantined,
             "duplicate_task_events": duplicates,
+            "calls": calls,
             "created_at": run[5],
             "updated_at": run[6],
         }
