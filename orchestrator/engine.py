@@ -195,11 +195,12 @@ class Rollout:
             elif wave.index == last:
                 self.journal.set_gate(self.run_id, wave.index, "none", "the last wave has no gate")
         if follow:
-            await self.monitor.follow()
+            await self.monitor.follow(first_wait=self.plan.monitor.poll_interval)
 
     async def _gate(self, wave: int, name: str, section: WaveSection) -> None:
         gate = section.gate
         interval = self.plan.monitor.poll_interval
+        await self.monitor.sleep(interval)  # the wave's tasks were created a moment ago
         while True:
             await self.monitor.poll()
             counts = self.journal.wave_counts(self.run_id, wave)

@@ -141,9 +141,18 @@ class Monitor:
             results += await self.client.sub_operations(operation_id, Status.STOPPED)
         self.journal.record_device_results(self.run_id, operation_id, results)
 
-    async def follow(self, done: Callable[[PollResult], bool] | None = None) -> PollResult:
-        """Poll until every task is final with its details (or until `done` says so)."""
+    async def follow(
+        self, done: Callable[[PollResult], bool] | None = None, *, first_wait: float = 0.0
+    ) -> PollResult:
+        """Poll until every task is final with its details (or until `done` says so).
+
+        `first_wait`: tasks created a moment ago cannot have finished; the engine waits one
+        poll interval before the first look instead of spending a call on it.
+        """
         interval = self.settings.poll_interval
+        if first_wait > 0:
+            await self.sleep(first_wait)
+            interval = min(self.settings.max_poll_interval, interval * BACKOFF)
         while True:
             result = await self.poll()
             if result.unfinished == 0 or (done is not None and done(result)):
