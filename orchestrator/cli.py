@@ -20,6 +20,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import anyio
 import click
+import structlog
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -126,9 +127,11 @@ def _rate_limit(_ctx: click.Context, _param: click.Parameter, value: str) -> tup
     default="info",
     show_default=True,
 )
-def main(log_format: str, log_level: str) -> None:
+@click.pass_context
+def main(ctx: click.Context, log_format: str, log_level: str) -> None:
     """Exactly-once firmware rollouts for NB-IoT fleets through the platform's northbound API."""
     configure_logging(log_format, log_level)
+    ctx.obj = {"log_format": log_format}
 
 
 @main.command()
@@ -330,7 +333,10 @@ def plan_command(plan: Path, as_json: bool) -> None:
 
 
 def _progress_bar(total: int) -> tuple[Progress, Callable[[RunProgress], None]]:
-    """A progress bar that appears with the first progress, so errors before it stay alone."""
+    """A progress bar that appears with the first progress, so errors before it stay alone.
+
+    With `--log-format json` (a pipeline reads stderr) there is no bar, only the log lines."""
+    json_logs = (click.get_current_context().obj or {}).get("log_format") == "json"
     bar = Progress(
         TextColumn("[bold]targets in tasks"),
         BarColumn(),
@@ -341,6 +347,7 @@ def _progress_bar(total: int) -> tuple[Progress, Callable[[RunProgress], None]]:
         TimeRemainingColumn(),
         console=stderr,
         transient=False,
+        disable=json_logs,
     )
     task = bar.add_task("submit", total=total, rate="")
 
@@ -368,7 +375,29 @@ def _drive(
         result = anyio.run(go)
     finally:
         bar.stop()
-    _print_status(read_status(result.journal, loaded.plan.name))
+    _show_status(read_status(result.journal, loaded.plan.name))
+
+
+def _show_status(status: dict[str, Any]) -> None:
+    """The closing summary: a table for people, one log event for pipelines."""
+    if (click.get_current_context().obj or {}).get("log_format") == "json":
+        keys = (
+            "plan",
+            "run_id",
+            "status",
+            "stop_reason",
+            "targets",
+            "targets_in_tasks",
+            "targets_quarantined",
+            "devices_succeeded",
+            "devices_failed",
+            "calls",
+        )
+        structlog.get_logger("orchestrator.cli").info(
+            "run summary", **{key: status[key] for key in keys}
+        )
+    else:
+        _print_status(status)
 
 
 follow_option = click.option(
@@ -411,7 +440,7 @@ def watch(plan: Path, journal: Path | None) -> None:
     """Follow PLAN's submitted tasks to their end (statuses, failure details); submit nothing."""
     loaded = _load(plan)
     result = anyio.run(watch_run, loaded, journal)
-    _print_status(read_status(result.journal, loaded.plan.name))
+    _show_status(read_status(result.journal, loaded.plan.name))
 
 
 @main.command()

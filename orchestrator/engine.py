@@ -200,7 +200,9 @@ class Rollout:
     async def _gate(self, wave: int, name: str, section: WaveSection) -> None:
         gate = section.gate
         interval = self.plan.monitor.poll_interval
-        await self.monitor.sleep(interval)  # the wave's tasks were created a moment ago
+        seen = self.journal.wave_counts(self.run_id, wave)
+        if seen.tasks == 0 or seen.final_tasks < seen.tasks:
+            await self.monitor.sleep(interval)  # tasks created a moment ago cannot be done
         while True:
             await self.monitor.poll()
             counts = self.journal.wave_counts(self.run_id, wave)

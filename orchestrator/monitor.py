@@ -150,7 +150,7 @@ class Monitor:
         poll interval before the first look instead of spending a call on it.
         """
         interval = self.settings.poll_interval
-        if first_wait > 0:
+        if first_wait > 0 and self.journal.unfinished_tasks(self.run_id):
             await self.sleep(first_wait)
             interval = min(self.settings.max_poll_interval, interval * BACKOFF)
         while True:

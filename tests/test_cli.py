@@ -1,0 +1,140 @@
+"""The `rollout` command end to end, in a child process against a simulator process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator.simulator.testing import get_json, simulator_process
+
+from .enginehelpers import SECRET_ENV
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list[str]]]:
+    """A simulator with a 60 % failure rate and fast time, and its WM-200 device IDs."""
+    directory = tmp_path_factory.mktemp("cli-sim")
+    with simulator_process(
+        directory,
+        "--devices",
+        "4000",
+        "--speed",
+        "36000",
+        "--failure-rate",
+        "0.6",
+        "--rate-limit",
+        "2000/1",
+    ) as (url, fleet):
+        ids = [
+            line.split(",")[0] for line in fleet.read_text().splitlines()[1:] if ",WM-200," in line
+        ]
+        yield url, ids
+
+
+def _plan(directory: Path, url: str, ids: list[str], waves: str = "") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "fleet.txt").write_text("\n".join(ids) + "\n")
+    plan = directory / "plan.toml"
+    plan.write_text(f"""
+name = "cli"
+[platform]
+url = "{url}"
+secret_env = "{SECRET_ENV}"
+rate_limit = "2000/1"
+[firmware]
+version = "2.1.0"
+device_type = "WaterMeter"
+model = "WM-200"
+manufacturer = "Aqualis"
+[fleet]
+devices_file = "fleet.txt"
+[monitor]
+poll_interval = 0.2
+max_poll_interval = 0.5
+{waves}
+""")
+    return plan
+
+
+def _rollout(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, **{SECRET_ENV: "demo-secret"})
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_json_logs_are_one_json_object_per_line(sim: tuple[str, list[str]], tmp_path: Path) -> None:
+    """With --log-format json every stderr line is a JSON event, including the summary."""
+    url, ids = sim
+    plan = _plan(tmp_path, url, ids[:300])
+    result = _rollout("--log-format", "json", "run", str(plan), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
+    assert events and all("event" in e and "level" in e for e in events)
+    summary = next(e for e in events if e["event"] == "run summary")
+    assert summary["targets_in_tasks"] == 300 and summary["status"] == "completed"
+
+
+def test_status_and_plan_print_json_on_stdout(sim: tuple[str, list[str]], tmp_path: Path) -> None:
+    """`plan --json` previews chunks; `status --json` reads the journal, with calls per API."""
+    url, ids = sim
+    plan = _plan(tmp_path, url, ids[:600])
+    preview = json.loads(_rollout("plan", "--json", str(plan), cwd=tmp_path).stdout)
+    assert (preview["targets"], preview["chunks"], preview["calls"]) == (600, 3, 5)
+    assert _rollout("run", str(plan), cwd=tmp_path).returncode == 0
+    status = json.loads(_rollout("status", "--json", str(plan), cwd=tmp_path).stdout)
+    assert status["targets_in_tasks"] == 600 and status["calls"]["createTask"] == 3
+    assert status["devices_succeeded"] + status["devices_failed"] == 600
+
+
+def test_failed_gate_exits_4_and_approve_then_resume_goes_on(
+    sim: tuple[str, list[str]], tmp_path: Path
+) -> None:
+    """A failing canary exits 4; `approve` and `resume` submit the rest and exit 0."""
+    url, ids = sim
+    waves = (
+        '[[waves]]\nname = "canary"\ncount = 256\n[waves.gate]\nmax_failed = 0.2\n'
+        'min_sample = 50\nmin_finished = 0.5\n[[waves]]\nname = "rest"\n'
+    )
+    plan = _plan(tmp_path, url, ids[:700], waves)
+    before = get_json(url + "/_sim/stats")["tasks_created"]
+    halted = _rollout("run", str(plan), cwd=tmp_path)
+    assert halted.returncode == 4, halted.stderr[-2000:]
+    assert "canary" in halted.stderr and "Traceback" not in halted.stderr
+    assert get_json(url + "/_sim/stats")["tasks_created"] == before + 1
+    approved = _rollout("approve", str(plan), "--wave", "canary", "--by", "tester", cwd=tmp_path)
+    assert approved.returncode == 0, approved.stderr
+    resumed = _rollout("resume", str(plan), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert get_json(url + "/_sim/stats")["tasks_created"] == before + 3
+
+
+def test_report_writes_each_format(sim: tuple[str, list[str]], tmp_path: Path) -> None:
+    """`rollout report` writes CSV, JSON and HTML files from the journal."""
+    url, ids = sim
+    plan = _plan(tmp_path, url, ids[:256])
+    assert _rollout("run", str(plan), cwd=tmp_path).returncode == 0
+    for fmt in ("csv", "json", "html"):
+        out = tmp_path / f"report.{fmt}"
+        result = _rollout("report", str(plan), "--format", fmt, "-o", str(out), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert out.stat().st_size > 1000
+    assert len((tmp_path / "report.csv").read_text().splitlines()) == 257
+
+
+def test_module_entry_point_is_the_same_command(tmp_path: Path) -> None:
+    """`python -m orchestrator` answers like `rollout`."""
+    result = _rollout("--version", cwd=tmp_path)
+    assert result.returncode == 0 and "rollout" in result.stdout
