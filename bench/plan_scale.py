@@ -19,9 +19,10 @@ import time
 import uuid
 from pathlib import Path
 
+from orchestrator.engine import start_run
 from orchestrator.journal import Journal
 from orchestrator.plan import load_plan
-from orchestrator.planner import chunk_count, plan_chunks
+from orchestrator.planner import chunk_count
 
 
 def _peak_mb() -> float:
@@ -47,17 +48,7 @@ def main() -> None:
         started = time.perf_counter()
         loaded = load_plan(directory / "plan.toml")
         journal = Journal.open(directory / "scale.journal.sqlite")
-        journal.create_run(
-            plan_name=loaded.plan.name,
-            plan_path=str(loaded.path),
-            plan_sha=loaded.plan_sha,
-            fleet_sha=loaded.fleet.sha256,
-            fleet_kind=loaded.fleet.kind,
-            target_count=len(loaded.fleet.members),
-            operation=loaded.plan.operation.value,
-            chunks=plan_chunks(loaded.fleet, loaded.waves),
-            waves=loaded.waves,
-        )
+        start_run(journal, loaded)
         journal.close()
         elapsed = time.perf_counter() - started
         chunks = chunk_count(loaded.waves)

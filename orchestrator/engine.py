@@ -138,6 +138,21 @@ def _wave_policy(loaded: LoadedPlan, section: WaveSection | None) -> dict[str, A
     return policy
 
 
+def start_run(journal: Journal, loaded: LoadedPlan) -> int:
+    """A new run in the journal: the plan's fingerprints, its waves and every chunk."""
+    return journal.create_run(
+        plan_name=loaded.plan.name,
+        plan_path=str(loaded.path),
+        plan_sha=loaded.plan_sha,
+        fleet_sha=loaded.fleet.sha256,
+        fleet_kind=loaded.fleet.kind,
+        target_count=len(loaded.fleet.members),
+        operation=loaded.plan.operation.value,
+        chunks=plan_chunks(loaded.fleet, loaded.waves),
+        waves=loaded.waves,
+    )
+
+
 class Rollout:
     """One run being driven: waves in order, each submitted, then gated."""
 
@@ -270,17 +285,7 @@ async def execute(
                         f"{existing.file_id}, the plan now {package.file_id}"
                     )
             else:
-                run_id = journal.create_run(
-                    plan_name=loaded.plan.name,
-                    plan_path=str(loaded.path),
-                    plan_sha=loaded.plan_sha,
-                    fleet_sha=loaded.fleet.sha256,
-                    fleet_kind=loaded.fleet.kind,
-                    target_count=len(loaded.fleet.members),
-                    operation=loaded.plan.operation.value,
-                    chunks=plan_chunks(loaded.fleet, loaded.waves),
-                    waves=loaded.waves,
-                )
+                run_id = start_run(journal, loaded)
             journal.set_package(run_id, package.file_id, package.version)
             journal.set_status(run_id, RUNNING)
             rollout = Rollout(loaded, journal, client, run_id, package, progress, sleep)
@@ -304,32 +309,11 @@ async def execute(
         journal.close()
 
 
-async def watch(
-    loaded: LoadedPlan, journal_file: Path | None, *, sleep: Sleep | None = None
-) -> RunResult:
-    """Follow the journal's run to the end without submitting anything."""
-    path = journal_path(loaded, journal_file)
-    if not path.exists():
-        raise JournalError(f"{path}: no journal here (has this plan been run?)")
-    journal = Journal.open(path)
-    try:
-        existing = journal.latest_run(loaded.plan.name)
-        if existing is None:
-            raise JournalError(f"{path}: no run of plan {loaded.plan.name!r} to watch")
-        async with platform_client(loaded) as client:
-            package = await resolve_package(loaded, client)
-            rollout = Rollout(loaded, journal, client, existing.run_id, package, None, sleep)
-            try:
-                await rollout.monitor.follow()
-            finally:
-                journal.add_calls(existing.run_id, client.take_call_counts())
-            return RunResult(existing.run_id, path, journal.counts(existing.run_id))
-    finally:
-        journal.close()
-
-
-async def refresh(loaded: LoadedPlan, journal_file: Path | None) -> None:
-    """One monitor poll, so a report shows the platform's latest word (costs calls)."""
+@asynccontextmanager
+async def _existing_run(
+    loaded: LoadedPlan, journal_file: Path | None, sleep: Sleep | None = None
+) -> AsyncIterator[tuple[Journal, int, Rollout]]:
+    """The journal's latest run of the plan, with a platform session, for monitoring only."""
     path = journal_path(loaded, journal_file)
     if not path.exists():
         raise JournalError(f"{path}: no journal here (has this plan been run?)")
@@ -340,7 +324,25 @@ async def refresh(loaded: LoadedPlan, journal_file: Path | None) -> None:
             raise JournalError(f"{path}: no run of plan {loaded.plan.name!r}")
         async with platform_client(loaded) as client:
             package = await resolve_package(loaded, client)
-            rollout = Rollout(loaded, journal, client, existing.run_id, package, None)
-            await rollout.monitor.poll()
+            rollout = Rollout(loaded, journal, client, existing.run_id, package, None, sleep)
+            try:
+                yield journal, existing.run_id, rollout
+            finally:
+                journal.add_calls(existing.run_id, client.take_call_counts())
     finally:
         journal.close()
+
+
+async def watch(
+    loaded: LoadedPlan, journal_file: Path | None, *, sleep: Sleep | None = None
+) -> RunResult:
+    """Follow the journal's run to the end without submitting anything."""
+    async with _existing_run(loaded, journal_file, sleep) as (journal, run_id, rollout):
+        await rollout.monitor.follow()
+        return RunResult(run_id, journal.path, journal.counts(run_id))
+
+
+async def refresh(loaded: LoadedPlan, journal_file: Path | None) -> None:
+    """One monitor poll, so a report shows the platform's latest word (costs calls)."""
+    async with _existing_run(loaded, journal_file) as (_, _, rollout):
+        await rollout.monitor.poll()

@@ -36,16 +36,23 @@ class Fleet:
 
 
 def read_fleet_file(path: Path, columns: Sequence[str] = ()) -> Fleet:
-    """Read a fleet file; `columns` are CSV columns to keep (e.g. for stratified waves)."""
+    """Read a fleet file; `columns` are CSV columns to keep (e.g. for stratified waves).
+
+    A million-device fleet must stay small in memory: the raw bytes and the text are dropped
+    as soon as the IDs are out, and line numbers are worked out only for an error (by
+    reading the file again).
+    """
     source = str(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise InputError(source, "", f"cannot read the fleet file: {exc.strerror}") from None
+    digest = hashlib.sha256(data).hexdigest()
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise InputError(source, "", "the fleet file is not UTF-8") from None
+    del data
     lines = text.splitlines()
     first = next((line for line in lines if line.strip()), None)
     if first is None:
@@ -58,15 +65,14 @@ def read_fleet_file(path: Path, columns: Sequence[str] = ()) -> Fleet:
         raise InputError(source, columns[0], "a column to stratify by needs a CSV fleet file")
     else:
         ids = [line.strip() for line in lines if line.strip()]
-    del lines
+    del lines, text
     if not ids:
         raise InputError(source, ID_COLUMN, "the fleet file lists no device")
-    # Line numbers are worked out only for an error: a million-device fleet must stay small.
     for device_id in ids:
         if len(device_id) > MAX_DEVICE_ID or " " in device_id or "\t" in device_id:
             raise InputError(
                 source,
-                f"line {_line_of(text, device_id)}",
+                f"line {_line_of(path, device_id)}",
                 f"device ID {device_id[:40]!r} has spaces or is over 256 characters",
             )
     if len(set(ids)) != len(ids):
@@ -75,20 +81,21 @@ def read_fleet_file(path: Path, columns: Sequence[str] = ()) -> Fleet:
             if device_id in seen:
                 raise InputError(
                     source,
-                    f"line {_line_of(text, device_id, nth=2)}",
+                    f"line {_line_of(path, device_id, nth=2)}",
                     f"device {device_id} is listed twice",
                 )
             seen.add(device_id)
-    return Fleet("devices", ids, hashlib.sha256(data).hexdigest(), source, attributes)
+    return Fleet("devices", ids, digest, source, attributes)
 
 
-def _line_of(text: str, needle: str, nth: int = 1) -> int:
+def _line_of(path: Path, needle: str, nth: int = 1) -> int:
     found = 0
-    for number, line in enumerate(text.splitlines(), start=1):
-        if needle in line:
-            found += 1
-            if found == nth:
-                return number
+    with path.open(encoding="utf-8-sig") as handle:
+        for number, line in enumerate(handle, start=1):
+            if needle in line:
+                found += 1
+                if found == nth:
+                    return number
     return 0
 
 
