@@ -7,12 +7,13 @@ match the plan; 130 interrupted (Ctrl-C), in-flight state recorded.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from functools import wraps
 from pathlib import Path
@@ -368,14 +369,41 @@ def _drive(
     bar, update = _progress_bar(len(loaded.fleet.members))
     options = RunOptions(journal=journal, new_run=new_run, resume_only=resume_only, follow=follow)
 
-    async def go() -> Any:
-        return await execute(loaded, options, update)
+    result = _interruptible(lambda: execute(loaded, options, update), bar)
+    _show_status(read_status(result.journal, loaded.plan.name))
+
+
+def _interruptible(work: Callable[[], Awaitable[R]], bar: Progress | None = None) -> R:
+    """Run `work`; Ctrl-C or SIGTERM cancels it cleanly (the engine records what was in
+    flight) and ends the command with exit code 130."""
+    signals_seen: list[int] = []
+
+    async def main_task() -> R | None:
+        scope = anyio.CancelScope()
+        loop = asyncio.get_running_loop()
+
+        def on_signal(number: int) -> None:
+            signals_seen.append(number)
+            scope.cancel()
+
+        for number in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(number, on_signal, number)
+        try:
+            with scope:
+                return await work()
+            return None  # cancelled by a signal
+        finally:
+            for number in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(number)
 
     try:
-        result = anyio.run(go)
+        outcome = anyio.run(main_task)
     finally:
-        bar.stop()
-    _show_status(read_status(result.journal, loaded.plan.name))
+        if bar is not None:
+            bar.stop()
+    if signals_seen or outcome is None:
+        raise KeyboardInterrupt
+    return outcome
 
 
 def _show_status(status: dict[str, Any]) -> None:
@@ -439,7 +467,7 @@ def resume(plan: Path, journal: Path | None, follow: bool | None) -> None:
 def watch(plan: Path, journal: Path | None) -> None:
     """Follow PLAN's submitted tasks to their end (statuses, failure details); submit nothing."""
     loaded = _load(plan)
-    result = anyio.run(watch_run, loaded, journal)
+    result = _interruptible(lambda: watch_run(loaded, journal))
     _show_status(read_status(result.journal, loaded.plan.name))
 
 

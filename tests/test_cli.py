@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,12 +19,12 @@ from .enginehelpers import SECRET_ENV
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list[str]]]:
-    """A simulator with a 60 % failure rate and fast time, and its WM-200 device IDs."""
+    """A simulator with a 60 % failure rate and fast time, and its ~2 200 WM-200 device IDs."""
     directory = tmp_path_factory.mktemp("cli-sim")
     with simulator_process(
         directory,
         "--devices",
-        "4000",
+        "9000",
         "--speed",
         "36000",
         "--failure-rate",
@@ -138,3 +139,31 @@ def test_module_entry_point_is_the_same_command(tmp_path: Path) -> None:
     """`python -m orchestrator` answers like `rollout`."""
     result = _rollout("--version", cwd=tmp_path)
     assert result.returncode == 0 and "rollout" in result.stdout
+
+
+def test_sigterm_stops_cleanly_and_resume_finishes(
+    sim: tuple[str, list[str]], tmp_path: Path
+) -> None:
+    """SIGTERM mid-run exits 130 with the run marked interrupted; resume then finishes it."""
+    url, ids = sim
+    plan = _plan(tmp_path, url, ids[:2000])
+    plan.write_text(plan.read_text().replace('rate_limit = "2000/1"', 'rate_limit = "3/1"'))
+    env = dict(os.environ, **{SECRET_ENV: "demo-secret"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", str(plan)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(2.5)
+    proc.terminate()
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    status = json.loads(_rollout("status", "--json", str(plan), cwd=tmp_path).stdout)
+    assert status["status"] == "interrupted" and status["targets_in_tasks"] < 2000
+    assert _rollout("resume", str(plan), cwd=tmp_path).returncode == 0
+    status = json.loads(_rollout("status", "--json", str(plan), cwd=tmp_path).stdout)
+    assert status["targets_in_tasks"] == 2000 and status["status"] == "completed"
