@@ -312,7 +312,7 @@ def plan_command(plan: Path, as_json: bool) -> None:
     chunks = chunk_count(loaded.waves)
     calls = chunks + 2  # a login and the package lookup
     spacing = window * 1.01 / calls_per_window
-    preview = {
+    preview: dict[str, Any] = {
         "plan": p.name,
         "operation": p.operation.value,
         "platform": p.platform.url,
@@ -323,12 +323,17 @@ def plan_command(plan: Path, as_json: bool) -> None:
         "rate_limit": p.platform.rate_limit,
         "eta_seconds": round(max(calls - 1, 0) * spacing, 1),
         "policy": p.policy.wire(),
+        "waves": [{"name": w.name, "targets": len(w.members)} for w in loaded.waves],
     }
     if as_json:
         click.echo(json.dumps(preview, indent=2))
         return
     table = Table(title=f"plan {p.name}: checked, nothing sent", show_header=False)
     for key, value in preview.items():
+        if key == "waves":
+            value = ", ".join(f"{w['name']} {w['targets']}" for w in preview["waves"])
+        elif key == "eta_seconds":
+            key, value = "ETA of submission", f"{value:.0f} s at {p.platform.rate_limit}"
         table.add_row(key, str(value))
     stderr.print(table)
 

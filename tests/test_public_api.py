@@ -1,0 +1,35 @@
+"""The curated public surface of the client package stays what it says."""
+
+from __future__ import annotations
+
+import orchestrator.northbound as northbound
+import orchestrator.simulator as simulator
+
+
+def test_northbound_exports_are_pinned() -> None:
+    """`orchestrator.northbound.__all__` lists exactly the client's public names, sorted."""
+    assert northbound.__all__ == sorted(northbound.__all__)
+    assert set(northbound.__all__) == {
+        "ClientConfig",
+        "CreateTaskRequest",
+        "ExecuteType",
+        "NorthboundClient",
+        "OperationType",
+        "Pacer",
+        "Package",
+        "Page",
+        "Policy",
+        "Priority",
+        "StaResult",
+        "Status",
+        "SubOperation",
+        "TLSConfig",
+        "Targets",
+        "Task",
+        "shared_pacer",
+    }
+
+
+def test_simulator_exports_resolve() -> None:
+    """Every name the simulator package exports exists."""
+    assert all(hasattr(simulator, name) for name in simulator.__all__)
