@@ -470,28 +470,7 @@ class Journal:
             )
             self._set_chunk(db, run_id, chunk_id, SUBMITTED, operation_id)
 
-    def record_ambiguous(
-        self,
-        run_id: int,
-        chunk_id: str,
-        attempt_id: int,
-        http_status: int | None,
-        error_code: str | None,
-        detail: str,
-    ) -> None:
-        """The create may or may not have happened: the chunk stays in `intent`."""
-        with self._tx() as db:
-            self._finish_attempt(
-                db,
-                attempt_id,
-                "ambiguous",
-                http_status=http_status,
-                error_code=error_code,
-                detail=detail,
-            )
-            self._set_chunk(db, run_id, chunk_id, INTENT, last_error=detail)
-
-    def record_not_created(
+    def record_failed_attempt(
         self,
         run_id: int,
         chunk_id: str,
@@ -502,7 +481,8 @@ class Journal:
         error_code: str | None,
         detail: str,
     ) -> None:
-        """The create certainly did not happen (refused, or never sent)."""
+        """An attempt that did not return an operationId: `ambiguous` keeps the chunk in
+        `intent` (to be reconciled); `refused` and `not-sent` certainly created nothing."""
         with self._tx() as db:
             self._finish_attempt(
                 db,

@@ -270,49 +270,46 @@ class Submitter:
         status = error.status if isinstance(error, PlatformError) else None
         code = error.code if isinstance(error, PlatformError) else type(error).__name__
         detail = str(error)
-        run, chunk_id = self.run_id, chunk.chunk_id
+        device_level = isinstance(error, BadRequest) and (
+            (code in DEVICE_LEVEL_CODES and chunk.kind == "devices")
+            or (code == "123002" and chunk.kind == "groups")
+        )
         if error.may_have_taken_effect:
-            self.journal.record_ambiguous(run, chunk_id, attempt, status, code, detail)
-            self._count_failure(code, detail)
-            log.warning(
-                "create outcome unknown; reconciling", chunk=chunk_id, error=type(error).__name__
-            )
-            await asyncio.sleep(self.plan.execution.reconcile_delay)
-            await self._reconcile_or_requeue(chunk, enqueue=True)
-            return
+            outcome, state = "ambiguous", INTENT
+        elif isinstance(error, BadRequest) and not device_level:
+            outcome, state = "refused", FAILED
+        elif isinstance(error, AuthFailed | BadRequest):
+            outcome, state = "refused", PENDING
+        else:  # certainly not sent: connect refused, TLS
+            outcome, state = "not-sent", PENDING
+        self.journal.record_failed_attempt(
+            self.run_id, chunk.chunk_id, attempt, outcome, state, status, code, detail
+        )
         if isinstance(error, AuthFailed):
-            self.journal.record_not_created(
-                run, chunk_id, attempt, "refused", PENDING, status, code, detail
-            )
             raise RunAborted(
                 f"the platform refused the app credentials ({code}); "
                 "check platform.app_id and the secret"
             )
-        if isinstance(error, BadRequest):
-            device_level = (code in DEVICE_LEVEL_CODES and chunk.kind == "devices") or (
-                code == "123002" and chunk.kind == "groups"
+        if outcome == "refused" and not device_level:
+            raise RunAborted(
+                f"the platform refused chunk {chunk.chunk_id} for a plan-level "
+                f"reason: {code} {error.desc if isinstance(error, PlatformError) else ''}"
             )
-            if not device_level:
-                self.journal.record_not_created(
-                    run, chunk_id, attempt, "refused", FAILED, status, code, detail
-                )
-                raise RunAborted(
-                    f"the platform refused chunk {chunk_id} for a plan-level "
-                    f"reason: {code} {error.desc}"
-                )
-            self.journal.record_not_created(
-                run, chunk_id, attempt, "refused", PENDING, status, code, detail
-            )
-            self._count_failure(code, detail)
-            self._isolate(chunk, code, error.desc)
-            return
-        # certainly not sent (connect refused, TLS): pause, then send again
-        self.journal.record_not_created(
-            run, chunk_id, attempt, "not-sent", PENDING, status, code, detail
-        )
         self._count_failure(code, detail)
-        await asyncio.sleep(RETRY_PAUSE)
-        self._enqueue(chunk)
+        if error.may_have_taken_effect:
+            log.warning(
+                "create outcome unknown; reconciling",
+                chunk=chunk.chunk_id,
+                error=type(error).__name__,
+            )
+            await asyncio.sleep(self.plan.execution.reconcile_delay)
+            await self._reconcile_or_requeue(chunk, enqueue=True)
+        elif device_level:
+            assert isinstance(error, PlatformError)
+            self._isolate(chunk, code, error.desc)
+        else:
+            await asyncio.sleep(RETRY_PAUSE)
+            self._enqueue(chunk)
 
     def _count_failure(self, code: str | None, detail: str) -> None:
         if code == self._last_failure:
