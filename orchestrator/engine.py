@@ -85,6 +85,7 @@ async def platform_client(loaded: LoadedPlan) -> AsyncIterator[NorthboundClient]
                 secret=SecretStr(DEFAULT_SECRET),
                 tls=TLSConfig(ca_file=server.cert_file),
                 rate_limit=platform.rate,
+                pacing_margin=platform.pacing_margin,
                 connect_timeout=platform.connect_timeout,
                 total_timeout=platform.request_timeout,
             )
@@ -104,6 +105,7 @@ async def platform_client(loaded: LoadedPlan) -> AsyncIterator[NorthboundClient]
         secret=SecretStr(loaded.secret()),
         tls=tls,
         rate_limit=platform.rate,
+        pacing_margin=platform.pacing_margin,
         connect_timeout=platform.connect_timeout,
         total_timeout=platform.request_timeout,
     )

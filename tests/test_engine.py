@@ -176,3 +176,18 @@ async def test_journal_is_private_and_holds_no_secret(sim: SimulatorServer, tmp_
 
 def _journal_bytes(directory: Path) -> list[bytes]:
     return [path.read_bytes() for path in directory.glob("j.sqlite*")]
+
+
+async def test_plan_rate_limit_and_margin_reach_the_pacer(
+    sim: SimulatorServer, tmp_path: Path
+) -> None:
+    """The plan's rate_limit and pacing_margin are what the client paces with."""
+    from orchestrator.engine import platform_client
+
+    plan = write_plan(
+        tmp_path, sim, devices_of(sim, "WM-200", 10), extra_platform="pacing_margin = 0.25"
+    )
+    async with platform_client(load_plan(plan)) as client:
+        pacer = client.pacer
+    assert (pacer.calls, pacer.seconds, pacer.margin) == (1000, 1.0, 0.25)
+    assert pacer.spacing == pytest.approx(1.25 / 1000)
