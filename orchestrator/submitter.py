@@ -39,6 +39,7 @@ from .errors import (
 from .journal import FAILED, INTENT, PENDING, Journal
 from .northbound import (
     CreateTaskRequest,
+    ExecuteType,
     NorthboundClient,
     OperationType,
     Package,
@@ -53,6 +54,8 @@ from .planner import Chunk, bisect
 log = structlog.get_logger("orchestrator.submitter")
 
 DEVICE_LEVEL_CODES = frozenset({"123002", "123016"})
+START_LEAD = 2.0  # a custom window's start must not have passed when the create arrives
+MIN_WINDOW_SECONDS = 300.0
 RETRY_PAUSE = 1.0
 
 
@@ -227,10 +230,33 @@ class Submitter:
                 model=fleet.model,
                 manufacturer=fleet.manufacturer,
             )
-        return CreateTaskRequest(file_id=self.package.file_id, targets=targets, policy=self._policy)
+        return CreateTaskRequest(
+            file_id=self.package.file_id, targets=targets, policy=self._current_policy()
+        )
+
+    def _current_policy(self) -> Policy:
+        """The policy for a create sent now. A custom window whose start has passed while the
+        rollout went on (a long wave at 100 calls a minute) would draw 123033: its start
+        moves to just after now, as long as 5 minutes of the window remain; after that the
+        window is over and the run stops rather than send what the platform refuses."""
+        policy = self._policy
+        if policy.execute_type is not ExecuteType.CUSTOM or policy.start_time is None:
+            return policy
+        now = time.time()
+        start = _platform_time(policy.start_time) or now
+        end = _platform_time(policy.end_time or "") or now
+        if start >= now + START_LEAD:
+            return policy
+        moved = now + START_LEAD
+        if end - moved < MIN_WINDOW_SECONDS:
+            raise RunAborted(
+                f"the custom window ending {policy.end_time} has less than 5 minutes left; "
+                "the platform would refuse it (123033/123034): give the wave a later window"
+            )
+        start_text = datetime.fromtimestamp(moved, UTC).strftime("%Y%m%dT%H%M%SZ")
+        return policy.model_copy(update={"start_time": start_text})
 
     async def _submit(self, chunk: Chunk) -> None:
-        request = self._request(chunk)
         attempt: int | None = None
 
         def journal_intent() -> None:
@@ -239,7 +265,7 @@ class Submitter:
 
         try:
             operation_id = await self.client.create_upgrade_task(
-                self.operation, request, before_send=journal_intent
+                self.operation, lambda: self._request(chunk), before_send=journal_intent
             )
         except PlatformCallError as error:
             if attempt is None:

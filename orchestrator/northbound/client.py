@@ -123,6 +123,8 @@ class NorthboundClient:
         await self.pacer.acquire(priority)
         if before_send is not None:
             before_send()
+        if callable(body):
+            body = body()
         self.calls += 1
         self._calls_by_api[_api_name(method, path)] += 1
         try:
@@ -290,16 +292,21 @@ class NorthboundClient:
     async def create_upgrade_task(
         self,
         operation: OperationType,
-        request: CreateTaskRequest,
+        request: CreateTaskRequest | Callable[[], CreateTaskRequest],
         before_send: BeforeSend | None = None,
     ) -> str:
-        """Create a task; never retried here on an outcome that may have taken effect."""
+        """Create a task; never retried here on an outcome that may have taken effect.
+
+        `request` may be a function: it is then called when the pacing slot is granted, so
+        a time in the body (a custom window's start) is as fresh as the moment it leaves.
+        """
+        build = request if callable(request) else (lambda: request)
         reply = await self._call(
             "POST",
             f"{UPGRADE}/operations/{operation.create_path}",
             Priority.SUBMIT,
             before_send,
-            body=request.wire(),
+            body=lambda: build().wire(),
         )
         if not isinstance(reply, dict) or not isinstance(reply.get("operationId"), str):
             raise ServerError(
