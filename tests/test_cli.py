@@ -167,3 +167,35 @@ def test_sigterm_stops_cleanly_and_resume_finishes(
     assert _rollout("resume", str(plan), cwd=tmp_path).returncode == 0
     status = json.loads(_rollout("status", "--json", str(plan), cwd=tmp_path).stdout)
     assert status["targets_in_tasks"] == 2000 and status["status"] == "completed"
+
+
+def test_watch_follows_tasks_submitted_without_following(
+    sim: tuple[str, list[str]], tmp_path: Path
+) -> None:
+    """`run --no-follow` only submits; `watch` then brings every task to its final status."""
+    url, ids = sim
+    plan = _plan(tmp_path, url, ids[:512])
+    assert _rollout("run", "--no-follow", str(plan), cwd=tmp_path).returncode == 0
+    status = json.loads(_rollout("status", "--json", str(plan), cwd=tmp_path).stdout)
+    assert status["status"] == "submitted" and status["tasks_observed"] == 0
+    assert _rollout("watch", str(plan), cwd=tmp_path).returncode == 0
+    status = json.loads(_rollout("status", "--json", str(plan), cwd=tmp_path).stdout)
+    assert status["tasks_final"] == status["tasks_observed"] == 2
+    assert status["devices_succeeded"] + status["devices_failed"] == 512
+
+
+def test_report_refresh_polls_once_before_reporting(
+    sim: tuple[str, list[str]], tmp_path: Path
+) -> None:
+    """`report --refresh` asks the platform once; without it the journal alone answers."""
+    url, ids = sim
+    plan = _plan(tmp_path, url, ids[:256])
+    assert _rollout("run", "--no-follow", str(plan), cwd=tmp_path).returncode == 0
+    stale = json.loads(_rollout("report", str(plan), "--format", "json", cwd=tmp_path).stdout)
+    assert {d["subtask_status"] for d in stale["devices"]} == {"unknown"}
+    time.sleep(0.5)  # at 36 000x, every meter has woken and finished by now
+    fresh = json.loads(
+        _rollout("report", str(plan), "--format", "json", "--refresh", cwd=tmp_path).stdout
+    )
+    assert {d["subtask_status"] for d in fresh["devices"]} <= {"succeeded", "failed"}
+    assert fresh["calls"]["listTasks"] >= 1
