@@ -29,11 +29,12 @@ from .journal import (
     default_journal_path,
 )
 from .monitor import Monitor, Sleep
-from .northbound import ClientConfig, NorthboundClient, Package, TLSConfig
+from .northbound import ClientConfig, NorthboundClient, TLSConfig
 from .plan import PLATFORM_TIME_FORMAT, LoadedPlan, WaveSection
 from .planner import plan_chunks
+from .session import RunSession
 from .simulator import DEFAULT_SECRET, SimulatorConfig, SimulatorServer
-from .submitter import Progress, ProgressHook, Submitter, operation_type, resolve_package
+from .submitter import Progress, ProgressHook, Submitter, resolve_package
 
 log = structlog.get_logger("orchestrator.engine")
 
@@ -159,102 +160,88 @@ class Rollout:
     """One run being driven: waves in order, each submitted, then gated."""
 
     def __init__(
-        self,
-        loaded: LoadedPlan,
-        journal: Journal,
-        client: NorthboundClient,
-        run_id: int,
-        package: Package,
-        progress: ProgressHook | None,
-        sleep: Sleep | None = None,
+        self, session: RunSession, progress: ProgressHook | None, sleep: Sleep | None = None
     ) -> None:
-        self.loaded = loaded
-        self.plan = loaded.plan
-        self.journal = journal
-        self.client = client
-        self.run_id = run_id
-        self.package = package
+        self.session = session
         self.hook = progress
-        self.progress = Progress(total_targets=len(loaded.fleet.members))
-        extra = {"sleep": sleep} if sleep is not None else {}
-        self.monitor = Monitor(
-            journal,
-            client,
-            run_id,
-            package,
-            operation_type(self.plan.operation),
-            self.plan.monitor,
-            **extra,
-        )
+        self.progress = Progress(total_targets=len(session.loaded.fleet.members))
+        self.monitor = Monitor(session, **({"sleep": sleep} if sleep is not None else {}))
 
     async def drive(self, follow: bool) -> None:
-        rows = {row.wave: row for row in self.journal.waves(self.run_id)}
-        last = len(self.loaded.waves) - 1
-        for wave in self.loaded.waves:
-            section = self.plan.waves[wave.index] if self.plan.waves else None
+        rows = {row.wave: row for row in self.session.journal.waves(self.session.run_id)}
+        last = len(self.session.loaded.waves) - 1
+        for wave in self.session.loaded.waves:
+            section = self.session.plan.waves[wave.index] if self.session.plan.waves else None
             if rows[wave.index].gate_state == "passed":
                 continue
             log.info("wave", wave=wave.name, targets=len(wave.members))
             await Submitter(
-                self.loaded,
-                self.journal,
-                self.client,
-                self.run_id,
-                self.package,
+                self.session,
                 self.hook,
                 wave=wave.index,
-                policy=_wave_policy(self.loaded, section),
+                policy=_wave_policy(self.session.loaded, section),
                 shared_progress=self.progress,
             ).run()
-            self.journal.add_calls(self.run_id, self.client.take_call_counts())
+            self.session.journal.add_calls(
+                self.session.run_id, self.session.client.take_call_counts()
+            )
             if section is not None and wave.index < last:
                 await self._gate(wave.index, wave.name, section)
             elif wave.index == last:
-                self.journal.set_gate(self.run_id, wave.index, "none", "the last wave has no gate")
+                self.session.journal.set_gate(
+                    self.session.run_id, wave.index, "none", "the last wave has no gate"
+                )
         if follow:
-            await self.monitor.follow(first_wait=self.plan.monitor.poll_interval)
+            await self.monitor.follow(first_wait=self.session.plan.monitor.poll_interval)
 
     async def _gate(self, wave: int, name: str, section: WaveSection) -> None:
         gate = section.gate
-        interval = self.plan.monitor.poll_interval
-        seen = self.journal.wave_counts(self.run_id, wave)
+        interval = self.session.plan.monitor.poll_interval
+        seen = self.session.journal.wave_counts(self.session.run_id, wave)
         if seen.tasks == 0 or seen.final_tasks < seen.tasks:
             await self.monitor.sleep(interval)  # tasks created a moment ago cannot be done
         while True:
             await self.monitor.poll()
-            counts = self.journal.wave_counts(self.run_id, wave)
+            counts = self.session.journal.wave_counts(self.session.run_id, wave)
             verdict, reason = evaluate(gate, counts)
-            row = next(r for r in self.journal.waves(self.run_id) if r.wave == wave)
-            approved = self.journal.approved(self.run_id, wave)
+            row = next(r for r in self.session.journal.waves(self.session.run_id) if r.wave == wave)
+            approved = self.session.journal.approved(self.session.run_id, wave)
             if verdict is Verdict.FAIL:
                 if approved:
-                    self.journal.set_gate(
-                        self.run_id, wave, "passed", f"failed gate overridden by approval: {reason}"
+                    self.session.journal.set_gate(
+                        self.session.run_id,
+                        wave,
+                        "passed",
+                        f"failed gate overridden by approval: {reason}",
                     )
                     return
-                self.journal.set_gate(self.run_id, wave, "failed", reason)
+                self.session.journal.set_gate(self.session.run_id, wave, "failed", reason)
                 raise RunHalted(
                     f"wave {name!r} failed its gate: {reason}. Nothing more was submitted. "
                     f"To go on anyway: rollout approve PLAN --wave {name}, then rollout resume"
                 )
             if verdict is Verdict.WAIT:
-                self.journal.set_gate(self.run_id, wave, "waiting", reason)
+                self.session.journal.set_gate(self.session.run_id, wave, "waiting", reason)
                 await self.monitor.sleep(interval)
-                interval = min(self.plan.monitor.max_poll_interval, interval * 1.5)
+                interval = min(self.session.plan.monitor.max_poll_interval, interval * 1.5)
                 continue
             if gate.soak > 0:
                 soak_until = row.soak_until or time.time() + gate.soak
                 if time.time() < soak_until:
-                    self.journal.set_gate(self.run_id, wave, "soaking", reason, soak_until)
+                    self.session.journal.set_gate(
+                        self.session.run_id, wave, "soaking", reason, soak_until
+                    )
                     await self.monitor.sleep(min(interval, max(0.0, soak_until - time.time())))
                     continue
             if gate.approval and not approved:
-                self.journal.set_gate(self.run_id, wave, "awaiting-approval", reason)
+                self.session.journal.set_gate(
+                    self.session.run_id, wave, "awaiting-approval", reason
+                )
                 raise RunHalted(
                     f"wave {name!r} passed its gate ({reason}) and waits for approval: "
                     f"rollout approve PLAN --wave {name}, then rollout resume"
                 )
-            self.journal.set_gate(self.run_id, wave, "passed", reason)
+            self.session.journal.set_gate(self.session.run_id, wave, "passed", reason)
             log.info("gate passed", wave=name, reason=reason)
             return
 
@@ -290,7 +277,7 @@ async def execute(
                 run_id = start_run(journal, loaded)
             journal.set_package(run_id, package.file_id, package.version)
             journal.set_status(run_id, RUNNING)
-            rollout = Rollout(loaded, journal, client, run_id, package, progress, sleep)
+            rollout = Rollout(RunSession(loaded, journal, client, run_id, package), progress, sleep)
             follow = loaded.plan.monitor.follow if options.follow is None else options.follow
             try:
                 await rollout.drive(follow)
@@ -326,7 +313,9 @@ async def _existing_run(
             raise JournalError(f"{path}: no run of plan {loaded.plan.name!r}")
         async with platform_client(loaded) as client:
             package = await resolve_package(loaded, client)
-            rollout = Rollout(loaded, journal, client, existing.run_id, package, None, sleep)
+            rollout = Rollout(
+                RunSession(loaded, journal, client, existing.run_id, package), None, sleep
+            )
             try:
                 yield journal, existing.run_id, rollout
             finally:

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import structlog
 
-from .journal import Journal
-from .northbound import NorthboundClient, OperationType, Package, Priority, StaResult, Status
+from .northbound import Priority, StaResult, Status
 from .plan import MonitorSection
+from .session import RunSession
 
 log = structlog.get_logger("orchestrator.monitor")
 
@@ -42,23 +42,9 @@ class PollResult:
 
 
 class Monitor:
-    def __init__(
-        self,
-        journal: Journal,
-        client: NorthboundClient,
-        run_id: int,
-        package: Package,
-        operation: OperationType,
-        settings: MonitorSection,
-        *,
-        sleep: Sleep = asyncio.sleep,
-    ) -> None:
-        self.journal = journal
-        self.client = client
-        self.run_id = run_id
-        self.package = package
-        self.operation = operation
-        self.settings = settings
+    def __init__(self, session: RunSession, *, sleep: Sleep = asyncio.sleep) -> None:
+        self.session = session
+        self.settings: MonitorSection = session.plan.monitor
         self.sleep = sleep
         self._cursor = 0
         self._last_seen: dict[str, StaResult] = {}
@@ -67,7 +53,7 @@ class Monitor:
     async def poll(self) -> PollResult:
         """One sweep over our unfinished tasks, then the details of newly finished ones."""
         self.polls += 1
-        ours = self.journal.unfinished_tasks(self.run_id)
+        ours = self.session.journal.unfinished_tasks(self.session.run_id)
         pending_status = {op for op, (_, _, final) in ours.items() if not final}
         needs_details = [op for op, (_, _, final) in ours.items() if final]
         changed = False
@@ -77,9 +63,9 @@ class Monitor:
         for operation_id in needs_details:
             await self._fetch_details(operation_id)
             changed = True
-        self.journal.add_calls(self.run_id, self.client.take_call_counts())
-        self.journal.add_progress_sample(self.run_id)
-        remaining = len(self.journal.unfinished_tasks(self.run_id))
+        self.session.journal.add_calls(self.session.run_id, self.session.client.take_call_counts())
+        self.session.journal.add_progress_sample(self.session.run_id)
+        remaining = len(self.session.journal.unfinished_tasks(self.session.run_id))
         log.info("monitor poll", unfinished=remaining, changed=changed)
         return PollResult(changed, remaining)
 
@@ -92,11 +78,11 @@ class Monitor:
         first_unfinished_page: int | None = None
         page_no = self._cursor
         while True:
-            page = await self.client.list_tasks(
-                operation_type=self.operation,
-                device_type=self.package.device_type or None,
-                model=self.package.model or None,
-                manufacturer=self.package.manufacturer or None,
+            page = await self.session.client.list_tasks(
+                operation_type=self.session.operation,
+                device_type=self.session.package.device_type or None,
+                model=self.session.package.model or None,
+                manufacturer=self.session.package.manufacturer or None,
                 page_no=page_no,
                 page_size=PAGE_SIZE,
                 priority=Priority.MONITOR,
@@ -107,7 +93,7 @@ class Monitor:
                 seen.add(task.operation_id)
                 chunk_id, wave, _ = ours[task.operation_id]
                 if self._last_seen.get(task.operation_id) != task.sta_result or task.status.final:
-                    self.journal.record_task(self.run_id, chunk_id, wave, task)
+                    self.session.journal.record_task(self.session.run_id, chunk_id, wave, task)
                     self._last_seen[task.operation_id] = task.sta_result
                     changed = True
                 if task.status.final:
@@ -123,9 +109,9 @@ class Monitor:
             # not where the cursor said: read from the start next time, and ask for these now
             self._cursor = 0
             for operation_id in sorted(missing):
-                task = await self.client.get_task(operation_id, priority=Priority.MONITOR)
+                task = await self.session.client.get_task(operation_id, priority=Priority.MONITOR)
                 chunk_id, wave, _ = ours[operation_id]
-                self.journal.record_task(self.run_id, chunk_id, wave, task)
+                self.session.journal.record_task(self.session.run_id, chunk_id, wave, task)
                 if task.status.final:
                     finished.append(operation_id)
             return finished, True
@@ -133,13 +119,13 @@ class Monitor:
         return finished, changed
 
     async def _fetch_details(self, operation_id: str) -> None:
-        failed, stopped = self.journal.task_failures(self.run_id, operation_id)
+        failed, stopped = self.session.journal.task_failures(self.session.run_id, operation_id)
         results = []
         if failed:
-            results += await self.client.sub_operations(operation_id, Status.FAILED)
+            results += await self.session.client.sub_operations(operation_id, Status.FAILED)
         if stopped:
-            results += await self.client.sub_operations(operation_id, Status.STOPPED)
-        self.journal.record_device_results(self.run_id, operation_id, results)
+            results += await self.session.client.sub_operations(operation_id, Status.STOPPED)
+        self.session.journal.record_device_results(self.session.run_id, operation_id, results)
 
     async def follow(
         self, done: Callable[[PollResult], bool] | None = None, *, first_wait: float = 0.0
@@ -150,7 +136,7 @@ class Monitor:
         poll interval before the first look instead of spending a call on it.
         """
         interval = self.settings.poll_interval
-        if first_wait > 0 and self.journal.unfinished_tasks(self.run_id):
+        if first_wait > 0 and self.session.journal.unfinished_tasks(self.session.run_id):
             await self.sleep(first_wait)
             interval = min(self.settings.max_poll_interval, interval * BACKOFF)
         while True:

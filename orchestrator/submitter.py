@@ -36,20 +36,20 @@ from .errors import (
     PlatformError,
     RunAborted,
 )
-from .journal import FAILED, INTENT, PENDING, Journal
+from .journal import FAILED, INTENT, PENDING
 from .northbound import (
     CreateTaskRequest,
     ExecuteType,
     NorthboundClient,
-    OperationType,
     Package,
     Policy,
     Priority,
     Targets,
     Task,
 )
-from .plan import LoadedPlan, Operation
+from .plan import LoadedPlan
 from .planner import Chunk, bisect
+from .session import RunSession, operation_type
 
 log = structlog.get_logger("orchestrator.submitter")
 
@@ -77,10 +77,6 @@ def _platform_time(text: str) -> float | None:
         return datetime.strptime(text, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp()
     except ValueError:
         return None
-
-
-def operation_type(operation: Operation) -> OperationType:
-    return OperationType.FIRMWARE if operation is Operation.FIRMWARE else OperationType.SOFTWARE
 
 
 async def resolve_package(loaded: LoadedPlan, client: NorthboundClient) -> Package:
@@ -137,50 +133,41 @@ class Submitter:
 
     def __init__(
         self,
-        loaded: LoadedPlan,
-        journal: Journal,
-        client: NorthboundClient,
-        run_id: int,
-        package: Package,
+        session: RunSession,
         progress: ProgressHook | None = None,
         *,
         wave: int | None = None,
         policy: dict[str, object] | None = None,
         shared_progress: Progress | None = None,
     ) -> None:
-        self.loaded = loaded
-        self.plan = loaded.plan
-        self.journal = journal
-        self.client = client
-        self.run_id = run_id
-        self.package = package
+        self.session = session
         self.wave = wave
-        self.operation = operation_type(self.plan.operation)
         self._progress_hook = progress
-        self.progress = shared_progress or Progress(total_targets=len(loaded.fleet.members))
+        self.progress = shared_progress or Progress(total_targets=len(session.loaded.fleet.members))
         self._queue: asyncio.Queue[Chunk] = asyncio.Queue()
         self._outstanding = 0
         self._idle = asyncio.Event()
         self._last_failure: str | None = None
         self._identical_failures = 0
-        self._policy = Policy.model_validate(policy or self.plan.policy.wire())
+        self._policy = Policy.model_validate(policy or session.plan.policy.wire())
 
     # ---- the run -----------------------------------------------------------------------------
     async def run(self) -> None:
-        counts = self.journal.counts(self.run_id)
+        counts = self.session.journal.counts(self.session.run_id)
         self.progress.done_targets = counts.get("targets_submitted", 0) + counts.get(
             "targets_quarantined", 0
         )
         self.progress.quarantined = counts.get("targets_quarantined", 0)
         self._report()
-        for row in self.journal.chunks(self.run_id, [INTENT], self.wave):
+        for row in self.session.journal.chunks(self.session.run_id, [INTENT], self.wave):
             await self._reconcile_or_requeue(row.as_chunk(), enqueue=False)
-        for row in self.journal.chunks(self.run_id, [PENDING], self.wave):
+        for row in self.session.journal.chunks(self.session.run_id, [PENDING], self.wave):
             self._enqueue(row.as_chunk())
         if self._outstanding == 0:
             return
         workers = [
-            asyncio.create_task(self._worker()) for _ in range(self.plan.execution.concurrency)
+            asyncio.create_task(self._worker())
+            for _ in range(self.session.plan.execution.concurrency)
         ]
         try:
             await self._idle.wait()
@@ -223,7 +210,7 @@ class Submitter:
         if chunk.kind == "devices":
             targets = Targets(devices=list(chunk.members))
         else:
-            fleet = self.plan.fleet
+            fleet = self.session.plan.fleet
             targets = Targets(
                 device_groups=list(chunk.members),
                 device_type=fleet.device_type,
@@ -231,7 +218,7 @@ class Submitter:
                 manufacturer=fleet.manufacturer,
             )
         return CreateTaskRequest(
-            file_id=self.package.file_id, targets=targets, policy=self._current_policy()
+            file_id=self.session.package.file_id, targets=targets, policy=self._current_policy()
         )
 
     def _current_policy(self) -> Policy:
@@ -261,11 +248,11 @@ class Submitter:
 
         def journal_intent() -> None:
             nonlocal attempt
-            attempt = self.journal.record_intent(self.run_id, chunk.chunk_id)
+            attempt = self.session.journal.record_intent(self.session.run_id, chunk.chunk_id)
 
         try:
-            operation_id = await self.client.create_upgrade_task(
-                self.operation, lambda: self._request(chunk), before_send=journal_intent
+            operation_id = await self.session.client.create_upgrade_task(
+                self.session.operation, lambda: self._request(chunk), before_send=journal_intent
             )
         except PlatformCallError as error:
             if attempt is None:
@@ -274,7 +261,9 @@ class Submitter:
                 await self._failed(chunk, attempt, error)
             return
         assert attempt is not None
-        self.journal.record_created(self.run_id, chunk.chunk_id, attempt, operation_id)
+        self.session.journal.record_created(
+            self.session.run_id, chunk.chunk_id, attempt, operation_id
+        )
         self._identical_failures = 0
         self.progress.creates += 1
         self._done(len(chunk.members))
@@ -308,8 +297,8 @@ class Submitter:
             outcome, state = "refused", PENDING
         else:  # certainly not sent: connect refused, TLS
             outcome, state = "not-sent", PENDING
-        self.journal.record_failed_attempt(
-            self.run_id, chunk.chunk_id, attempt, outcome, state, status, code, detail
+        self.session.journal.record_failed_attempt(
+            self.session.run_id, chunk.chunk_id, attempt, outcome, state, status, code, detail
         )
         if isinstance(error, AuthFailed):
             raise RunAborted(
@@ -328,7 +317,7 @@ class Submitter:
                 chunk=chunk.chunk_id,
                 error=type(error).__name__,
             )
-            await asyncio.sleep(self.plan.execution.reconcile_delay)
+            await asyncio.sleep(self.session.plan.execution.reconcile_delay)
             await self._reconcile_or_requeue(chunk, enqueue=True)
         elif device_level:
             assert isinstance(error, PlatformError)
@@ -342,7 +331,7 @@ class Submitter:
             self._identical_failures += 1
         else:
             self._last_failure, self._identical_failures = code, 1
-        limit = self.plan.execution.stop_after_identical_failures
+        limit = self.session.plan.execution.stop_after_identical_failures
         if self._identical_failures >= limit:
             raise RunAborted(
                 f"{self._identical_failures} identical failures in a row ({code}): {detail}"
@@ -350,7 +339,9 @@ class Submitter:
 
     def _isolate(self, chunk: Chunk, code: str, reason: str) -> None:
         if len(chunk.members) == 1:
-            self.journal.quarantine(self.run_id, chunk.chunk_id, chunk.members[0], code, reason)
+            self.session.journal.quarantine(
+                self.session.run_id, chunk.chunk_id, chunk.members[0], code, reason
+            )
             self.progress.quarantined += 1
             self._done(1)
             # a refusal that isolated its device is not a sign the whole run is failing
@@ -358,16 +349,18 @@ class Submitter:
             log.warning("target quarantined", target=chunk.members[0], code=code)
             return
         children = bisect(chunk)
-        self.journal.split(self.run_id, chunk.chunk_id, children)
+        self.session.journal.split(self.session.run_id, chunk.chunk_id, children)
         for child in children:
             self._enqueue(child)
 
     # ---- reconciliation ----------------------------------------------------------------------
     async def _reconcile_or_requeue(self, chunk: Chunk, *, enqueue: bool) -> None:
-        since = self.journal.first_intent_at(self.run_id, chunk.chunk_id) or 0.0
-        found = await self.find_existing(chunk, since - self.plan.execution.clock_skew)
+        since = self.session.journal.first_intent_at(self.session.run_id, chunk.chunk_id) or 0.0
+        found = await self.find_existing(chunk, since - self.session.plan.execution.clock_skew)
         if found:
-            self.journal.record_adopted(self.run_id, chunk.chunk_id, found[0], found[1:])
+            self.session.journal.record_adopted(
+                self.session.run_id, chunk.chunk_id, found[0], found[1:]
+            )
             self.progress.adopted += 1
             self._done(len(chunk.members))
             log.info(
@@ -377,7 +370,7 @@ class Submitter:
                 duplicates=len(found) - 1,
             )
         else:
-            self.journal.record_absent(self.run_id, chunk.chunk_id)
+            self.session.journal.record_absent(self.session.run_id, chunk.chunk_id)
             log.info("reconciled: no task exists, sending again", chunk=chunk.chunk_id)
             if enqueue:
                 self._enqueue(chunk)
@@ -389,16 +382,16 @@ class Submitter:
         page_no = 0
         while True:
             if chunk.kind == "devices":
-                page = await self.client.list_tasks(
-                    operation_type=self.operation,
+                page = await self.session.client.list_tasks(
+                    operation_type=self.session.operation,
                     device_id=chunk.members[0],
                     page_no=page_no,
                     priority=Priority.SUBMIT,
                 )
             else:
-                fleet = self.plan.fleet
-                page = await self.client.list_tasks(
-                    operation_type=self.operation,
+                fleet = self.session.plan.fleet
+                page = await self.session.client.list_tasks(
+                    operation_type=self.session.operation,
                     device_type=fleet.device_type,
                     model=fleet.model,
                     manufacturer=fleet.manufacturer,
@@ -415,7 +408,9 @@ class Submitter:
 
     def _matches(self, task: Task, members: set[str], not_before: float) -> bool:
         targets = (
-            task.targets.devices if self.plan.fleet.groups is None else task.targets.device_groups
+            task.targets.devices
+            if self.session.plan.fleet.groups is None
+            else task.targets.device_groups
         )
         if targets is None or set(targets) != members:
             return False
@@ -423,7 +418,7 @@ class Submitter:
         if created is not None and created < not_before:
             return False
         reported = (task.extend_para or {}).get("fileId")
-        return reported is None or reported == self.package.file_id
+        return reported is None or reported == self.session.package.file_id
 
     def _done(self, targets: int) -> None:
         self.progress.done_targets += targets
