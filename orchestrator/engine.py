@@ -30,7 +30,7 @@ from .journal import (
 )
 from .monitor import Monitor, Sleep
 from .northbound import ClientConfig, NorthboundClient, TLSConfig
-from .plan import PLATFORM_TIME_FORMAT, LoadedPlan, WaveSection
+from .plan import PLATFORM_TIME_FORMAT, LoadedPlan, PlatformSection, WaveSection
 from .planner import plan_chunks
 from .session import RunSession
 from .simulator import DEFAULT_SECRET, SimulatorConfig, SimulatorServer
@@ -61,6 +61,21 @@ def journal_path(loaded: LoadedPlan, override: Path | None) -> Path:
     return override if override is not None else default_journal_path(loaded.plan.name)
 
 
+def _client_config(
+    platform: PlatformSection, base_url: str, secret: str, tls: TLSConfig
+) -> ClientConfig:
+    return ClientConfig(
+        base_url=base_url,
+        app_id=platform.app_id,
+        secret=SecretStr(secret),
+        tls=tls,
+        rate_limit=platform.rate,
+        pacing_margin=platform.pacing_margin,
+        connect_timeout=platform.connect_timeout,
+        total_timeout=platform.request_timeout,
+    )
+
+
 @asynccontextmanager
 async def platform_client(loaded: LoadedPlan) -> AsyncIterator[NorthboundClient]:
     """A client for the plan's platform; with `url = "simulator"`, an embedded one."""
@@ -80,16 +95,8 @@ async def platform_client(loaded: LoadedPlan) -> AsyncIterator[NorthboundClient]
         )
         async with server:
             log.info("embedded simulator started", url=server.url, devices=sim.devices)
-            config = ClientConfig(
-                base_url=server.url,
-                app_id=platform.app_id,
-                secret=SecretStr(DEFAULT_SECRET),
-                tls=TLSConfig(ca_file=server.cert_file),
-                rate_limit=platform.rate,
-                pacing_margin=platform.pacing_margin,
-                connect_timeout=platform.connect_timeout,
-                total_timeout=platform.request_timeout,
-            )
+            tls = TLSConfig(ca_file=server.cert_file)
+            config = _client_config(platform, server.url, DEFAULT_SECRET, tls)
             async with NorthboundClient(config) as client:
                 yield client
         return
@@ -100,16 +107,7 @@ async def platform_client(loaded: LoadedPlan) -> AsyncIterator[NorthboundClient]
         client_key=base / platform.client_key if platform.client_key else None,
         insecure=platform.insecure,
     )
-    config = ClientConfig(
-        base_url=platform.url,
-        app_id=platform.app_id,
-        secret=SecretStr(loaded.secret()),
-        tls=tls,
-        rate_limit=platform.rate,
-        pacing_margin=platform.pacing_margin,
-        connect_timeout=platform.connect_timeout,
-        total_timeout=platform.request_timeout,
-    )
+    config = _client_config(platform, platform.url, loaded.secret(), tls)
     async with NorthboundClient(config) as client:
         yield client
 
