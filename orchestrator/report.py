@@ -17,35 +17,18 @@ import io
 import json
 import sqlite3
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 from .errors import JournalError
 from .journal import Journal
 from .report_html import render
 
-DEVICE_COLUMNS = (
-    "device_id",
-    "wave",
-    "chunk",
-    "operation_id",
-    "task_status",
-    "subtask_status",
-    "upgraded",
-    "detail",
-    "version",
-    "task_created",
-    "task_finished",
-    "device_started",
-    "device_finished",
-)
 
-
-@dataclass(frozen=True)
-class DeviceRow:
+class DeviceRow(NamedTuple):
     device_id: str
     wave: str
     chunk: str
@@ -61,41 +44,29 @@ class DeviceRow:
     device_finished: str
 
 
+DEVICE_COLUMNS = DeviceRow._fields
+FAILED_STATES = frozenset({"failed", "stopped"})
+WAVE_COUNTS = ("upgraded", "failed", "in_progress", "quarantined", "not_submitted")
+IN_PROGRESS_STATES = frozenset({"waiting", "processing", "in-progress", "unknown"})
+
+
 @dataclass
 class ReportData:
+    """Everything a report shows. Device rows are streamed from the journal on demand (a
+    million of them must not sit in memory); the totals were counted in one pass."""
+
     run: dict[str, Any]
     waves: list[dict[str, Any]]
     tasks: list[dict[str, Any]]
     quarantined: list[dict[str, Any]]
     calls: dict[str, int]
     progress: list[dict[str, Any]]
-    devices: list[DeviceRow]
+    totals: dict[str, int]
+    failure_reasons: list[tuple[str, int]]
+    device_rows: Callable[[], Iterator[DeviceRow]]
 
-    @property
-    def failure_reasons(self) -> list[tuple[str, int]]:
-        reasons = Counter(
-            d.detail or d.subtask_status
-            for d in self.devices
-            if d.subtask_status in ("failed", "stopped")
-        )
-        return reasons.most_common()
-
-    @property
-    def totals(self) -> dict[str, int]:
-        counts = Counter(d.subtask_status for d in self.devices)
-        return {
-            "devices": len(self.devices),
-            "upgraded": sum(d.upgraded for d in self.devices),
-            "failed": counts["failed"] + counts["stopped"],
-            "in_progress": counts["waiting"]
-            + counts["processing"]
-            + counts["in-progress"]
-            + counts["unknown"],
-            "quarantined": counts["quarantined"],
-            "not_submitted": counts["not-submitted"],
-            "tasks": len(self.tasks),
-            "calls": sum(self.calls.values()),
-        }
+    def devices(self) -> Iterator[DeviceRow]:
+        return self.device_rows()
 
 
 def _iso(epoch: float | None) -> str:
@@ -132,27 +103,50 @@ def collect(path: Path, plan_name: str) -> ReportData:
                 "SELECT * FROM quarantine WHERE run_id=? ORDER BY chunk_id", (run_id,)
             )
         }
-        devices = list(_device_rows(db, run_id, wave_names, tasks, results, quarantine, version))
+
+        def rows() -> Iterator[DeviceRow]:
+            reader = Journal.open_readonly(path)
+            reader.row_factory = sqlite3.Row
+            try:
+                yield from _device_rows(
+                    reader, run_id, wave_names, tasks, results, quarantine, version
+                )
+            finally:
+                reader.close()
+
+        per_wave: dict[str, Counter[str]] = {}
+        reasons: Counter[str] = Counter()
+        for device in rows():
+            counts = per_wave.get(device.wave)
+            if counts is None:
+                counts = per_wave[device.wave] = Counter()
+            counts["devices"] += 1
+            counts["upgraded"] += device.upgraded
+            status = device.subtask_status
+            if status in FAILED_STATES:
+                counts["failed"] += 1
+                reasons[device.detail or status] += 1
+            elif status in IN_PROGRESS_STATES:
+                counts["in_progress"] += 1
+            elif status == "quarantined":
+                counts["quarantined"] += 1
+            elif status == "not-submitted":
+                counts["not_submitted"] += 1
         waves = []
         for w in db.execute("SELECT * FROM waves WHERE run_id=? ORDER BY wave", (run_id,)):
-            rows = [d for d in devices if d.wave == w["name"]]
+            counts = per_wave.get(w["name"], Counter())
             waves.append(
                 {
                     "wave": w["name"],
                     "targets": w["target_count"],
-                    "upgraded": sum(d.upgraded for d in rows),
-                    "failed": sum(d.subtask_status in ("failed", "stopped") for d in rows),
-                    "in_progress": sum(
-                        d.subtask_status in ("waiting", "processing", "in-progress", "unknown")
-                        for d in rows
-                    ),
-                    "quarantined": sum(d.subtask_status == "quarantined" for d in rows),
-                    "not_submitted": sum(d.subtask_status == "not-submitted" for d in rows),
+                    **{key: counts[key] for key in WAVE_COUNTS},
                     "gate": w["gate_state"],
                     "gate_reason": w["gate_reason"] or "",
                     "approved": w["approved_at"] is not None,
                 }
             )
+        everything = sum(per_wave.values(), Counter())
+        totals = {"devices": everything["devices"], **{k: everything[k] for k in WAVE_COUNTS}}
         task_rows = [
             {
                 "operation_id": op,
@@ -214,7 +208,9 @@ def collect(path: Path, plan_name: str) -> ReportData:
             ],
             calls,
             progress,
-            devices,
+            {**totals, "tasks": len(task_rows), "calls": sum(calls.values())},
+            reasons.most_common(),
+            rows,
         )
     finally:
         db.close()
@@ -234,80 +230,82 @@ def _device_rows(
         " WHERE run_id=? AND state != 'split' ORDER BY chunk_id",
         (run_id,),
     ):
-        wave = wave_names.get(chunk["wave"], "")
+        wave, chunk_id, state = wave_names.get(chunk["wave"], ""), chunk["chunk_id"], chunk["state"]
         op = chunk["operation_id"] or ""
         task = tasks.get(op)
-        for device in chunk["members"].split("\n"):
-            row = dict(
-                device_id=device,
-                wave=wave,
-                chunk=chunk["chunk_id"],
-                operation_id=op,
-                task_status="",
-                subtask_status="",
-                upgraded=False,
-                detail="",
-                version="",
-                task_created="",
-                task_finished="",
-                device_started="",
-                device_finished="",
-            )
-            if chunk["state"] == "quarantined":
-                q = quarantine.get(device, {})
-                row.update(
-                    subtask_status="quarantined",
-                    detail=f"{q.get('error_code', '')} {q.get('reason', '')}".strip(),
-                )
-            elif chunk["state"] != "submitted":
-                row.update(subtask_status="not-submitted")
-            elif task is None:
-                row.update(subtask_status="unknown", detail="task not observed yet")
-            else:
-                row.update(
-                    task_status=task["status"],
-                    task_created=task["create_time"] or "",
-                    task_finished=task["stop_time"] or "",
-                )
-                result = results.get((op, device))
-                if result is not None:
-                    row.update(
-                        subtask_status=result["status"],
-                        detail=result["detail"] or "",
-                        version=result["version"] or "",
-                        device_started=result["start_time"] or "",
-                        device_finished=result["stop_time"] or "",
-                    )
-                elif task["final"] and (
-                    task["details_fetched"] or task["failed"] + task["stopped"] == 0
-                ):
-                    row.update(subtask_status="succeeded")
-                elif task["final"]:
-                    row.update(subtask_status="unknown", detail="details not fetched yet")
+        if state != "submitted" or task is None:
+            for device in chunk["members"].split("\n"):
+                if state == "quarantined":
+                    q = quarantine.get(device, {})
+                    status = "quarantined"
+                    detail = f"{q.get('error_code', '')} {q.get('reason', '')}".strip()
+                elif state != "submitted":
+                    status, detail = "not-submitted", ""
                 else:
-                    row.update(subtask_status="in-progress")
-                reported = row["version"]
-                row["upgraded"] = row["subtask_status"] == "succeeded" and (
-                    not reported or reported == version
+                    status, detail = "unknown", "task not observed yet"
+                yield DeviceRow(
+                    device, wave, chunk_id, op, "", status, False, detail, "", "", "", "", ""
                 )
-            yield DeviceRow(**row)
+            continue
+        # one task: what its devices say unless the monitor fetched their own result
+        if task["final"] and (task["details_fetched"] or task["failed"] + task["stopped"] == 0):
+            default_status, default_detail = "succeeded", ""
+        elif task["final"]:
+            default_status, default_detail = "unknown", "details not fetched yet"
+        else:
+            default_status, default_detail = "in-progress", ""
+        task_status = task["status"]
+        created, finished = task["create_time"] or "", task["stop_time"] or ""
+        for device in chunk["members"].split("\n"):
+            result = results.get((op, device))
+            if result is None:
+                yield DeviceRow(
+                    device,
+                    wave,
+                    chunk_id,
+                    op,
+                    task_status,
+                    default_status,
+                    default_status == "succeeded",
+                    default_detail,
+                    "",
+                    created,
+                    finished,
+                    "",
+                    "",
+                )
+                continue
+            reported = result["version"] or ""
+            upgraded = result["status"] == "succeeded" and (not reported or reported == version)
+            yield DeviceRow(
+                device,
+                wave,
+                chunk_id,
+                op,
+                task_status,
+                result["status"],
+                upgraded,
+                result["detail"] or "",
+                reported,
+                created,
+                finished,
+                result["start_time"] or "",
+                result["stop_time"] or "",
+            )
 
 
 # ---- CSV and JSON ------------------------------------------------------------------------------
 def write_csv(data: ReportData, out: TextIO) -> None:
     writer = csv.writer(out)
     writer.writerow(DEVICE_COLUMNS)
-    for d in data.devices:
-        writer.writerow(
-            [
-                getattr(d, c) if c != "upgraded" else ("yes" if d.upgraded else "no")
-                for c in DEVICE_COLUMNS
-            ]
-        )
+    upgraded = DEVICE_COLUMNS.index("upgraded")
+    for d in data.devices():
+        writer.writerow((*d[:upgraded], "yes" if d.upgraded else "no", *d[upgraded + 1 :]))
 
 
-def as_json(data: ReportData) -> dict[str, Any]:
-    return {
+def write_json(data: ReportData, out: TextIO) -> None:
+    """One JSON object; the device list is written row by row, never held whole."""
+    head = {
         "run": data.run,
         "summary": data.totals,
         "waves": data.waves,
@@ -316,13 +314,11 @@ def as_json(data: ReportData) -> dict[str, Any]:
         "calls": data.calls,
         "tasks": data.tasks,
         "progress": data.progress,
-        "devices": [asdict(d) for d in data.devices],
     }
-
-
-def write_json(data: ReportData, out: TextIO) -> None:
-    json.dump(as_json(data), out, indent=1)
-    out.write("\n")
+    out.write(json.dumps(head, indent=1)[:-2] + ',\n "devices": [')
+    for index, device in enumerate(data.devices()):
+        out.write(("\n  " if index == 0 else ",\n  ") + json.dumps(device._asdict()))
+    out.write("\n ]\n}\n")
 
 
 def write_html(data: ReportData, out: TextIO) -> None:
