@@ -121,10 +121,10 @@ class NorthboundClient:
         if token is not None:
             headers = {"app_key": self.config.app_id, "Authorization": f"Bearer {token}"}
         await self.pacer.acquire(priority)
+        if callable(body):  # built first: a body that cannot be built leaves no intent behind
+            body = body()
         if before_send is not None:
             before_send()
-        if callable(body):
-            body = body()
         self.calls += 1
         self._calls_by_api[_api_name(method, path)] += 1
         try:
