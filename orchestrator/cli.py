@@ -58,6 +58,16 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+# The orchestrator's errors, each with how it is shown and its exit code (first match wins).
+ERROR_EXITS: tuple[tuple[type[BaseException], str, int], ...] = (
+    (InputError, "[red]error:[/]", EXIT_BAD_INPUT),
+    (JournalError, "[red]journal:[/]", EXIT_JOURNAL),
+    (RunHalted, "[yellow]halted at a gate:[/]", EXIT_HALTED),
+    (RunAborted, "[red]run stopped:[/]", EXIT_FAILED),
+    (PlatformCallError, "[red]platform:[/]", EXIT_FAILED),
+)
+
+
 def exits_cleanly(command: Callable[P, R]) -> Callable[P, R]:
     """Map the orchestrator's errors to one line on stderr and a documented exit code."""
 
@@ -65,27 +75,16 @@ def exits_cleanly(command: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return command(*args, **kwargs)
-        except InputError as exc:
-            stderr.print(f"[red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
-            sys.exit(EXIT_BAD_INPUT)
-        except JournalError as exc:
-            stderr.print(f"[red]journal:[/] {exc}", highlight=False, soft_wrap=True)
-            sys.exit(EXIT_JOURNAL)
-        except RunHalted as exc:
-            stderr.print(f"[yellow]halted at a gate:[/] {exc}", highlight=False, soft_wrap=True)
-            sys.exit(EXIT_HALTED)
-        except RunAborted as exc:
-            stderr.print(f"[red]run stopped:[/] {exc}", highlight=False, soft_wrap=True)
-            sys.exit(EXIT_FAILED)
-        except PlatformCallError as exc:
-            stderr.print(f"[red]platform:[/] {exc}", highlight=False, soft_wrap=True)
-            sys.exit(EXIT_FAILED)
         except KeyboardInterrupt:
             stderr.print(
                 "[yellow]interrupted[/]: in-flight state is in the journal; "
                 "`rollout resume` finishes the run"
             )
             sys.exit(EXIT_INTERRUPTED)
+        except (InputError, JournalError, RunHalted, RunAborted, PlatformCallError) as exc:
+            label, code = next((lbl, c) for cls, lbl, c in ERROR_EXITS if isinstance(exc, cls))
+            stderr.print(f"{label} {exc}", highlight=False, soft_wrap=True)
+            sys.exit(code)
 
     return wrapper
 
