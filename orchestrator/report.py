@@ -63,10 +63,7 @@ class ReportData:
     progress: list[dict[str, Any]]
     totals: dict[str, int]
     failure_reasons: list[tuple[str, int]]
-    device_rows: Callable[[], Iterator[DeviceRow]]
-
-    def devices(self) -> Iterator[DeviceRow]:
-        return self.device_rows()
+    devices: Callable[[], Iterator[DeviceRow]]  # a fresh pass over the journal each call
 
 
 def _iso(epoch: float | None) -> str:

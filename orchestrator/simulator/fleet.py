@@ -174,9 +174,6 @@ class Fleet:
     packages: dict[str, Package]
     groups: dict[str, Group]  # by name
 
-    def groups_by_id(self) -> dict[str, Group]:
-        return {group.group_id: group for group in self.groups.values()}
-
 
 def _hex24(rng: random.Random) -> str:
     return f"{rng.getrandbits(96):024x}"

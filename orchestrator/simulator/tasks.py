@@ -85,10 +85,6 @@ class Task:
     final_time: float = 0.0
     final_status: str = "success"
 
-    @property
-    def materialized(self) -> bool:
-        return self.lives is not None
-
     def status_at(self, t: float) -> str:
         if t >= self.final_time:
             return self.final_status
