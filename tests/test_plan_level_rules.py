@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -27,26 +28,29 @@ def _secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(SECRET_ENV, SECRET)
 
 
-POLICIES = {
-    "now": 'execute_type = "now"',
-    "device-online-retry-5": 'execute_type = "device_online"\nretry = 5',
-    "custom-exactly-5-min": "custom:30:300",
+def _custom(lead_seconds: int, length_seconds: int) -> str:
+    """A custom window starting `lead_seconds` from now, in local time one hour east."""
+    start = timedelta(seconds=lead_seconds)
+    end = start + timedelta(seconds=length_seconds)
+    return (
+        f'execute_type = "custom"\ntimezone = "Etc/GMT-1"\n'
+        f"start = {_local(start)}\nend = {_local(end)}"
+    )
+
+
+POLICIES: dict[str, Callable[[], str]] = {
+    "now": lambda: 'execute_type = "now"',
+    "device-online-retry-5": lambda: 'execute_type = "device_online"\nretry = 5',
+    "custom-exactly-5-min": lambda: _custom(30, 300),
     # starts 3 s after the plan is checked; later chunks leave after that moment
-    "custom-starting-during-the-run": "custom:3:900",
+    "custom-starting-during-the-run": lambda: _custom(3, 900),
 }
 
 
 @pytest.mark.parametrize("policy", sorted(POLICIES), ids=sorted(POLICIES))
 async def test_valid_policies_draw_no_4xx(tmp_path: Path, policy: str) -> None:
     """Every create of a checked plan is accepted: no 4xx reply at the simulator."""
-    text = POLICIES[policy]
-    if text.startswith("custom:"):
-        _, lead, length = text.split(":")
-        start = timedelta(seconds=int(lead))
-        text = (
-            f'execute_type = "custom"\ntimezone = "Etc/GMT-1"\n'
-            f"start = {_local(start)}\nend = {_local(start + timedelta(seconds=int(length)))}"
-        )
+    text = POLICIES[policy]()
     config = SimulatorConfig(tls=False, devices=8000, seed=8, rate_limit=(3, 1.0))
     async with SimulatorServer(config) as sim:
         plan = write_plan(tmp_path, sim, devices_of(sim, "WM-200", 1800), policy=text)
@@ -58,11 +62,7 @@ async def test_valid_policies_draw_no_4xx(tmp_path: Path, policy: str) -> None:
 
 async def test_window_that_closes_during_the_run_stops_it_cleanly(tmp_path: Path) -> None:
     """A 5-minute window whose start passes mid-run stops the run instead of drawing 123033."""
-    start = timedelta(seconds=3)
-    text = (
-        f'execute_type = "custom"\ntimezone = "Etc/GMT-1"\n'
-        f"start = {_local(start)}\nend = {_local(start + timedelta(seconds=300))}"
-    )
+    text = _custom(3, 300)
     config = SimulatorConfig(tls=False, devices=8000, seed=8, rate_limit=(3, 1.0))
     async with SimulatorServer(config) as sim:
         plan = write_plan(tmp_path, sim, devices_of(sim, "WM-200", 1800), policy=text)
