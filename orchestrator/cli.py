@@ -215,6 +215,46 @@ def main(ctx: click.Context, log_format: str, log_level: str) -> None:
     help="Another client spends this share of the app's budget.",
 )
 @click.option("--fault-seed", default=0, type=int)
+@click.option(
+    "--list-lag",
+    default=0.0,
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="A task stays out of the task list for this many real seconds after its commit.",
+)
+@click.option(
+    "--late-commit",
+    default=0.0,
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="Valid creates commit this many real seconds after they arrive, client or not.",
+)
+@click.option(
+    "--clock-offset",
+    default=0.0,
+    type=float,
+    metavar="SECONDS",
+    help="The platform's clock runs this far ahead of simulated time (negative: behind).",
+)
+@click.option(
+    "--omit-extend-para",
+    is_flag=True,
+    help="Task replies carry no extendPara key.",
+)
+@click.option(
+    "--reject-next-creates",
+    default=0,
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Refuse the next N valid creates before commit (status: --reject-status).",
+)
+@click.option(
+    "--reject-status",
+    default=400,
+    show_default=True,
+    type=click.IntRange(400, 599),
+    help="HTTP status of those refusals: 400 with a platform error body, else a gateway reply.",
+)
 def simulator(
     host: str,
     port: int,
@@ -238,6 +278,12 @@ def simulator(
     ambiguous_delay: float,
     storm_share: float,
     fault_seed: int,
+    list_lag: float,
+    late_commit: float,
+    clock_offset: float,
+    omit_extend_para: bool,
+    reject_next_creates: int,
+    reject_status: int,
     failure_rate: float | None,
 ) -> None:
     """Serve the simulated platform (the northbound API of platform-api.md) on loopback.
@@ -250,6 +296,8 @@ def simulator(
     kinds = [kind.strip() for kind in ambiguous_kinds.split(",") if kind.strip()]
     if not kinds or any(kind not in ("500", "drop", "delay") for kind in kinds):
         raise click.BadParameter("a comma list of 500, drop, delay", param_hint="--ambiguous-kinds")
+    if not abs(clock_offset) < 1e9:  # also refuses nan and inf
+        raise click.BadParameter("a finite number of seconds", param_hint="--clock-offset")
     config = SimulatorConfig(
         host=host,
         port=port,
@@ -274,6 +322,12 @@ def simulator(
             ambiguous_delay_s=ambiguous_delay,
             storm_share=storm_share,
             seed=fault_seed,
+            list_lag_s=list_lag,
+            late_commit_s=late_commit,
+            clock_offset_s=clock_offset,
+            omit_extend_para=omit_extend_para,
+            reject_next_creates=reject_next_creates,
+            reject_status=reject_status,
         ),
     )
 

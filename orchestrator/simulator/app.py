@@ -4,22 +4,59 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
-from typing import Any
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
 
-from .platform import Platform
+from .clock import format_http_date, format_platform_time
+from .platform import CheckedCreate, Platform
 from .validation import paging
-from .wire import PlatformReject, error_reply, json_reply
+from .wire import PlatformReject, error_reply, gateway_reply, json_reply
 
 UPGRADE = "/iodm/northbound/v1.5.0"
 SEC = "/iocm/app/sec/v1.1.0"
 GROUPS = "/iocm/app/devgroup/v1.3.0/devGroups"
-PLATFORM_KEY: web.AppKey[Platform] = web.AppKey("platform", Platform)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 UNAUTHENTICATED = frozenset({"login", "refreshToken"})
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+class Background:
+    """Detached work of the platform (late commits): it outlives the request that started it,
+    survives the client going away and aiohttp cancelling the handler, and ends with the server.
+
+    Strong references are kept here (the event loop keeps only weak ones); `close` cancels and
+    awaits whatever is still pending.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background work failed", exc_info=task.exception())
+
+    async def close(self) -> None:
+        while self._tasks:
+            pending = list(self._tasks)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+PLATFORM_KEY: web.AppKey[Platform] = web.AppKey("platform", Platform)
+BACKGROUND_KEY: web.AppKey[Background] = web.AppKey("background", Background)
 
 
 def _platform(request: web.Request) -> Platform:
@@ -60,6 +97,19 @@ async def platform_middleware(request: web.Request, handler: Handler) -> web.Str
     if request.path.startswith("/_sim/"):
         return await handler(request)
     platform = _platform(request)
+    try:
+        response = await _platform_reply(platform, request, handler)
+    except web.HTTPException as exc:  # raised by aiohttp itself, e.g. 413 on an oversized body
+        exc.headers["Date"] = format_http_date(platform.now())
+        raise
+    # aiohttp only fills Date in when it is absent: every platform reply states platform time
+    response.headers["Date"] = format_http_date(platform.now())
+    return response
+
+
+async def _platform_reply(
+    platform: Platform, request: web.Request, handler: Handler
+) -> web.StreamResponse:
     missing = request.match_info.http_exception
     if missing is not None:  # no such API (404) or method (405): keep the error shape
         platform.stats.replies[str(missing.status)] += 1
@@ -147,22 +197,49 @@ def _abort_connection(request: web.Request) -> None:
         transport.abort()
 
 
+async def _commit_later(platform: Platform, checked: CheckedCreate, delay: float) -> str:
+    await asyncio.sleep(delay)
+    return platform.commit_create(checked)
+
+
 async def create_task(request: web.Request) -> web.StreamResponse:
+    """Validate at arrival; then injected refusals, faults, and a commit now or `late_commit_s`
+    later (a detached task: the commit happens even if the client is gone by then)."""
     platform = _platform(request)
     operation = request.match_info["operation"]
     body = await _json_body(request)
-    checked, device_ids = platform.check_create(operation, body)
+    checked = platform.check_create(operation, body)
+    loop = asyncio.get_running_loop()
+    arrived = loop.time()
+    refusal = platform.faults.take_rejection()
+    if refusal == 400:
+        raise PlatformReject("120015", desc="Injected plan-level refusal.")
+    if refusal is not None:
+        return gateway_reply(refusal)
     fault = platform.faults.create_fault()
     if fault == "refuse":
         raise PlatformReject("100001", "Injected fault before commit.")
-    operation_id = platform.commit_create(operation, checked, device_ids)
+    late = platform.faults.config.late_commit_s
+    commit: asyncio.Task[str] | None = None
+    if late > 0:
+        commit = request.app[BACKGROUND_KEY].spawn(_commit_later(platform, checked, late))
+    else:
+        operation_id = platform.commit_create(checked)
     if fault == "500":
-        raise PlatformReject("100001", "Injected fault after commit.")
+        later = commit is not None
+        raise PlatformReject(
+            "100001",
+            "Injected fault; the task commits later." if later else "Injected fault after commit.",
+        )
     if fault == "drop":
         _abort_connection(request)
         raise asyncio.CancelledError
+    if commit is not None:
+        # shielded: a cancelled handler (client gone) must not cancel the commit
+        operation_id = await asyncio.shield(commit)
     if fault == "delay":
-        await asyncio.sleep(platform.faults.config.ambiguous_delay_s)
+        hold = max(late, platform.faults.config.ambiguous_delay_s)
+        await asyncio.sleep(max(0.0, arrived + hold - loop.time()))
     return json_reply({"operationId": operation_id})
 
 
@@ -276,7 +353,7 @@ async def sim_faults(request: web.Request) -> web.Response:
 
 
 async def sim_clock(request: web.Request) -> web.Response:
-    """Advance simulated time (POST {"advance": seconds}); GET shows it."""
+    """Advance simulated time (POST {"advance": seconds}); GET shows it and the platform's."""
     platform = _platform(request)
     if request.method == "POST":
         body = await request.json()
@@ -285,12 +362,22 @@ async def sim_clock(request: web.Request) -> web.Response:
         if advance is None or not isinstance(seconds, int | float) or seconds < 0:
             return json_reply({"error": 'POST {"advance": seconds >= 0}'}, 400)
         advance(float(seconds))
-    return json_reply({"now": platform.clock.now()})
+    simulated, platform_now = platform.clock.now(), platform.now()
+    return json_reply(
+        {
+            "now": simulated,
+            "now_utc": format_platform_time(simulated),
+            "platform_now": platform_now,
+            "platform_now_utc": format_platform_time(platform_now),
+            "clock_offset_s": platform.faults.config.clock_offset_s,
+        }
+    )
 
 
 def build_app(platform: Platform) -> web.Application:
     app = web.Application(middlewares=[platform_middleware], client_max_size=4 * 1024 * 1024)
     app[PLATFORM_KEY] = platform
+    app[BACKGROUND_KEY] = Background()
     r = app.router
     r.add_post(f"{SEC}/login", login, name="login")
     r.add_post(f"{SEC}/refreshToken", refresh_token, name="refreshToken")

@@ -5,12 +5,16 @@ Two clocks live in one object because the platform has two kinds of time. Device
 day-long rollout takes minutes (`--speed`). Flow control and token lifetimes run in *real*
 seconds, because that is what a client paces against. Tests inject `ManualClock` and move
 both by hand, so nothing depends on sleeping.
+
+The platform's own clock is the simulated clock plus a fault knob's offset
+(`Platform.now()`); every time the platform states is read from it.
 """
 
 from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from email.utils import formatdate
 from typing import Protocol
 
 PLATFORM_TIME_FORMAT = "%Y%m%dT%H%M%SZ"
@@ -76,6 +80,11 @@ class ManualClock:
 def format_platform_time(epoch: float) -> str:
     """Epoch seconds → the platform's `yyyyMMdd'T'HHmmss'Z'`."""
     return datetime.fromtimestamp(epoch, UTC).strftime(PLATFORM_TIME_FORMAT)
+
+
+def format_http_date(epoch: float) -> str:
+    """Epoch seconds → an HTTP `Date` (RFC 7231 IMF-fixdate: `Sun, 29 Nov 2026 22:36:11 GMT`)."""
+    return formatdate(epoch, usegmt=True)
 
 
 def parse_platform_time(text: str) -> float:

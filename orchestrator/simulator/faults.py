@@ -5,7 +5,13 @@ Kinds:
 - creates refused *before* committing (HTTP 500, no task exists — safe to resend);
 - creates that commit and then fail (the ambiguous cases a client must reconcile):
   an HTTP 500 reply, a dropped connection, or a reply delayed past the client's timeout;
-- a throttle storm: another client spending a share of the same app's budget.
+- a throttle storm: another client spending a share of the same app's budget;
+- a task list that lags behind commits (`list_lag_s`) and creates committed some real seconds
+  after they arrived, even when the client has gone (`late_commit_s`);
+- a platform clock running ahead of or behind simulated time (`clock_offset_s`);
+- task replies without `extendPara` (`omit_extend_para`);
+- the next N valid creates refused before commit with a chosen HTTP status
+  (`reject_next_creates`, `reject_status`).
 
 Decisions draw from one seeded generator, so a test that sets the same knobs and sends the
 same calls sees the same faults.
@@ -13,11 +19,13 @@ same calls sees the same faults.
 
 from __future__ import annotations
 
+import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 AMBIGUOUS_KINDS = ("500", "drop", "delay")
+SIGNED_KNOBS = frozenset({"clock_offset_s"})  # the only numbers that may be negative
 
 
 @dataclass
@@ -30,6 +38,12 @@ class FaultConfig:
     ambiguous_delay_s: float = 30.0
     storm_share: float = 0.0
     seed: int = 0
+    list_lag_s: float = 0.0  # real seconds a committed task stays out of the task list
+    late_commit_s: float = 0.0  # real seconds between a create's arrival and its commit
+    clock_offset_s: float = 0.0  # the platform's clock minus the simulated clock (signed)
+    omit_extend_para: bool = False  # task replies carry no extendPara key
+    reject_next_creates: int = 0  # refuse this many more valid creates before commit
+    reject_status: int = 400  # their HTTP status: 400 platform error, else a gateway reply
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -37,7 +51,8 @@ class FaultConfig:
 
 class FaultInjector:
     def __init__(self, config: FaultConfig | None = None) -> None:
-        self.config = config or FaultConfig()
+        # a copy: the countdown of reject_next_creates must not write into the caller's config
+        self.config = replace(config) if config is not None else FaultConfig()
         self._rng = random.Random(self.config.seed)
         self.injected: dict[str, int] = {}
 
@@ -59,8 +74,20 @@ class FaultInjector:
             elif key == "seed":
                 if not isinstance(value, int):
                     raise ValueError("seed must be an integer")
+            elif key == "omit_extend_para":
+                if not isinstance(value, bool):
+                    raise ValueError("omit_extend_para must be true or false")
+            elif key == "reject_next_creates":
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise ValueError("reject_next_creates must be an integer >= 0")
+            elif key == "reject_status":
+                if not isinstance(value, int) or isinstance(value, bool) or not 400 <= value <= 599:
+                    raise ValueError("reject_status must be an HTTP error status (400-599)")
             else:
-                if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+                is_number = isinstance(value, int | float) and not isinstance(value, bool)
+                if not is_number or not math.isfinite(value):
+                    raise ValueError(f"{key} must be a finite number")
+                if value < 0 and key not in SIGNED_KNOBS:
                     raise ValueError(f"{key} must be a non-negative number")
                 if (key.endswith("_rate") or key == "storm_share") and value > 1:
                     raise ValueError(f"{key} must be between 0 and 1")
@@ -91,6 +118,14 @@ class FaultInjector:
             kinds = self.config.ambiguous_kinds
             return self._count(kinds[self._rng.randrange(len(kinds))])
         return None
+
+    def take_rejection(self) -> int | None:
+        """The HTTP status to refuse this (valid) create with, or None; counts one down."""
+        if self.config.reject_next_creates <= 0:
+            return None
+        self.config.reject_next_creates -= 1
+        self._count("reject")
+        return self.config.reject_status
 
     def _count(self, kind: str) -> str:
         self.injected[kind] = self.injected.get(kind, 0) + 1

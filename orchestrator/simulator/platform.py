@@ -2,6 +2,9 @@
 
 Handlers in `app.py` translate HTTP to these methods and back; everything here raises
 `PlatformReject` for a refusal and knows nothing about HTTP.
+
+Every time the platform states (task and subtask times, the "start in the past" check, the
+`Date` header) comes from `Platform.now()`: the simulated clock plus the `clock_offset_s` fault.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any
 
 from .clock import Clock, format_platform_time
 from .faults import FaultInjector
-from .fleet import FIRMWARE, SOFTWARE, Fleet, Group
+from .fleet import FIRMWARE, SOFTWARE, Fleet, Group, Package
 from .tasks import SUBTASK_STATUSES, TASK_STATUSES, Task, materialize
 from .throttle import SlidingWindowThrottle
 from .tokens import TokenStore
@@ -22,6 +25,16 @@ from .wire import PlatformReject
 
 OPERATE_TYPES = {"firmwareUpgrade": "firmware_upgrade", "softwareUpgrade": "software_upgrade"}
 PACKAGE_TYPE_FOR = {"firmware_upgrade": FIRMWARE, "software_upgrade": SOFTWARE}
+
+
+@dataclass(frozen=True)
+class CheckedCreate:
+    """A create that passed every rule, ready to commit (now, or later)."""
+
+    operation: str  # firmwareUpgrade | softwareUpgrade, as in the path
+    request: CreateRequest
+    package: Package  # resolved at arrival: a later commit does not look it up again
+    device_ids: list[str]
 
 
 @dataclass
@@ -70,6 +83,10 @@ class Platform:
         self._materialized = 0
         self._ids = random.Random(seed ^ 0x5EED)
 
+    def now(self) -> float:
+        """The platform's clock: simulated time plus the `clock_offset_s` fault (signed)."""
+        return self.clock.now() + self.faults.config.clock_offset_s
+
     # ---- packages -------------------------------------------------------------------------
     def list_packages(self, query: dict[str, str]) -> list[dict[str, str]]:
         manufacturer = query.get("manufacturerName", query.get("manufactureName"))
@@ -96,10 +113,10 @@ class Platform:
         del self.fleet.packages[file_id]
 
     # ---- tasks ----------------------------------------------------------------------------
-    def check_create(self, operation: str, body: Any) -> tuple[CreateRequest, list[str]]:
-        """Every rule of a create; returns the request and the devices it resolves to."""
+    def check_create(self, operation: str, body: Any) -> CheckedCreate:
+        """Every rule of a create, at the platform's time of arrival."""
         operate_type = OPERATE_TYPES[operation]
-        request = validate_create(body, self.clock.now())
+        request = validate_create(body, self.now())
         package = self.fleet.packages.get(request.file_id)
         if package is None:
             raise PlatformReject("123002", "fileId not found.")
@@ -112,7 +129,7 @@ class Platform:
                 raise PlatformReject("123002", "Some devices were not found.")
             if keys != {package_key}:
                 raise PlatformReject("123016")
-            return request, request.devices
+            return CheckedCreate(operation, request, package, request.devices)
         assert request.groups is not None
         unknown = [name for name in request.groups if name not in self.fleet.groups]
         if unknown:
@@ -127,21 +144,24 @@ class Platform:
                 if matches and device_id not in seen:
                     seen.add(device_id)
                     resolved.append(device_id)
-        return request, resolved
+        return CheckedCreate(operation, request, package, resolved)
 
-    def commit_create(self, operation: str, request: CreateRequest, device_ids: list[str]) -> str:
+    def commit_create(self, checked: CheckedCreate) -> str:
+        """Create the task now (platform time) and return its operationId."""
         seq = len(self.tasks)
         operation_id = f"{self._ids.getrandbits(96):024x}"
+        request = checked.request
         task = Task(
             seq=seq,
             operation_id=operation_id,
-            operate_type=OPERATE_TYPES[operation],
-            package=self.fleet.packages[request.file_id],
+            operate_type=OPERATE_TYPES[checked.operation],
+            package=checked.package,
             targets=request.targets,
             policy=request.policy,
-            device_ids=device_ids,
-            create_time=self.clock.now(),
+            device_ids=checked.device_ids,
+            create_time=self.now(),
             window=request.window,
+            committed_at=self.clock.monotonic(),
         )
         self.tasks.append(task)
         self.tasks_by_id[operation_id] = task
@@ -169,14 +189,16 @@ class Platform:
         return task
 
     def query_task(self, operation_id: str) -> dict[str, Any]:
-        return self.task(operation_id).to_wire(self.clock.now())
+        """One task by key: found the moment it is committed (no list lag here)."""
+        extend_para = not self.faults.config.omit_extend_para
+        return self.task(operation_id).to_wire(self.now(), extend_para)
 
     def sub_operations(self, operation_id: str, status: str | None) -> list[dict[str, Any]]:
         if status is not None and status not in SUBTASK_STATUSES:
             raise PlatformReject("120015", "subOperationStatus is invalid.")
         task = self.task(operation_id)
         assert task.lives is not None
-        now = self.clock.now()
+        now = self.now()
         lives = (
             task.lives
             if status is None
@@ -185,6 +207,7 @@ class Platform:
         return [life.to_wire(now, task.create_time, task.operate_type) for life in lives]
 
     def list_tasks(self, query: dict[str, str]) -> list[Task]:
+        """The tasks a list query matches; those committed under `list_lag_s` ago are absent."""
         operation_type = query.get("operationType")
         if operation_type is not None and operation_type not in PACKAGE_TYPE_FOR:
             raise PlatformReject("120015", "operationType is invalid.")
@@ -198,8 +221,12 @@ class Platform:
             candidates = self.tasks
         wanted = (query.get("deviceType"), query.get("model"), query.get("manufacturerName"))
         chosen = []
-        now = self.clock.now()
+        now = self.now()
+        lag = self.faults.config.list_lag_s
+        real_now = self.clock.monotonic()
         for task in candidates:
+            if lag > 0 and real_now - task.committed_at < lag:
+                continue
             if operation_type is not None and task.operate_type != operation_type:
                 continue
             package = task.package
@@ -216,8 +243,9 @@ class Platform:
     def task_page_wire(self, tasks: list[Task]) -> list[dict[str, Any]]:
         if tasks:
             self._materialize_through(max(task.seq for task in tasks))
-        now = self.clock.now()
-        return [task.to_wire(now) for task in tasks]
+        now = self.now()
+        extend_para = not self.faults.config.omit_extend_para
+        return [task.to_wire(now, extend_para) for task in tasks]
 
     # ---- device groups --------------------------------------------------------------------
     def create_group(self, body: Any, app_id: str) -> dict[str, object]:

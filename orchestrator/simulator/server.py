@@ -10,7 +10,7 @@ from types import TracebackType
 
 from aiohttp import web
 
-from .app import build_app
+from .app import BACKGROUND_KEY, build_app
 from .certs import server_context, write_self_signed
 from .clock import Clock, ScaledClock
 from .faults import FaultConfig, FaultInjector
@@ -108,7 +108,12 @@ class SimulatorServer:
 
     async def close(self) -> None:
         if self._runner is not None:
+            background = self._runner.app[BACKGROUND_KEY]
+            # pending late commits first: a handler waiting for one then ends at once instead
+            # of holding the graceful shutdown; again after, for any a last request started
+            await background.close()
             await self._runner.cleanup()
+            await background.close()
             self._runner = None
         if self._tmp is not None:
             self._tmp.cleanup()

@@ -78,8 +78,9 @@ class Task:
     targets: dict[str, Any]  # as submitted
     policy: dict[str, Any]  # as submitted (executeType defaulted to "now")
     device_ids: list[str]
-    create_time: float
+    create_time: float  # platform time of the commit
     window: tuple[float, float] | None = None  # custom executeType: [startTime, endTime]
+    committed_at: float = 0.0  # real (monotonic) time of the commit, for the list's lag
     lives: list[SubtaskLife] | None = None
     first_activity: float = 0.0
     final_time: float = 0.0
@@ -110,9 +111,9 @@ class Task:
                 counts["timeout"] += 1
         return counts
 
-    def to_wire(self, t: float) -> dict[str, Any]:
+    def to_wire(self, t: float, extend_para: bool = True) -> dict[str, Any]:
         status = self.status_at(t)
-        return {
+        reply: dict[str, Any] = {
             "operationId": self.operation_id,
             "createTime": format_platform_time(self.create_time),
             "startTime": format_platform_time(self.first_activity)
@@ -124,8 +125,10 @@ class Task:
             "policy": self.policy,
             "status": status,
             "staResult": self.counters_at(t),
-            "extendPara": {"fileId": self.package.file_id, "version": self.package.version},
         }
+        if extend_para:
+            reply["extendPara"] = {"fileId": self.package.file_id, "version": self.package.version}
+        return reply
 
 
 def plan_subtask(task: Task, device: Device, index: int) -> SubtaskLife:

@@ -1,11 +1,13 @@
 """The platform's error vocabulary and reply shapes, as the simulator puts them on the wire.
 
 Every error reply is `{"error_code": "<string>", "error_desc": "..."}` with
-`Content-Type: application/json` (platform-api.md §1 and §5 rules 1 and 3).
+`Content-Type: application/json` (platform-api.md §1 and §5 rules 1 and 3). The one exception is
+`gateway_reply`: a refusal by something in front of the platform, which has no platform body.
 """
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -45,11 +47,15 @@ ERRORS: dict[str, tuple[int, str]] = {
 class PlatformReject(Exception):
     """Raised inside the simulator to answer with one of the platform's error replies."""
 
-    def __init__(self, code: str, detail: str | None = None) -> None:
-        status, desc = ERRORS[code]
+    def __init__(self, code: str, detail: str | None = None, *, desc: str | None = None) -> None:
+        """`detail` is appended to the platform's wording; `desc` replaces it."""
+        status, wording = ERRORS[code]
         self.code = code
         self.status = status
-        self.desc = desc if detail is None else f"{desc} {detail}"
+        if desc is not None:
+            self.desc = desc
+        else:
+            self.desc = wording if detail is None else f"{wording} {detail}"
         super().__init__(f"{code}: {self.desc}")
 
 
@@ -59,3 +65,22 @@ def json_reply(payload: Any, status: int = 200) -> web.Response:
 
 def error_reply(reject: PlatformReject) -> web.Response:
     return json_reply({"error_code": reject.code, "error_desc": reject.desc}, reject.status)
+
+
+# the wording gateways in the field still use (Python 3.13 renamed 413 "Content Too Large")
+GATEWAY_PHRASES = {413: "Request Entity Too Large"}
+
+
+def gateway_reply(status: int) -> web.Response:
+    """An error from a gateway or proxy in front of the platform: HTML, no platform error body."""
+    reason = GATEWAY_PHRASES.get(status)
+    if reason is None:
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = "Error"
+    return web.Response(
+        status=status,
+        text=f"<html><body>{status} {reason}</body></html>",
+        content_type="text/html",
+    )
