@@ -1,8 +1,9 @@
 """The `rollout` command line.
 
-Exit codes (docs/exit-codes.md): 0 done; 1 the run failed or stopped on a platform refusal;
-2 bad input (plan, fleet file, options) — nothing was sent; 3 the journal is locked or does not
-match the plan; 130 interrupted (Ctrl-C), in-flight state recorded.
+Exit codes (docs/exit-codes.md): 0 done; 1 the run failed or stopped on a platform refusal, or
+targets remain in no task; 2 bad input (plan, fleet file, options) — nothing was sent; 3 the
+journal is locked or does not match the plan; 4 halted at a gate; 5 targets found in two tasks
+of the package; 130 interrupted (Ctrl-C), in-flight state recorded.
 """
 
 from __future__ import annotations
@@ -34,12 +35,20 @@ from rich.progress import (
 from rich.table import Table
 
 from . import __version__
+from .census import UnknownTasks
 from .engine import RunOptions, execute, journal_path, refresh
 from .engine import watch as watch_run
-from .errors import InputError, JournalError, PlatformCallError, RunAborted, RunHalted
-from .journal import approve_wave
+from .errors import (
+    DuplicatesFound,
+    InputError,
+    JournalError,
+    PlatformCallError,
+    RunAborted,
+    RunHalted,
+)
+from .journal import approve_wave, has_run
 from .logs import configure_logging
-from .plan import LoadedPlan, load_plan
+from .plan import LoadedPlan, check_times, load_plan
 from .planner import chunk_count
 from .report import WRITERS, collect
 from .simulator import FaultConfig, SimulatorConfig, SimulatorServer, write_fleet_csv
@@ -51,6 +60,7 @@ EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_JOURNAL = 3
 EXIT_HALTED = 4
+EXIT_DUPLICATES = 5
 EXIT_INTERRUPTED = 130
 
 stderr = Console(stderr=True)
@@ -63,6 +73,7 @@ ERROR_EXITS: tuple[tuple[type[BaseException], str, int], ...] = (
     (InputError, "[red]error:[/]", EXIT_BAD_INPUT),
     (JournalError, "[red]journal:[/]", EXIT_JOURNAL),
     (RunHalted, "[yellow]halted at a gate:[/]", EXIT_HALTED),
+    (DuplicatesFound, "[red]duplicates:[/]", EXIT_DUPLICATES),
     (RunAborted, "[red]run stopped:[/]", EXIT_FAILED),
     (PlatformCallError, "[red]platform:[/]", EXIT_FAILED),
 )
@@ -81,7 +92,7 @@ def exits_cleanly(command: Callable[P, R]) -> Callable[P, R]:
                 "`rollout resume` finishes the run"
             )
             sys.exit(EXIT_INTERRUPTED)
-        except (InputError, JournalError, RunHalted, RunAborted, PlatformCallError) as exc:
+        except tuple(cls for cls, _, _ in ERROR_EXITS) as exc:
             label, code = next((lbl, c) for cls, lbl, c in ERROR_EXITS if isinstance(exc, cls))
             stderr.print(f"{label} {exc}", highlight=False, soft_wrap=True)
             sys.exit(code)
@@ -90,6 +101,8 @@ def exits_cleanly(command: Callable[P, R]) -> Callable[P, R]:
 
 
 def _load(plan: Path) -> LoadedPlan:
+    """The plan without the start-time check: reading commands and `resume` must work once a
+    custom start has passed (the submitter moves it forward on the platform's clock)."""
     return load_plan(plan)
 
 
@@ -97,7 +110,7 @@ plan_argument = click.argument("plan", type=click.Path(path_type=Path))
 journal_option = click.option(
     "--journal",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Journal file (default: .rollout/<plan name>.journal.sqlite in the working directory).",
+    help="Journal file (default: .rollout/<plan name>.journal.sqlite beside the plan file).",
 )
 
 
@@ -359,11 +372,14 @@ def simulator(
 @exits_cleanly
 def plan_command(plan: Path, as_json: bool) -> None:
     """Check PLAN offline and preview it: chunks, calls, ETA. Nothing is sent."""
-    loaded = _load(plan)
+    loaded = load_plan(plan, check_start=True)
     p = loaded.plan
     calls_per_window, window = p.platform.rate
     chunks = chunk_count(loaded.waves)
-    calls = chunks + 2  # a login and the package lookup
+    # the census reads the task list (100 tasks a page) before the first create and after
+    # the last: at least a page each, ceil(chunks / 100) when only this plan's tasks exist
+    census_calls = 2 * max(1, -(-chunks // 100))
+    calls = chunks + 2 + census_calls  # a login, the package lookup, the creates, the census
     spacing = window * 1.01 / calls_per_window
     preview: dict[str, Any] = {
         "plan": p.name,
@@ -373,6 +389,7 @@ def plan_command(plan: Path, as_json: bool) -> None:
         "target_kind": loaded.fleet.kind,
         "chunks": chunks,
         "calls": calls,
+        "census_calls": census_calls,
         "rate_limit": p.platform.rate_limit,
         "eta_seconds": round(max(calls - 1, 0) * spacing, 1),
         "policy": p.policy.wire(),
@@ -421,11 +438,28 @@ def _progress_bar(total: int) -> tuple[Progress, Callable[[RunProgress], None]]:
 
 
 def _drive(
-    plan: Path, journal: Path | None, new_run: bool, resume_only: bool, follow: bool | None
+    plan: Path,
+    journal: Path | None,
+    new_run: bool,
+    resume_only: bool,
+    follow: bool | None,
+    unknown_tasks: str,
+    ignore_census: bool,
 ) -> None:
     loaded = _load(plan)
+    if not resume_only and (
+        new_run or not has_run(journal_path(loaded, journal), loaded.plan.name)
+    ):
+        check_times(loaded.plan, str(loaded.path))  # a first run refuses a passed start
     bar, update = _progress_bar(len(loaded.fleet.members))
-    options = RunOptions(journal=journal, new_run=new_run, resume_only=resume_only, follow=follow)
+    options = RunOptions(
+        journal=journal,
+        new_run=new_run,
+        resume_only=resume_only,
+        follow=follow,
+        unknown_tasks=UnknownTasks(unknown_tasks),
+        ignore_census=ignore_census,
+    )
 
     result = _interruptible(lambda: execute(loaded, options, update), bar)
     _show_status(read_status(result.journal, loaded.plan.name))
@@ -491,6 +525,20 @@ follow_option = click.option(
     default=None,
     help="Watch the tasks to their end after submitting (default: the plan's monitor.follow).",
 )
+unknown_tasks_option = click.option(
+    "--unknown-tasks",
+    type=click.Choice([u.value for u in UnknownTasks]),
+    default=UnknownTasks.STOP.value,
+    show_default=True,
+    help="Targets already in a task whose package the platform does not report: stop and "
+    "ask, skip them (count them as in that task), or send them anyway.",
+)
+ignore_census_option = click.option(
+    "--ignore-census",
+    is_flag=True,
+    help="DANGER: send targets even when the platform already holds them in a task of this "
+    "package (each becomes a duplicate; the closing census reports them, exit 5).",
+)
 
 
 @main.command()
@@ -499,23 +547,37 @@ follow_option = click.option(
 @click.option(
     "--new-run",
     is_flag=True,
-    help="Start a new run even if the journal has one (every target is sent again).",
+    help="Start a new run even if the journal has one (targets the platform already holds "
+    "in a task of this package are adopted, not sent again).",
 )
 @follow_option
+@unknown_tasks_option
+@ignore_census_option
 @exits_cleanly
-def run(plan: Path, journal: Path | None, new_run: bool, follow: bool | None) -> None:
+def run(
+    plan: Path,
+    journal: Path | None,
+    new_run: bool,
+    follow: bool | None,
+    unknown_tasks: str,
+    ignore_census: bool,
+) -> None:
     """Run PLAN: submit one upgrade task per chunk, exactly once, wave by wave; watch them."""
-    _drive(plan, journal, new_run, resume_only=False, follow=follow)
+    _drive(plan, journal, new_run, False, follow, unknown_tasks, ignore_census)
 
 
 @main.command()
 @plan_argument
 @journal_option
 @follow_option
+@unknown_tasks_option
+@ignore_census_option
 @exits_cleanly
-def resume(plan: Path, journal: Path | None, follow: bool | None) -> None:
-    """Finish the journal's run of PLAN: reconcile in-flight chunks, then go on."""
-    _drive(plan, journal, new_run=False, resume_only=True, follow=follow)
+def resume(
+    plan: Path, journal: Path | None, follow: bool | None, unknown_tasks: str, ignore_census: bool
+) -> None:
+    """Finish the journal's run of PLAN: census, settle in-flight chunks, then go on."""
+    _drive(plan, journal, False, True, follow, unknown_tasks, ignore_census)
 
 
 @main.command()
@@ -547,12 +609,22 @@ def approve(plan: Path, journal: Path | None, wave: str | None, by: str) -> None
     stderr.print(f"wave {name!r} approved by {by}; `rollout resume` goes on")
 
 
+IN_TASK_BY = {
+    "created": "created by this run",
+    "reconciled": "found after an ambiguous create",
+    "census": "already in a task (census)",
+    "second-claim": "second claim on a task (anomaly)",
+}
+
+
 def _print_status(status: dict[str, Any]) -> None:
     table = Table(title=f"{status['plan']} — run {status['run_id']}: {status['status']}")
     table.add_column("what")
     table.add_column("value", justify="right")
     table.add_row("targets", str(status["targets"]))
     table.add_row("in upgrade tasks", str(status["targets_in_tasks"]))
+    for how, count in sorted(status["targets_in_tasks_by"].items()):
+        table.add_row(f"  {IN_TASK_BY.get(how, how)}", str(count))
     table.add_row("quarantined", str(status["targets_quarantined"]))
     table.add_row("remaining", str(status["targets_remaining"]))
     table.add_row("devices upgraded", str(status["devices_succeeded"]))
@@ -562,6 +634,10 @@ def _print_status(status: dict[str, Any]) -> None:
         table.add_row(f"chunks {state}", str(values["chunks"]))
     for outcome, count in sorted(status["attempts"].items()):
         table.add_row(f"create attempts {outcome}", str(count))
+    if status["duplicates"]:
+        table.add_row("[red]targets in two tasks[/]", str(status["duplicates"]))
+    if status["anomalies"]:
+        table.add_row("[red]anomalies (journal)[/]", str(status["anomalies"]))
     if status["stop_reason"]:
         table.add_row("stop reason", str(status["stop_reason"]))
     updated = datetime.fromtimestamp(status["updated_at"], UTC).isoformat(timespec="seconds")
@@ -587,6 +663,8 @@ def _print_status(status: dict[str, Any]) -> None:
         stderr.print("calls spent: " + ", ".join(f"{k} {v}" for k, v in status["calls"].items()))
     for row in status["quarantined"][:20]:
         stderr.print(f"  quarantined {row['target']}: {row['error_code']} {row['reason']}")
+    for row in status["duplicate_examples"]:
+        stderr.print(f"  in two tasks {row['target']}: {', '.join(row['operation_ids'])}")
 
 
 @main.command()

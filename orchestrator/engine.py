@@ -7,6 +7,7 @@ calls; tests call them directly too.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,23 +19,35 @@ from typing import Any
 import structlog
 from pydantic import SecretStr
 
-from .errors import JournalError, JournalMismatch, RunAborted, RunHalted
+from .census import Census, PackageJudge, UnknownTasks, plan_adoption, take_census
+from .errors import (
+    CensusUndecided,
+    DuplicatesFound,
+    JournalError,
+    JournalMismatch,
+    RunAborted,
+    RunHalted,
+)
 from .gates import Verdict, evaluate
 from .journal import (
     ABORTED,
+    CENSUS,
     COMPLETED,
+    INTENT,
     INTERRUPTED,
+    PENDING,
     RUNNING,
     Journal,
+    RunRow,
     default_journal_path,
 )
 from .monitor import Monitor, Sleep
 from .northbound import ClientConfig, NorthboundClient, TLSConfig
-from .plan import PLATFORM_TIME_FORMAT, LoadedPlan, PlatformSection, WaveSection
+from .plan import PLATFORM_TIME_FORMAT, LoadedPlan, PlatformSection, WaveSection, check_times
 from .planner import plan_chunks
 from .session import RunSession
 from .simulator import DEFAULT_SECRET, SimulatorConfig, SimulatorServer
-from .submitter import Progress, ProgressHook, Submitter, resolve_package
+from .submitter import CensusView, Progress, ProgressHook, Submitter, resolve_package
 
 log = structlog.get_logger("orchestrator.engine")
 
@@ -48,6 +61,8 @@ class RunOptions:
     new_run: bool = False
     resume_only: bool = False
     follow: bool | None = None  # None: the plan's monitor.follow
+    unknown_tasks: UnknownTasks = UnknownTasks.STOP  # targets in tasks of unknown package
+    ignore_census: bool = False  # send targets the platform already holds (loud)
 
 
 @dataclass(frozen=True)
@@ -58,7 +73,10 @@ class RunResult:
 
 
 def journal_path(loaded: LoadedPlan, override: Path | None) -> Path:
-    return override if override is not None else default_journal_path(loaded.plan.name)
+    """The journal: `--journal`, else `<plan dir>/.rollout/<name>.journal.sqlite`."""
+    if override is not None:
+        return override
+    return default_journal_path(loaded.plan.name, loaded.base_dir)
 
 
 def _client_config(
@@ -112,25 +130,48 @@ async def platform_client(loaded: LoadedPlan) -> AsyncIterator[NorthboundClient]
         yield client
 
 
-def _check_same_inputs(
-    loaded: LoadedPlan, run_id: int, plan_sha: str, fleet_sha: str, path: Path
-) -> None:
-    changed = []
-    if plan_sha != loaded.plan_sha:
-        changed.append(f"the plan file {loaded.path}")
-    if fleet_sha != loaded.fleet.sha256:
-        changed.append(f"the fleet ({loaded.fleet.source})")
-    if changed:
-        raise JournalMismatch(
-            f"{path}: {' and '.join(changed)} changed since run {run_id} started; "
-            "restore it to finish that run, or pass --new-run to start another"
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}
+
+
+def _check_same_inputs(loaded: LoadedPlan, run: RunRow, path: Path, journal: Journal) -> None:
+    """Refuse a resume whose targets or package would differ from the run's; allow (and log)
+    every other edit of the plan file."""
+    if run.fingerprint is None:  # a run started by a journal of schema 1: the file's bytes
+        same = run.plan_sha == loaded.plan_sha and run.fleet_sha == loaded.fleet.sha256
+    else:
+        same = run.fingerprint == loaded.fingerprint
+    if not same:
+        what = (
+            f"the fleet ({loaded.fleet.source})"
+            if run.fleet_sha != loaded.fleet.sha256
+            else f"the targets or package of {loaded.path} (firmware, operation, fleet or waves)"
         )
+        raise JournalMismatch(
+            f"{path}: {what} changed since run {run.run_id} started; "
+            "restore it to finish that run, or pass --new-run to start another "
+            "(targets already in a task are not sent again)"
+        )
+    settings = loaded.settings()
+    if run.settings is not None and run.settings != settings:
+        before, after = _flatten(json.loads(run.settings)), _flatten(json.loads(settings))
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        log.info("plan edited since the run started", run=run.run_id, changed=changed)
+        journal.event(run.run_id, "plan-edited", {"changed": changed})
+    journal.set_settings(run.run_id, loaded.plan_sha, settings)
 
 
-def _wave_policy(loaded: LoadedPlan, section: WaveSection | None) -> dict[str, Any]:
+def _wave_policy(
+    loaded: LoadedPlan, section: WaveSection | None, platform_now: float
+) -> dict[str, Any]:
     policy = loaded.plan.policy.wire()
     if section is not None and section.window is not None:
-        start, end = section.window.next_window(datetime.now(UTC))
+        start, end = section.window.next_window(datetime.fromtimestamp(platform_now, UTC))
         policy.update(
             executeType="custom",
             startTime=start.strftime(PLATFORM_TIME_FORMAT),
@@ -151,6 +192,59 @@ def start_run(journal: Journal, loaded: LoadedPlan) -> int:
         operation=loaded.plan.operation.value,
         chunks=plan_chunks(loaded.fleet, loaded.waves),
         waves=loaded.waves,
+        fingerprint=loaded.fingerprint,
+        settings=loaded.settings(),
+    )
+
+
+async def open_census(session: RunSession, options: RunOptions) -> CensusView:
+    """Before the first create of a run, and on every resume: read the platform's tasks of
+    this package and journal every target already in one as adopted — whatever process,
+    folder or earlier run created it. Raises CensusUndecided (nothing created) when targets
+    are held by tasks whose package is unknown and the operator has not decided."""
+    journal, run_id = session.journal, session.run_id
+    judge = PackageJudge(session.client, session.package, journal.known_operations())
+    if options.ignore_census:
+        log.warning(
+            "CENSUS IGNORED (--ignore-census): targets already in a task of this package are "
+            "sent again; the closing census will report them as duplicates"
+        )
+        journal.event(run_id, "census-ignored", {})
+        return CensusView(None, judge, options.unknown_tasks)
+    targets = set(session.loaded.fleet.members)
+    census = await take_census(judge, session.operation, session.loaded.fleet.kind, targets)
+    journal.record_census(run_id, "opening", census.summary())
+    rows = journal.chunks(run_id, [PENDING, INTENT])
+    if options.unknown_tasks is UnknownTasks.STOP:
+        _refuse_undecided(census, [row.members for row in rows if row.state == PENDING])
+    adopted = 0
+    for row in rows:
+        adoption = plan_adoption(
+            row.as_chunk(), census, options.unknown_tasks, exact_only=row.state == INTENT
+        )
+        if adoption is None:
+            continue
+        if adoption.whole:
+            journal.record_adopted(run_id, row.chunk_id, adoption.adopted[0][1], [], how=CENSUS)
+        else:
+            journal.adopt_parts(run_id, row.chunk_id, adoption.adopted, adoption.remainder)
+        adopted += sum(len(part.members) for part, _ in adoption.adopted)
+    if adopted:
+        log.info("census: targets already in a task are not sent again", adopted=adopted)
+    return CensusView(census, judge, options.unknown_tasks)
+
+
+def _refuse_undecided(census: Census, pending: list[list[str]]) -> None:
+    undecided = [m for members in pending for m in members if m in census.unknown]
+    if not undecided:
+        return
+    tasks = sorted({op for m in undecided for op in census.unknown[m]})
+    shown = ", ".join(tasks[:3]) + (f" and {len(tasks) - 3} more" if len(tasks) > 3 else "")
+    raise CensusUndecided(
+        f"{len(undecided)} targets not yet sent are already in {len(tasks)} task(s) whose "
+        f"package the platform does not report ({shown}); nothing was created. Decide: "
+        "--unknown-tasks skip (count them as in that task, not sent) or --unknown-tasks send "
+        "(send them: a second task if that one carries this package)"
     )
 
 
@@ -158,12 +252,17 @@ class Rollout:
     """One run being driven: waves in order, each submitted, then gated."""
 
     def __init__(
-        self, session: RunSession, progress: ProgressHook | None, sleep: Sleep | None = None
+        self,
+        session: RunSession,
+        progress: ProgressHook | None,
+        sleep: Sleep | None = None,
+        census: CensusView | None = None,
     ) -> None:
         self.session = session
         self.hook = progress
         self.progress = Progress(total_targets=len(session.loaded.fleet.members))
         self.monitor = Monitor(session, **({"sleep": sleep} if sleep is not None else {}))
+        self.census = census
 
     async def drive(self, follow: bool) -> None:
         rows = {row.wave: row for row in self.session.journal.waves(self.session.run_id)}
@@ -177,8 +276,10 @@ class Rollout:
                 self.session,
                 self.hook,
                 wave=wave.index,
-                policy=_wave_policy(self.session.loaded, section),
+                policy=_wave_policy(self.session.loaded, section, self.session.client.clock.now()),
                 shared_progress=self.progress,
+                census=self.census,
+                sleep=self.monitor.sleep,
             ).run()
             self.session.journal.add_calls(
                 self.session.run_id, self.session.client.take_call_counts()
@@ -189,8 +290,46 @@ class Rollout:
                 self.session.journal.set_gate(
                     self.session.run_id, wave.index, "none", "the last wave has no gate"
                 )
+        await self.closing_census()
         if follow:
             await self.monitor.follow(first_wait=self.session.plan.monitor.poll_interval)
+
+    async def closing_census(self) -> None:
+        """After the run's last create (once the platform has surely finished with every
+        ambiguous one): any target in two tasks of this package is recorded, never silent."""
+        journal, run_id = self.session.journal, self.session.run_id
+        if not journal.needs_closing_census(run_id):
+            return
+        latest = journal.latest_unsettled_send(run_id)
+        if latest is not None:
+            ready = (
+                latest
+                + self.session.plan.platform.request_timeout
+                + self.session.plan.execution.settle
+            )
+            if ready > time.time():
+                await self.monitor.sleep(ready - time.time())
+        known = journal.known_operations()
+        if self.census is not None:
+            judge = self.census.judge
+            judge.known.update(known)
+        else:
+            judge = PackageJudge(self.session.client, self.session.package, known)
+        census = await take_census(
+            judge,
+            self.session.operation,
+            self.session.loaded.fleet.kind,
+            set(self.session.loaded.fleet.members),
+        )
+        journal.record_census(run_id, "closing", census.summary())
+        duplicates = census.duplicates()
+        journal.record_duplicates(run_id, duplicates)
+        if duplicates:
+            log.error(
+                "targets in two tasks of this package",
+                targets=len(duplicates),
+                example=next(iter(sorted(duplicates.items()))),
+            )
 
     async def _gate(self, wave: int, name: str, section: WaveSection) -> None:
         gate = section.gate
@@ -251,6 +390,8 @@ async def execute(
     *,
     sleep: Sleep | None = None,
 ) -> RunResult:
+    """`rollout run` / `rollout resume`. Raises the orchestrator's errors (exit codes in
+    docs/exit-codes.md); returns only when every target is in a task or quarantined."""
     if not loaded.plan.platform.is_simulator:
         loaded.secret()  # an unset secret is bad input: fail before a journal or a call exists
     path = journal_path(loaded, options.journal)
@@ -261,7 +402,7 @@ async def execute(
             raise JournalError(f"{path}: no run of plan {loaded.plan.name!r} to resume")
         continuing = existing is not None and not options.new_run
         if existing is not None and continuing:
-            _check_same_inputs(loaded, existing.run_id, existing.plan_sha, existing.fleet_sha, path)
+            _check_same_inputs(loaded, existing, path, journal)
         async with platform_client(loaded) as client:
             package = await resolve_package(loaded, client)
             if existing is not None and continuing:
@@ -272,12 +413,21 @@ async def execute(
                         f"{existing.file_id}, the plan now {package.file_id}"
                     )
             else:
+                # a new run refuses a custom start in the past, on the platform's clock
+                check_times(
+                    loaded.plan, str(loaded.path), datetime.fromtimestamp(client.clock.now(), UTC)
+                )
                 run_id = start_run(journal, loaded)
             journal.set_package(run_id, package.file_id, package.version)
             journal.set_status(run_id, RUNNING)
-            rollout = Rollout(RunSession(loaded, journal, client, run_id, package), progress, sleep)
+            requeued = journal.requeue_failed(run_id)
+            if requeued:
+                log.info("chunks refused for a plan-level reason are sent again", chunks=requeued)
+            session = RunSession(loaded, journal, client, run_id, package)
             follow = loaded.plan.monitor.follow if options.follow is None else options.follow
             try:
+                census = await open_census(session, options)
+                rollout = Rollout(session, progress, sleep, census)
                 await rollout.drive(follow)
             except RunAborted as exc:
                 journal.set_status(run_id, ABORTED, str(exc))
@@ -290,10 +440,31 @@ async def execute(
                 raise
             finally:
                 journal.add_calls(run_id, client.take_call_counts())
-            journal.set_status(run_id, COMPLETED if follow else SUBMITTED_ALL)
+            _finish(journal, run_id, COMPLETED if follow else SUBMITTED_ALL)
             return RunResult(run_id, path, journal.counts(run_id))
     finally:
         journal.close()
+
+
+def _finish(journal: Journal, run_id: int, status: str) -> None:
+    """Exit 0 only when every target is in a task (sent or adopted) or quarantined, and no
+    target is in two tasks of this package."""
+    outstanding = journal.outstanding(run_id)
+    if outstanding:
+        reason = f"{outstanding} targets are still in no task; `rollout resume` sends them"
+        journal.set_status(run_id, ABORTED, reason)
+        raise RunAborted(reason)
+    duplicates = journal.duplicates(run_id)
+    if duplicates:
+        target, operations = next(iter(duplicates.items()))
+        reason = (
+            f"{len(duplicates)} targets are in two or more tasks of this package "
+            f"(e.g. {target} in {', '.join(operations)}); `rollout status` lists them — the "
+            "platform has no stop call, both tasks run"
+        )
+        journal.set_status(run_id, status, reason)
+        raise DuplicatesFound(reason)
+    journal.set_status(run_id, status)
 
 
 @asynccontextmanager

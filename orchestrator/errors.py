@@ -5,6 +5,8 @@
     ├── JournalError                the journal is locked, damaged or belongs to another plan
     │   └── JournalMismatch         the plan or fleet changed under an existing run
     ├── RunAborted                  the engine stopped a run on purpose (reason in the journal)
+    │   └── CensusUndecided         targets held by tasks whose package is unknown: ask first
+    ├── DuplicatesFound             the closing census found targets in two tasks — exit 5
     ├── RunHalted                   a wave gate failed or waits for approval — exit 4
     └── PlatformCallError           a call to the platform failed; `.may_have_taken_effect`
         ├── TransportError          no usable HTTP reply
@@ -51,6 +53,17 @@ class JournalMismatch(JournalError):
 
 class RunAborted(OrchestratorError):
     """The engine stopped the run deliberately; the reason is in the journal."""
+
+
+class CensusUndecided(RunAborted):
+    """Targets not yet sent are held by tasks whose package the platform does not tell:
+    sending them may duplicate, skipping them may leave them un-upgraded. The operator
+    decides (`--unknown-tasks skip|send`); nothing was created."""
+
+
+class DuplicatesFound(OrchestratorError):
+    """The closing census found targets in two or more tasks of this package (recorded in
+    the journal, shown by `status` and the reports). Exit code 5."""
 
 
 class RunHalted(OrchestratorError):

@@ -10,7 +10,14 @@ and one process at a time may drive it (an exclusive `flock` on `<journal>.lock`
 by the kernel even on SIGKILL).
 
 Chunk states: pending → intent → submitted | split | quarantined | failed
-(intent → pending again when reconciliation proves nothing was created).
+(intent → pending again when reconciliation proves nothing was created; failed → pending
+again when the run is resumed after a plan-level refusal). `chunks.adopted` says how a
+submitted chunk got its task: 0 our create's reply, 1 reconciled after an ambiguous create,
+2 found by the census (whatever process, folder or run created it), 3 a second claim on an
+operationId that already belongs to another chunk (an anomaly, also in `anomalies`).
+
+The default journal lives beside the plan file (`<plan dir>/.rollout/<name>.journal.sqlite`),
+so the same plan run from another working directory finds its journal.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from .errors import JournalError
 from .northbound import SubOperation, Task
 from .planner import Chunk, Wave
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
@@ -47,7 +54,9 @@ CREATE TABLE IF NOT EXISTS runs (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     status TEXT NOT NULL,
-    stop_reason TEXT
+    stop_reason TEXT,
+    fingerprint TEXT,
+    settings TEXT
 );
 CREATE TABLE IF NOT EXISTS chunks (
     run_id INTEGER NOT NULL REFERENCES runs(run_id),
@@ -65,6 +74,20 @@ CREATE TABLE IF NOT EXISTS chunks (
     PRIMARY KEY (run_id, chunk_id)
 );
 CREATE INDEX IF NOT EXISTS chunks_state ON chunks(run_id, state);
+CREATE TABLE IF NOT EXISTS duplicates (
+    run_id INTEGER NOT NULL,
+    target TEXT NOT NULL,
+    operation_ids TEXT NOT NULL,
+    found_at REAL NOT NULL,
+    PRIMARY KEY (run_id, target)
+);
+CREATE TABLE IF NOT EXISTS anomalies (
+    anomaly_id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS attempts (
     attempt_id INTEGER PRIMARY KEY,
     run_id INTEGER NOT NULL,
@@ -164,6 +187,11 @@ PENDING, INTENT, SUBMITTED, SPLIT, QUARANTINED, FAILED = (
 )
 FINAL_STATES = frozenset({SUBMITTED, SPLIT, QUARANTINED})
 RUNNING, INTERRUPTED, COMPLETED, ABORTED = "running", "interrupted", "completed", "aborted"
+SENT, RECONCILED, CENSUS, SECOND_CLAIM = 0, 1, 2, 3  # chunks.adopted
+UNIQUE_CLAIMS = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS chunks_operation ON chunks(run_id, operation_id)"
+    " WHERE operation_id IS NOT NULL AND adopted IN (0, 1)"
+)
 
 
 @dataclass(frozen=True)
@@ -179,6 +207,8 @@ class RunRow:
     created_at: float
     status: str
     stop_reason: str | None
+    fingerprint: str | None
+    settings: str | None
 
 
 @dataclass(frozen=True)
@@ -223,8 +253,25 @@ class WaveCounts:
         return self.succeeded + self.failed
 
 
-def default_journal_path(plan_name: str, workdir: Path | None = None) -> Path:
-    return (workdir or Path.cwd()) / ".rollout" / f"{plan_name}.journal.sqlite"
+def default_journal_path(plan_name: str, plan_dir: Path) -> Path:
+    """`<plan dir>/.rollout/<name>.journal.sqlite`: beside the plan, whatever the cwd."""
+    return plan_dir.absolute() / ".rollout" / f"{plan_name}.journal.sqlite"
+
+
+def _migrate(connection: sqlite3.Connection, found: int, path: Path) -> None:
+    """Bring an older journal to this schema (in place, in one transaction)."""
+    if found > SCHEMA_VERSION:
+        raise JournalError(
+            f"{path}: journal schema {found} is newer than this rollout ({SCHEMA_VERSION})"
+        )
+    connection.execute("BEGIN IMMEDIATE")
+    if found < 2:
+        columns = {row[1] for row in connection.execute("PRAGMA table_info(runs)")}
+        for column in ("fingerprint", "settings"):
+            if column not in columns:
+                connection.execute(f"ALTER TABLE runs ADD COLUMN {column} TEXT")
+    connection.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
+    connection.execute("COMMIT")
 
 
 class Journal:
@@ -258,7 +305,8 @@ class Journal:
             if row is None:
                 connection.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             elif int(row[0]) != SCHEMA_VERSION:
-                raise JournalError(f"{path}: journal schema {row[0]}, expected {SCHEMA_VERSION}")
+                _migrate(connection, int(row[0]), path)
+            connection.execute(UNIQUE_CLAIMS)
         except sqlite3.DatabaseError as exc:
             os.close(lock_fd)
             raise JournalError(f"{path}: not a usable journal ({exc})") from None
@@ -272,7 +320,7 @@ class Journal:
         """A read-only view for `status` and reports while a run may be going on."""
         if not path.exists():
             raise JournalError(f"{path}: no journal here (has this plan been run?)")
-        return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        return sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
 
     def close(self) -> None:
         self._db.close()
@@ -293,7 +341,8 @@ class Journal:
     def latest_run(self, plan_name: str) -> RunRow | None:
         row = self._db.execute(
             "SELECT run_id, plan_name, plan_sha, fleet_sha, fleet_kind, target_count, operation,"
-            " file_id, created_at, status, stop_reason FROM runs WHERE plan_name=?"
+            " file_id, created_at, status, stop_reason, fingerprint, settings FROM runs"
+            " WHERE plan_name=?"
             " ORDER BY run_id DESC LIMIT 1",
             (plan_name,),
         ).fetchone()
@@ -311,13 +360,15 @@ class Journal:
         operation: str,
         chunks: Iterable[Chunk],
         waves: Iterable[Wave],
+        fingerprint: str | None = None,
+        settings: str | None = None,
     ) -> int:
         now = time.time()
         with self._tx() as db:
             cursor = db.execute(
                 "INSERT INTO runs (plan_name, plan_path, plan_sha, fleet_sha, fleet_kind,"
-                " target_count, operation, created_at, updated_at, status)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                " target_count, operation, created_at, updated_at, status, fingerprint,"
+                " settings) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     plan_name,
                     plan_path,
@@ -329,6 +380,8 @@ class Journal:
                     now,
                     now,
                     RUNNING,
+                    fingerprint,
+                    settings,
                 ),
             )
             run_id = int(cursor.lastrowid or 0)
@@ -369,6 +422,14 @@ class Journal:
             db.execute(
                 "UPDATE runs SET file_id=?, package_version=?, updated_at=? WHERE run_id=?",
                 (file_id, version, time.time(), run_id),
+            )
+
+    def set_settings(self, run_id: int, plan_sha: str, settings: str) -> None:
+        """The plan as the run now goes on (edits in non-pinned fields are allowed)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE runs SET plan_sha=?, settings=?, updated_at=? WHERE run_id=?",
+                (plan_sha, settings, time.time(), run_id),
             )
 
     def set_status(self, run_id: int, status: str, reason: str | None = None) -> None:
@@ -453,13 +514,45 @@ class Journal:
         state: str,
         operation_id: str | None = None,
         last_error: str | None = None,
-        adopted: bool = False,
+        adopted: int = SENT,
     ) -> None:
         db.execute(
             "UPDATE chunks SET state=?, operation_id=COALESCE(?, operation_id), last_error=?,"
-            " adopted=adopted OR ?, updated_at=? WHERE run_id=? AND chunk_id=?",
+            " adopted=MAX(adopted, ?), updated_at=? WHERE run_id=? AND chunk_id=?",
             (state, operation_id, last_error, adopted, time.time(), run_id, chunk_id),
         )
+
+    def _claim(
+        self,
+        db: sqlite3.Connection,
+        run_id: int,
+        chunk_id: str,
+        operation_id: str,
+        adopted: int,
+    ) -> bool:
+        """Give the chunk its operationId. An operationId belongs to one chunk at most (a
+        unique index): a second claim is kept, marked, and recorded as an anomaly."""
+        db.execute("SAVEPOINT claim")
+        try:
+            self._set_chunk(db, run_id, chunk_id, SUBMITTED, operation_id, adopted=adopted)
+        except sqlite3.IntegrityError:
+            db.execute("ROLLBACK TO claim")
+            db.execute("RELEASE claim")
+            self._set_chunk(db, run_id, chunk_id, SUBMITTED, operation_id, adopted=SECOND_CLAIM)
+            owner = db.execute(
+                "SELECT chunk_id FROM chunks WHERE run_id=? AND operation_id=? AND adopted IN"
+                " (0, 1) AND chunk_id != ?",
+                (run_id, operation_id, chunk_id),
+            ).fetchone()
+            detail = {"operationId": operation_id, "chunk": chunk_id, "owner": owner[0]}
+            db.execute(
+                "INSERT INTO anomalies (run_id, at, kind, detail) VALUES (?,?,?,?)",
+                (run_id, time.time(), "second-claim", json.dumps(detail, sort_keys=True)),
+            )
+            self._event(db, run_id, "anomaly-second-claim", detail)
+            return False
+        db.execute("RELEASE claim")
+        return True
 
     def record_created(
         self, run_id: int, chunk_id: str, attempt_id: int, operation_id: str
@@ -468,7 +561,7 @@ class Journal:
             self._finish_attempt(
                 db, attempt_id, "created", http_status=200, operation_id=operation_id
             )
-            self._set_chunk(db, run_id, chunk_id, SUBMITTED, operation_id)
+            self._claim(db, run_id, chunk_id, operation_id, SENT)
 
     def record_failed_attempt(
         self,
@@ -495,18 +588,20 @@ class Journal:
             self._set_chunk(db, run_id, chunk_id, new_state, last_error=detail)
 
     def record_adopted(
-        self, run_id: int, chunk_id: str, operation_id: str, duplicates: list[str]
+        self,
+        run_id: int,
+        chunk_id: str,
+        operation_id: str,
+        duplicates: list[str],
+        how: int = RECONCILED,
     ) -> None:
+        """The platform holds the chunk in `operation_id` (found by reconciliation after an
+        ambiguous create, or by the census); `duplicates` are further tasks holding it."""
         with self._tx() as db:
-            db.execute(
-                "UPDATE attempts SET outcome=COALESCE(outcome, 'ambiguous'), finished_at="
-                "COALESCE(finished_at, ?) WHERE run_id=? AND chunk_id=? AND outcome IS NULL",
-                (time.time(), run_id, chunk_id),
-            )
-            self._set_chunk(db, run_id, chunk_id, SUBMITTED, operation_id, adopted=True)
-            self._event(
-                db, run_id, "reconciled-adopted", {"chunk": chunk_id, "operationId": operation_id}
-            )
+            self._close_open_attempts(db, run_id, chunk_id)
+            self._claim(db, run_id, chunk_id, operation_id, how)
+            kind = "census-adopted" if how == CENSUS else "reconciled-adopted"
+            self._event(db, run_id, kind, {"chunk": chunk_id, "operationId": operation_id})
             if duplicates:
                 self._event(
                     db, run_id, "duplicate-tasks", {"chunk": chunk_id, "operationIds": duplicates}
@@ -527,6 +622,126 @@ class Journal:
             )
             self._set_chunk(db, run_id, chunk_id, PENDING)
             self._event(db, run_id, "reconciled-absent", {"chunk": chunk_id})
+
+    @staticmethod
+    def _close_open_attempts(db: sqlite3.Connection, run_id: int, chunk_id: str) -> None:
+        db.execute(
+            "UPDATE attempts SET outcome=COALESCE(outcome, 'ambiguous'), finished_at="
+            "COALESCE(finished_at, ?) WHERE run_id=? AND chunk_id=? AND outcome IS NULL",
+            (time.time(), run_id, chunk_id),
+        )
+
+    def adopt_parts(
+        self,
+        run_id: int,
+        parent: str,
+        adopted: list[tuple[Chunk, str]],
+        remainder: Chunk | None,
+    ) -> None:
+        """The census found part of a chunk in tasks: the parent becomes `split`, each part
+        held by a task a submitted child (adopted by census), the rest a pending child."""
+        now = time.time()
+        with self._tx() as db:
+            self._close_open_attempts(db, run_id, parent)
+            self._set_chunk(db, run_id, parent, SPLIT)
+            self._insert_chunks(db, run_id, [child for child, _ in adopted], now)
+            for child, operation_id in adopted:
+                db.execute(
+                    "UPDATE chunks SET state=?, operation_id=?, adopted=?, updated_at=?"
+                    " WHERE run_id=? AND chunk_id=?",
+                    (SUBMITTED, operation_id, CENSUS, now, run_id, child.chunk_id),
+                )
+            if remainder is not None:
+                self._insert_chunks(db, run_id, [remainder], now)
+            self._event(
+                db,
+                run_id,
+                "census-adopted-part",
+                {
+                    "chunk": parent,
+                    "operationIds": sorted({op for _, op in adopted}),
+                    "adopted": sum(len(child.members) for child, _ in adopted),
+                    "remaining": len(remainder.members) if remainder else 0,
+                },
+            )
+
+    def requeue_failed(self, run_id: int) -> int:
+        """Chunks refused for a plan-level reason go back to pending when the run is resumed
+        (after the operator's fix): no chunk is left dead. Returns how many."""
+        with self._tx() as db:
+            cursor = db.execute(
+                "UPDATE chunks SET state=?, updated_at=? WHERE run_id=? AND state=?",
+                (PENDING, time.time(), run_id, FAILED),
+            )
+            if cursor.rowcount:
+                self._event(db, run_id, "failed-requeued", {"chunks": cursor.rowcount})
+        return int(cursor.rowcount)
+
+    def known_operations(self) -> dict[str, str | None]:
+        """operationId → fileId of every task this journal created or adopted (every run)."""
+        rows = self._db.execute(
+            "SELECT c.operation_id, r.file_id FROM chunks c JOIN runs r USING (run_id)"
+            " WHERE c.operation_id IS NOT NULL AND c.adopted IN (0, 1)"
+            " UNION SELECT a.operation_id, r.file_id FROM attempts a JOIN runs r USING (run_id)"
+            " WHERE a.operation_id IS NOT NULL"
+        ).fetchall()
+        return {op: file_id for op, file_id in rows}
+
+    def last_intent_at(self, run_id: int, chunk_id: str) -> float | None:
+        row = self._db.execute(
+            "SELECT MAX(sent_at) FROM attempts WHERE run_id=? AND chunk_id=?", (run_id, chunk_id)
+        ).fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    def latest_unsettled_send(self, run_id: int) -> float | None:
+        """When the newest create whose outcome was not a clear reply left (None: none)."""
+        row = self._db.execute(
+            "SELECT MAX(sent_at) FROM attempts WHERE run_id=? AND (outcome IS NULL OR"
+            " outcome IN ('ambiguous', 'absent', 'lost'))",
+            (run_id,),
+        ).fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    def needs_closing_census(self, run_id: int) -> bool:
+        """A create was sent since the last closing census (or there was none yet)."""
+        row = self._db.execute(
+            "SELECT (SELECT MAX(sent_at) FROM attempts WHERE run_id=?1),"
+            " (SELECT MAX(at) FROM events WHERE run_id=?1 AND kind='census-closing')",
+            (run_id,),
+        ).fetchone()
+        last_send, last_census = row
+        return last_send is not None and (last_census is None or last_census < last_send)
+
+    def record_census(self, run_id: int, kind: str, summary: dict[str, Any]) -> None:
+        self.event(run_id, f"census-{kind}", summary)
+
+    def record_duplicates(self, run_id: int, duplicates: dict[str, list[str]]) -> None:
+        """Targets found in two or more tasks of this package (the closing census)."""
+        now = time.time()
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO duplicates VALUES (?,?,?,?) ON CONFLICT (run_id, target)"
+                " DO UPDATE SET operation_ids=excluded.operation_ids",
+                ((run_id, t, json.dumps(ops), now) for t, ops in sorted(duplicates.items())),
+            )
+            if duplicates:
+                self._event(db, run_id, "duplicates-found", {"targets": len(duplicates)})
+
+    def duplicates(self, run_id: int) -> dict[str, list[str]]:
+        rows = self._db.execute(
+            "SELECT target, operation_ids FROM duplicates WHERE run_id=? ORDER BY target",
+            (run_id,),
+        ).fetchall()
+        return {target: json.loads(ops) for target, ops in rows}
+
+    def outstanding(self, run_id: int) -> int:
+        """Targets in no task yet and not quarantined."""
+        row = self._db.execute(
+            "SELECT COALESCE(SUM(member_count), 0) FROM chunks WHERE run_id=?"
+            " AND state NOT IN (?, ?, ?)",
+            (run_id, SUBMITTED, SPLIT, QUARANTINED),
+        ).fetchone()
+        return int(row[0])
 
     def split(self, run_id: int, parent: str, children: Iterable[Chunk]) -> None:
         now = time.time()
@@ -711,6 +926,21 @@ class Journal:
                 (state, reason, soak_until, time.time(), run_id, wave),
             )
             self._event(db, run_id, f"gate-{state}", {"wave": wave, "reason": reason})
+
+
+def has_run(path: Path, plan_name: str) -> bool:
+    """Whether the journal at `path` holds a run of the plan (read only; False when absent)."""
+    if not path.exists():
+        return False
+    try:
+        db = Journal.open_readonly(path)
+        try:
+            row = db.execute("SELECT 1 FROM runs WHERE plan_name=? LIMIT 1", (plan_name,))
+            return row.fetchone() is not None
+        finally:
+            db.close()
+    except sqlite3.DatabaseError:
+        return False
 
 
 def approve_wave(path: Path, plan_name: str, wave_name: str | None, by: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -305,8 +306,11 @@ class MonitorSection(_Section):
 class ExecutionSection(_Section):
     concurrency: int = Field(default=4, ge=1, le=64)
     stop_after_identical_failures: int = Field(default=8, ge=1, le=1000)
-    reconcile_delay: float = Field(default=1.0, ge=0, le=600)
-    clock_skew: float = Field(default=300.0, ge=0, le=86400)
+    # an ambiguous create is looked up once request_timeout + settle after it left, and is
+    # "absent" only when a second look, settle later, agrees (docs/resume-and-reconciliation.md)
+    settle: float = Field(default=15.0, ge=0, le=3600)
+    # allowance beyond the measured uncertainty of the platform's clock (seconds)
+    clock_skew: float = Field(default=2.0, ge=0, le=600)
 
 
 class Plan(_Section):
@@ -342,7 +346,13 @@ class Plan(_Section):
 
 
 class LoadedPlan:
-    """A validated plan, its fleet, and the fingerprints the journal pins."""
+    """A validated plan, its fleet, and the fingerprints the journal pins.
+
+    `fingerprint` pins what defines the run's targets and package — the fleet's contents,
+    the firmware section, the operation, the group fleet's type/model/manufacturer and the
+    waves' sizes and selection — and nothing else: timeouts, TLS files, rate, monitor
+    settings, gates, windows, a comment or a moved start may change between `run` and
+    `resume` (the engine logs what changed, from `settings`)."""
 
     def __init__(self, path: Path, plan: Plan, fleet: Fleet, plan_sha: str) -> None:
         self.path = path
@@ -354,6 +364,33 @@ class LoadedPlan:
     @property
     def base_dir(self) -> Path:
         return self.path.parent
+
+    @property
+    def fingerprint(self) -> str:
+        plan = self.plan
+        pinned = {
+            "operation": plan.operation.value,
+            "firmware": plan.firmware.model_dump(mode="json"),
+            "fleet": {
+                "kind": self.fleet.kind,
+                "contents": self.fleet.sha256,
+                "device_type": plan.fleet.device_type,
+                "model": plan.fleet.model,
+                "manufacturer": plan.fleet.manufacturer,
+            },
+            "waves": [
+                w.model_dump(
+                    mode="json", include={"name", "count", "share", "selection", "stratify_by"}
+                )
+                | {"seed": w.seed if w.selection != "ordered" else None}
+                for w in plan.waves
+            ],
+        }
+        return hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()
+
+    def settings(self) -> str:
+        """The whole plan as canonical JSON (kept in the journal to tell what was edited)."""
+        return json.dumps(self.plan.model_dump(mode="json"), sort_keys=True)
 
     def secret(self) -> str:
         """The app secret from the environment (never from the plan file)."""
@@ -403,8 +440,11 @@ def parse_plan(text: str, source: str) -> Plan:
         raise InputError(source, _field_path(tuple(first["loc"])), message) from None
 
 
-def load_plan(path: Path, now: datetime | None = None) -> LoadedPlan:
-    """Read and check a plan and its fleet file, offline. Raises InputError."""
+def load_plan(path: Path, now: datetime | None = None, *, check_start: bool = False) -> LoadedPlan:
+    """Read and check a plan and its fleet file, offline. Raises InputError.
+
+    `check_start`: also refuse a custom start in the past (`rollout plan` and a first run;
+    reading commands and `resume` must work after the start has passed)."""
     source = str(path)
     try:
         data = path.read_bytes()
@@ -415,7 +455,8 @@ def load_plan(path: Path, now: datetime | None = None) -> LoadedPlan:
     except UnicodeDecodeError:
         raise InputError(source, "", "the plan file is not UTF-8") from None
     plan = parse_plan(text, source)
-    check_times(plan, source, now)
+    if check_start:
+        check_times(plan, source, now)
     base = path.parent
     for name in ("ca_file", "client_cert", "client_key"):
         value = getattr(plan.platform, name)

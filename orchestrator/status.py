@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -44,9 +45,40 @@ def read_status(path: Path, plan_name: str) -> dict[str, Any]:
                 (run_id,),
             )
         ]
-        duplicates = db.execute(
+        duplicate_events = db.execute(
             "SELECT COUNT(*) FROM events WHERE run_id=? AND kind='duplicate-tasks'", (run_id,)
         ).fetchone()[0]
+        schema_2 = _has_table(db, "duplicates")  # a journal not yet opened by this version
+        duplicates = (
+            db.execute("SELECT COUNT(*) FROM duplicates WHERE run_id=?", (run_id,)).fetchone()[0]
+            if schema_2
+            else 0
+        )
+        duplicate_examples = [
+            {"target": t, "operation_ids": json.loads(ops)}
+            for t, ops in (
+                db.execute(
+                    "SELECT target, operation_ids FROM duplicates WHERE run_id=? ORDER BY target"
+                    " LIMIT 20",
+                    (run_id,),
+                )
+                if schema_2
+                else []
+            )
+        ]
+        in_task_by = {
+            {0: "created", 1: "reconciled", 2: "census", 3: "second-claim"}.get(how, str(how)): n
+            for how, n in db.execute(
+                "SELECT adopted, COALESCE(SUM(member_count), 0) FROM chunks WHERE run_id=?"
+                " AND state='submitted' GROUP BY adopted",
+                (run_id,),
+            )
+        }
+        anomalies = (
+            db.execute("SELECT COUNT(*) FROM anomalies WHERE run_id=?", (run_id,)).fetchone()[0]
+            if schema_2
+            else 0
+        )
         submitted = chunks.get("submitted", {"targets": 0})["targets"]
         succeeded, failed, tasks_final, tasks_known = db.execute(
             "SELECT COALESCE(SUM(succeeded), 0), COALESCE(SUM(failed + stopped), 0),"
@@ -104,10 +136,19 @@ def read_status(path: Path, plan_name: str) -> dict[str, Any]:
             "chunks": chunks,
             "attempts": attempts,
             "quarantined": quarantined,
-            "duplicate_task_events": duplicates,
+            "targets_in_tasks_by": in_task_by,
+            "duplicate_task_events": duplicate_events,
+            "duplicates": duplicates,
+            "duplicate_examples": duplicate_examples,
+            "anomalies": anomalies,
             "calls": calls,
             "created_at": run[5],
             "updated_at": run[6],
         }
     finally:
         db.close()
+
+
+def _has_table(db: sqlite3.Connection, name: str) -> bool:
+    row = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,))
+    return row.fetchone() is not None

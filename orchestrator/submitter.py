@@ -6,14 +6,19 @@ For each chunk, in order, under the shared pacing:
 2. created → record the operationId;
 3. certainly not created (4xx, connect refused, TLS) → per cause: a device-level refusal
    (123002 unknown device, 123016 model mismatch) bisects the chunk until the offending
-   devices are isolated and quarantined; a plan-level refusal stops the run; a connection
-   that never opened is sent again after a pause;
-4. may have been created (timeout, reset, 5xx) → reconcile: look the chunk up in the task
-   list (filtered by operationType and the chunk's first deviceId) and match fileId (when
-   the platform reports it), the exact device set, and createTime no earlier than the first
-   intent minus the clock-skew allowance. Found → adopt its operationId; not found → send
-   again. The same happens first, on resume, for every chunk left with an intent and no
-   outcome.
+   devices are isolated and quarantined; a plan-level refusal stops the run (the chunk is
+   sent again when the run is resumed); a connection that never opened is sent again after
+   a pause;
+4. may have been created (timeout, reset, 5xx, or an intent found on resume) → *settle*:
+   nothing is concluded until the platform has surely finished with the create — the first
+   look-up happens `request_timeout + settle` after the intent's send time (the journal
+   holds it, so a resumed run waits for young intents too), and "absent" needs a second
+   look-up `settle` later that agrees. A look-up pages the task list filtered by operation
+   type and the chunk's first deviceId, and keeps the tasks that hold exactly the chunk's
+   targets and carry our package (`census.PackageJudge`); a task whose package the platform
+   does not tell is taken as ours only when its createTime, on the platform's measured
+   clock, is not older than our first intent. Found → adopt the oldest match; absent →
+   what the run's census found of the chunk is adopted, the rest is sent again.
 
 A run of identical failures stops the run rather than burn the budget.
 """
@@ -22,12 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import structlog
 
+from .census import Census, Match, PackageJudge, UnknownTasks, plan_adoption
 from .errors import (
     AuthFailed,
     BadRequest,
@@ -54,7 +60,7 @@ from .session import RunSession, operation_type
 log = structlog.get_logger("orchestrator.submitter")
 
 DEVICE_LEVEL_CODES = frozenset({"123002", "123016"})
-START_LEAD = 2.0  # a custom window's start must not have passed when the create arrives
+START_LEAD = 2.0  # seconds: a custom window's start must not have passed when the create arrives
 MIN_WINDOW_SECONDS = 300.0
 RETRY_PAUSE = 1.0
 
@@ -70,6 +76,16 @@ class Progress:
 
 
 ProgressHook = Callable[[Progress], None]
+Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass
+class CensusView:
+    """The run's census, shared by the waves' submitters: what the platform already held."""
+
+    census: Census | None  # None: the census was skipped on the operator's order
+    judge: PackageJudge
+    unknown: UnknownTasks = UnknownTasks.STOP
 
 
 def _platform_time(text: str) -> float | None:
@@ -139,6 +155,8 @@ class Submitter:
         wave: int | None = None,
         policy: dict[str, object] | None = None,
         shared_progress: Progress | None = None,
+        census: CensusView | None = None,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.session = session
         self.wave = wave
@@ -147,9 +165,13 @@ class Submitter:
         self._queue: asyncio.Queue[Chunk] = asyncio.Queue()
         self._outstanding = 0
         self._idle = asyncio.Event()
+        self._error: BaseException | None = None
+        self._settling: set[asyncio.Task[None]] = set()
         self._last_failure: str | None = None
         self._identical_failures = 0
         self._policy = Policy.model_validate(policy or session.plan.policy.wire())
+        self._census = census or CensusView(None, PackageJudge(session.client, session.package, {}))
+        self._sleep = sleep
 
     # ---- the run -----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -160,7 +182,7 @@ class Submitter:
         self.progress.quarantined = counts.get("targets_quarantined", 0)
         self._report()
         for row in self.session.journal.chunks(self.session.run_id, [INTENT], self.wave):
-            await self._reconcile_or_requeue(row.as_chunk(), enqueue=False)
+            self._start_settling(row.as_chunk())
         for row in self.session.journal.chunks(self.session.run_id, [PENDING], self.wave):
             self._enqueue(row.as_chunk())
         if self._outstanding == 0:
@@ -172,12 +194,11 @@ class Submitter:
         try:
             await self._idle.wait()
         finally:
-            for worker in workers:
-                worker.cancel()
-            results = await asyncio.gather(*workers, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
-                raise result
+            for task in [*workers, *self._settling]:
+                task.cancel()
+            await asyncio.gather(*workers, *self._settling, return_exceptions=True)
+        if self._error is not None:
+            raise self._error
 
     def _enqueue(self, chunk: Chunk) -> None:
         self._outstanding += 1
@@ -194,16 +215,38 @@ class Submitter:
             chunk = await self._queue.get()
             try:
                 await self._submit(chunk)
-            except BaseException as exc:
-                if not isinstance(exc, asyncio.CancelledError):
-                    self._abort_with(exc)
+            except asyncio.CancelledError:
                 raise
+            except BaseException as exc:
+                self._abort_with(exc)
+                return
             self._finished()
 
     def _abort_with(self, exc: BaseException) -> None:
         # wake run(): it cancels the other workers and re-raises this error
+        if self._error is None:
+            self._error = exc
+            log.error("stopping the run", error=str(exc))
         self._idle.set()
-        log.error("stopping the run", error=str(exc))
+
+    def _start_settling(self, chunk: Chunk) -> None:
+        """Settle an ambiguous chunk in the background: the workers go on meanwhile."""
+        self._outstanding += 1
+        self._idle.clear()
+
+        async def settle() -> None:
+            try:
+                await self._settle(chunk)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                self._abort_with(exc)
+                return
+            self._finished()
+
+        task = asyncio.create_task(settle())
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
     # ---- one chunk ---------------------------------------------------------------------------
     def _request(self, chunk: Chunk) -> CreateTaskRequest:
@@ -222,25 +265,29 @@ class Submitter:
         )
 
     def _current_policy(self) -> Policy:
-        """The policy for a create sent now. A custom window whose start has passed while the
-        rollout went on (a long wave at 100 calls a minute) would draw 123033: its start
-        moves to just after now, as long as 5 minutes of the window remain; after that the
-        window is over and the run stops rather than send what the platform refuses."""
+        """The policy for a create sent now. A custom window whose start has passed on the
+        platform's clock (a long wave at 100 calls a minute, a resumed run) would draw 123033:
+        its start moves to just after the platform's now — plus the measured uncertainty of
+        that clock and `execution.clock_skew` — as long as 5 minutes of the window remain;
+        after that the window is over and the run stops rather than send what the platform
+        refuses."""
         policy = self._policy
         if policy.execute_type is not ExecuteType.CUSTOM or policy.start_time is None:
             return policy
-        now = time.time()
+        clock = self.session.client.clock
+        uncertainty = clock.uncertainty if clock.measured else 0.0
+        now = clock.now() + START_LEAD + uncertainty + self.session.plan.execution.clock_skew
         start = _platform_time(policy.start_time) or now
         end = _platform_time(policy.end_time or "") or now
-        if start >= now + START_LEAD:
+        if start >= now:
             return policy
-        moved = now + START_LEAD
-        if end - moved < MIN_WINDOW_SECONDS:
+        if end - now < MIN_WINDOW_SECONDS:
             raise RunAborted(
-                f"the custom window ending {policy.end_time} has less than 5 minutes left; "
-                "the platform would refuse it (123033/123034): give the wave a later window"
+                f"the custom window ending {policy.end_time} (platform time) has less than 5 "
+                "minutes left; the platform would refuse it (123033/123034): give the wave a "
+                "later window"
             )
-        start_text = datetime.fromtimestamp(moved, UTC).strftime("%Y%m%dT%H%M%SZ")
+        start_text = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%SZ")
         return policy.model_copy(update={"start_time": start_text})
 
     async def _submit(self, chunk: Chunk) -> None:
@@ -278,7 +325,7 @@ class Submitter:
             )
         code = error.code if isinstance(error, PlatformError) else type(error).__name__
         self._count_failure(code, str(error))
-        await asyncio.sleep(RETRY_PAUSE)
+        await self._sleep(RETRY_PAUSE)
         self._enqueue(chunk)
 
     async def _failed(self, chunk: Chunk, attempt: int, error: PlatformCallError) -> None:
@@ -309,21 +356,21 @@ class Submitter:
             raise RunAborted(
                 f"the platform refused chunk {chunk.chunk_id} for a plan-level "
                 f"reason: {code} {error.desc if isinstance(error, PlatformError) else ''}"
+                "; fix the cause, then `rollout resume` sends it again"
             )
         self._count_failure(code, detail)
         if error.may_have_taken_effect:
             log.warning(
-                "create outcome unknown; reconciling",
+                "create outcome unknown; settling before looking it up",
                 chunk=chunk.chunk_id,
                 error=type(error).__name__,
             )
-            await asyncio.sleep(self.session.plan.execution.reconcile_delay)
-            await self._reconcile_or_requeue(chunk, enqueue=True)
+            self._start_settling(chunk)
         elif device_level:
             assert isinstance(error, PlatformError)
             self._isolate(chunk, code, error.desc)
         else:
-            await asyncio.sleep(RETRY_PAUSE)
+            await self._sleep(RETRY_PAUSE)
             self._enqueue(chunk)
 
     def _count_failure(self, code: str | None, detail: str) -> None:
@@ -353,14 +400,24 @@ class Submitter:
         for child in children:
             self._enqueue(child)
 
-    # ---- reconciliation ----------------------------------------------------------------------
-    async def _reconcile_or_requeue(self, chunk: Chunk, *, enqueue: bool) -> None:
-        since = self.session.journal.first_intent_at(self.session.run_id, chunk.chunk_id) or 0.0
-        found = await self.find_existing(chunk, since - self.session.plan.execution.clock_skew)
+    # ---- settling an ambiguous create --------------------------------------------------------
+    async def _settle(self, chunk: Chunk) -> None:
+        """Look the chunk up only once the platform has surely finished with its create;
+        "absent" needs two look-ups `settle` apart."""
+        journal, run_id = self.session.journal, self.session.run_id
+        execution = self.session.plan.execution
+        sent = journal.last_intent_at(run_id, chunk.chunk_id) or time.time()
+        ready = sent + self.session.plan.platform.request_timeout + execution.settle
+        wait = ready - time.time()
+        if wait > 0:
+            log.info("settling", chunk=chunk.chunk_id, seconds=round(wait, 1))
+            await self._sleep(wait)
+        found = await self.find_existing(chunk)
+        if not found:
+            await self._sleep(execution.settle)
+            found = await self.find_existing(chunk)
         if found:
-            self.session.journal.record_adopted(
-                self.session.run_id, chunk.chunk_id, found[0], found[1:]
-            )
+            journal.record_adopted(run_id, chunk.chunk_id, found[0], found[1:])
             self.progress.adopted += 1
             self._done(len(chunk.members))
             log.info(
@@ -369,16 +426,26 @@ class Submitter:
                 operation_id=found[0],
                 duplicates=len(found) - 1,
             )
-        else:
-            self.session.journal.record_absent(self.session.run_id, chunk.chunk_id)
-            log.info("reconciled: no task exists, sending again", chunk=chunk.chunk_id)
-            if enqueue:
-                self._enqueue(chunk)
+            return
+        journal.record_absent(run_id, chunk.chunk_id)
+        log.info("reconciled: no task exists after settling, sending again", chunk=chunk.chunk_id)
+        census = self._census.census
+        adoption = plan_adoption(chunk, census, self._census.unknown) if census else None
+        if adoption is None:
+            self._enqueue(chunk)
+            return
+        # what the run's census found of this chunk in other tasks is not sent again
+        journal.adopt_parts(run_id, chunk.chunk_id, adoption.adopted, adoption.remainder)
+        self._done(sum(len(part.members) for part, _ in adoption.adopted))
+        if adoption.remainder is not None:
+            self._enqueue(adoption.remainder)
 
-    async def find_existing(self, chunk: Chunk, not_before: float) -> list[str]:
-        """operationIds of tasks on the platform that are exactly this chunk (oldest first)."""
+    async def find_existing(self, chunk: Chunk) -> list[str]:
+        """operationIds of tasks on the platform that are exactly this chunk with our package
+        (oldest first)."""
         members = set(chunk.members)
-        matches: list[tuple[float, str]] = []
+        first_intent = self.session.journal.first_intent_at(self.session.run_id, chunk.chunk_id)
+        matches: list[tuple[str, str]] = []
         page_no = 0
         while True:
             if chunk.kind == "devices":
@@ -399,26 +466,35 @@ class Submitter:
                     priority=Priority.SUBMIT,
                 )
             for task in page.items:
-                if self._matches(task, members, not_before):
-                    matches.append((_platform_time(task.create_time) or 0.0, task.operation_id))
-            if not page.items or (page_no + 1) * page.page_size >= page.total:
+                if await self._matches(task, members, first_intent):
+                    matches.append((task.create_time, task.operation_id))
+            if not page.items or (page_no + 1) * (page.page_size or 1) >= page.total:
                 break
             page_no += 1
         return [operation_id for _, operation_id in sorted(matches)]
 
-    def _matches(self, task: Task, members: set[str], not_before: float) -> bool:
+    async def _matches(self, task: Task, members: set[str], first_intent: float | None) -> bool:
         targets = (
             task.targets.devices
             if self.session.plan.fleet.groups is None
             else task.targets.device_groups
         )
-        if targets is None or set(targets) != members:
+        if targets is None or len(targets) != len(members) or set(targets) != members:
             return False
+        verdict = await self._census.judge.judge(task)
+        if verdict is Match.SAME:
+            return True
+        if verdict is Match.OTHER or first_intent is None:
+            return False
+        # the platform does not say which package: a task with exactly this chunk's targets
+        # created after our first intent (on the platform's clock) is ours
         created = _platform_time(task.create_time)
-        if created is not None and created < not_before:
-            return False
-        reported = (task.extend_para or {}).get("fileId")
-        return reported is None or reported == self.session.package.file_id
+        clock = self.session.client.clock
+        margin = (clock.uncertainty if clock.measured else 0.0) + (
+            self.session.plan.execution.clock_skew
+        )
+        intent_on_platform = first_intent + clock.offset
+        return created is not None and created + 1 >= intent_on_platform - margin
 
     def _done(self, targets: int) -> None:
         self.progress.done_targets += targets

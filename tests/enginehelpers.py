@@ -31,6 +31,8 @@ def plan_text(
     extra_platform: str = "",
     monitor: str = "follow = false",
     waves: str = "",
+    settle: float = 0.2,
+    request_timeout: float = 2,
 ) -> str:
     package = newest_package(server, model)
     calls, seconds = server.platform.throttle.calls, server.platform.throttle.seconds
@@ -41,7 +43,7 @@ url = "{server.url}"
 app_id = "demo-app"
 secret_env = "{SECRET_ENV}"
 rate_limit = "{calls}/{seconds:g}"
-request_timeout = 2
+request_timeout = {request_timeout:g}
 {extra_platform}
 [firmware]
 file_id = "{package.file_id}"
@@ -50,7 +52,7 @@ devices_file = "{fleet_file}"
 [policy]
 {policy}
 [execution]
-reconcile_delay = 0
+settle = {settle:g}
 {execution}
 [monitor]
 {monitor}
@@ -61,6 +63,7 @@ reconcile_delay = 0
 def write_plan(
     directory: Path, server: SimulatorServer, device_ids: list[str], **kwargs: Any
 ) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
     write_fleet(directory / "fleet.txt", device_ids)
     path = directory / "plan.toml"
     path.write_text(plan_text(server, **kwargs))

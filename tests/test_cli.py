@@ -19,12 +19,15 @@ from .enginehelpers import SECRET_ENV
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list[str]]]:
-    """A simulator with a 60 % failure rate and fast time, and its ~2 200 WM-200 device IDs."""
+    """A simulator with a 60 % failure rate and fast time, and its ~5 000 WM-200 device IDs.
+
+    The platform is the authority on what is in a task (a second run of the same devices is
+    adopted, not sent), so each test takes its own slice of the IDs."""
     directory = tmp_path_factory.mktemp("cli-sim")
     with simulator_process(
         directory,
         "--devices",
-        "9000",
+        "21000",
         "--speed",
         "36000",
         "--failure-rate",
@@ -35,6 +38,7 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list[st
         ids = [
             line.split(",")[0] for line in fleet.read_text().splitlines()[1:] if ",WM-200," in line
         ]
+        assert len(ids) >= 4624
         yield url, ids
 
 
@@ -79,7 +83,7 @@ def _rollout(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_json_logs_are_one_json_object_per_line(sim: tuple[str, list[str]], tmp_path: Path) -> None:
     """With --log-format json every stderr line is a JSON event, including the summary."""
     url, ids = sim
-    plan = _plan(tmp_path, url, ids[:300])
+    plan = _plan(tmp_path, url, ids[0:300])
     result = _rollout("--log-format", "json", "run", str(plan), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     events = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
@@ -89,14 +93,16 @@ def test_json_logs_are_one_json_object_per_line(sim: tuple[str, list[str]], tmp_
 
 
 def test_status_and_plan_print_json_on_stdout(sim: tuple[str, list[str]], tmp_path: Path) -> None:
-    """`plan --json` previews chunks; `status --json` reads the journal, with calls per API."""
+    """`plan --json` previews chunks and census calls; `status --json` reads the journal."""
     url, ids = sim
-    plan = _plan(tmp_path, url, ids[:600])
+    plan = _plan(tmp_path, url, ids[300:900])
     preview = json.loads(_rollout("plan", "--json", str(plan), cwd=tmp_path).stdout)
-    assert (preview["targets"], preview["chunks"], preview["calls"]) == (600, 3, 5)
+    assert (preview["targets"], preview["chunks"], preview["calls"]) == (600, 3, 7)
+    assert preview["census_calls"] == 2
     assert _rollout("run", str(plan), cwd=tmp_path).returncode == 0
     status = json.loads(_rollout("status", "--json", str(plan), cwd=tmp_path).stdout)
     assert status["targets_in_tasks"] == 600 and status["calls"]["createTask"] == 3
+    assert status["calls"]["listTasks"] >= preview["census_calls"]  # the monitor reads it too
     assert status["devices_succeeded"] + status["devices_failed"] == 600
 
 
@@ -109,7 +115,7 @@ def test_failed_gate_exits_4_and_approve_then_resume_goes_on(
         '[[waves]]\nname = "canary"\ncount = 256\n[waves.gate]\nmax_failed = 0.2\n'
         'min_sample = 50\nmin_finished = 0.5\n[[waves]]\nname = "rest"\n'
     )
-    plan = _plan(tmp_path, url, ids[:700], waves)
+    plan = _plan(tmp_path, url, ids[900:1600], waves)
     before = get_json(url + "/_sim/stats")["tasks_created"]
     halted = _rollout("run", str(plan), cwd=tmp_path)
     assert halted.returncode == 4, halted.stderr[-2000:]
@@ -125,7 +131,7 @@ def test_failed_gate_exits_4_and_approve_then_resume_goes_on(
 def test_report_writes_each_format(sim: tuple[str, list[str]], tmp_path: Path) -> None:
     """`rollout report` writes CSV, JSON and HTML files from the journal."""
     url, ids = sim
-    plan = _plan(tmp_path, url, ids[:256])
+    plan = _plan(tmp_path, url, ids[1600:1856])
     assert _rollout("run", str(plan), cwd=tmp_path).returncode == 0
     for fmt in ("csv", "json", "html"):
         out = tmp_path / f"report.{fmt}"
@@ -146,7 +152,7 @@ def test_sigterm_stops_cleanly_and_resume_finishes(
 ) -> None:
     """SIGTERM mid-run exits 130 with the run marked interrupted; resume then finishes it."""
     url, ids = sim
-    plan = _plan(tmp_path, url, ids[:2000])
+    plan = _plan(tmp_path, url, ids[1856:3856])
     plan.write_text(plan.read_text().replace('rate_limit = "2000/1"', 'rate_limit = "3/1"'))
     env = dict(os.environ, **{SECRET_ENV: "demo-secret"})
     proc = subprocess.Popen(
@@ -174,7 +180,7 @@ def test_watch_follows_tasks_submitted_without_following(
 ) -> None:
     """`run --no-follow` only submits; `watch` then brings every task to its final status."""
     url, ids = sim
-    plan = _plan(tmp_path, url, ids[:512])
+    plan = _plan(tmp_path, url, ids[3856:4368])
     assert _rollout("run", "--no-follow", str(plan), cwd=tmp_path).returncode == 0
     status = json.loads(_rollout("status", "--json", str(plan), cwd=tmp_path).stdout)
     assert status["status"] == "submitted" and status["tasks_observed"] == 0
@@ -189,7 +195,7 @@ def test_report_refresh_polls_once_before_reporting(
 ) -> None:
     """`report --refresh` asks the platform once; without it the journal alone answers."""
     url, ids = sim
-    plan = _plan(tmp_path, url, ids[:256])
+    plan = _plan(tmp_path, url, ids[4368:4624])
     assert _rollout("run", "--no-follow", str(plan), cwd=tmp_path).returncode == 0
     stale = json.loads(_rollout("report", str(plan), "--format", "json", cwd=tmp_path).stdout)
     assert {d["subtask_status"] for d in stale["devices"]} == {"unknown"}

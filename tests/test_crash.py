@@ -85,7 +85,7 @@ manufacturer = "Aqualis"
 [fleet]
 devices_file = "fleet.txt"
 [execution]
-reconcile_delay = 0
+settle = 0.2
 stop_after_identical_failures = 50
 [monitor]
 follow = false

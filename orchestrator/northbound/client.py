@@ -31,6 +31,7 @@ from ..errors import (
     platform_error,
 )
 from .auth import TokenKeeper
+from .clock import PlatformClock
 from .config import ClientConfig
 from .models import (
     SUBTASK_STATUS_TO_WIRE,
@@ -59,8 +60,15 @@ BeforeSend = Callable[[], None]
 class NorthboundClient:
     """Use as `async with NorthboundClient(config) as client:`."""
 
-    def __init__(self, config: ClientConfig, *, pacer: Pacer | None = None) -> None:
+    def __init__(
+        self,
+        config: ClientConfig,
+        *,
+        pacer: Pacer | None = None,
+        clock: PlatformClock | None = None,
+    ) -> None:
         self.config = config
+        self.clock = clock or PlatformClock()
         self._base = config.base_url.rstrip("/")
         self._pacer = pacer
         self._session: aiohttp.ClientSession | None = None
@@ -127,6 +135,7 @@ class NorthboundClient:
             before_send()
         self.calls += 1
         self._calls_by_api[_api_name(method, path)] += 1
+        sent = self.clock.local()
         try:
             async with self._session.request(
                 method,
@@ -138,6 +147,7 @@ class NorthboundClient:
             ) as reply:
                 status = reply.status
                 raw = await reply.read()
+                self.clock.observe_date_header(reply.headers.get("Date"), sent, self.clock.local())
         except aiohttp.ClientSSLError as exc:
             raise TLSFailed(f"TLS failed: {type(exc).__name__}", method=method, path=path) from None
         except aiohttp.ClientConnectorError as exc:
@@ -348,6 +358,26 @@ class NorthboundClient:
         )
         reply = await self._get(f"{UPGRADE}/operations", priority, params)
         return _page(reply, Task, total_keys=("totalCount", "totalSize"))
+
+    async def sub_operation_page(
+        self,
+        operation_id: str,
+        status: Status | None = None,
+        *,
+        page_no: int = 0,
+        page_size: int = MAX_PAGE_SIZE,
+        priority: Priority = Priority.MONITOR,
+    ) -> Page[SubOperation]:
+        """One page of a task's subtasks (a one-item page is the cheapest look at one)."""
+        params = _params(
+            subOperationStatus=SUBTASK_STATUS_TO_WIRE[status] if status else None,
+            pageNo=page_no,
+            pageSize=page_size,
+        )
+        reply = await self._get(
+            f"{UPGRADE}/operations/{operation_id}/subOperations", priority, params
+        )
+        return _page(reply, SubOperation)
 
     async def sub_operations(
         self,

@@ -1,0 +1,248 @@
+"""The census: which of our targets the platform already holds in a task of this package.
+
+The platform has no idempotency key, but its task list names each task's devices (or device
+groups), filtered by operation type and by the package's device type, model and manufacturer,
+100 tasks a page (platform-api.md §3.7). Reading every page costs ceil(tasks / 100) calls —
+about 20 for 500 000 meters — and makes the platform, not a local file, the authority on which
+target is already in a task: a lost journal, another folder or `--new-run` never sends a
+target twice.
+
+*Which package a task carries* is not promised by the reference (§7: `extendPara` contents
+unknown). `PackageJudge` decides, in this order:
+
+1. `extendPara.fileId` when the platform reports it (the simulator does, unless told not to);
+2. the journal: a task this journal created or adopted carries the package its run recorded;
+3. `extendPara.version` / `fileVersion` when reported;
+4. otherwise, for a task that holds our targets, one subtask that succeeded (a one-item page,
+   `subOperationStatus=success`): its `extendInfo.fileVersion` is the version that task
+   installed (§3.6; the reference's example shows the key, not its meaning — documented as a
+   residual risk in docs/resume-and-reconciliation.md);
+5. still unknown: the operator decides (`--unknown-tasks stop|skip|send`).
+
+`take_census` reads the list; `plan_adoptions` turns the result into what the journal records
+for each chunk not yet in a task. Neither sends a create.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import structlog
+
+from .northbound import NorthboundClient, OperationType, Package, Priority, Status, Task
+from .planner import Chunk
+
+log = structlog.get_logger("orchestrator.census")
+
+PAGE_SIZE = 100
+
+
+class Match(StrEnum):
+    SAME = "same"  # the task carries our package
+    OTHER = "other"  # another package (e.g. the previous firmware of this model)
+    UNKNOWN = "unknown"  # the platform did not say
+
+
+class UnknownTasks(StrEnum):
+    """What to do with targets held by tasks whose package cannot be told."""
+
+    STOP = "stop"  # stop before the first create and ask (default)
+    SKIP = "skip"  # count them as in a task: they are not sent
+    SEND = "send"  # send them: a second task if that one was ours after all
+
+
+@dataclass
+class PackageJudge:
+    """Tells whether a task carries our package, spending at most one call per task."""
+
+    client: NorthboundClient
+    package: Package
+    known: dict[str, str | None]  # operationId → fileId, from the journal (every run)
+    priority: Priority = Priority.SUBMIT
+    probes: int = 0
+    _verdicts: dict[str, Match] = field(default_factory=dict)
+
+    def without_call(self, task: Task) -> Match:
+        para = task.extend_para or {}
+        file_id = para.get("fileId")
+        if isinstance(file_id, str) and file_id:
+            return Match.SAME if file_id == self.package.file_id else Match.OTHER
+        known = self.known.get(task.operation_id)
+        if known:
+            return Match.SAME if known == self.package.file_id else Match.OTHER
+        version = para.get("version") or para.get("fileVersion")
+        if isinstance(version, str) and version:
+            return Match.SAME if version == self.package.version else Match.OTHER
+        return Match.UNKNOWN
+
+    async def judge(self, task: Task) -> Match:
+        verdict = self._verdicts.get(task.operation_id)
+        if verdict is not None:
+            return verdict
+        verdict = self.without_call(task)
+        if verdict is Match.UNKNOWN:
+            self.probes += 1
+            page = await self.client.sub_operation_page(
+                task.operation_id, Status.SUCCEEDED, page_size=1, priority=self.priority
+            )
+            reported = page.items[0].reported_version if page.items else None
+            if reported:
+                verdict = Match.SAME if reported == self.package.version else Match.OTHER
+        self._verdicts[task.operation_id] = verdict
+        return verdict
+
+
+@dataclass
+class Census:
+    """Our targets as the platform's task list shows them (only targets of this plan)."""
+
+    holder: dict[str, tuple[str, str]] = field(default_factory=dict)  # target → (createTime, op)
+    extra: dict[str, list[str]] = field(default_factory=dict)  # target → further ops (duplicates)
+    unknown: dict[str, list[str]] = field(default_factory=dict)  # target → ops, package unknown
+    tasks_listed: int = 0
+    tasks_holding_ours: int = 0
+    pages: int = 0
+    probes: int = 0
+    seconds: float = 0.0
+
+    def operation_of(self, target: str) -> str | None:
+        held = self.holder.get(target)
+        return held[1] if held else None
+
+    def duplicates(self) -> dict[str, list[str]]:
+        """Targets in two or more tasks of this package → their operationIds, oldest first."""
+        return {t: [self.holder[t][1], *ops] for t, ops in self.extra.items()}
+
+    @property
+    def unknown_tasks(self) -> set[str]:
+        return {op for ops in self.unknown.values() for op in ops}
+
+    def summary(self) -> dict[str, int | float]:
+        return {
+            "tasks_listed": self.tasks_listed,
+            "tasks_holding_ours": self.tasks_holding_ours,
+            "targets_in_tasks": len(self.holder),
+            "targets_in_two_tasks": len(self.extra),
+            "targets_package_unknown": len(self.unknown),
+            "pages": self.pages,
+            "probes": self.probes,
+            "seconds": round(self.seconds, 3),
+        }
+
+    def _hold(self, target: str, entry: tuple[str, str]) -> None:
+        held = self.holder.get(target)
+        if held is None:
+            self.holder[target] = entry  # one tuple per task, shared by its targets
+            return
+        if held[1] == entry[1]:
+            return
+        older, newer = sorted((held, entry))
+        self.holder[target] = older
+        self.extra.setdefault(target, []).append(newer[1])
+
+
+def members_of(task: Task, kind: str) -> list[str]:
+    targets = task.targets.devices if kind == "devices" else task.targets.device_groups
+    return targets or []
+
+
+async def take_census(
+    judge: PackageJudge,
+    operation: OperationType,
+    kind: str,
+    targets: Collection[str],
+) -> Census:
+    """Read every page of the app's tasks of this operation and the package's device type,
+    model and manufacturer (every status) and index our `targets` (device IDs, or group
+    names when `kind` is "groups").
+
+    Costs ceil(tasks / 100) list calls, plus one probe call per task that holds our targets
+    when neither the reply nor the journal tells its package. Raises PlatformCallError."""
+    started = time.monotonic()
+    census = Census()
+    package = judge.package
+    seen: set[str] = set()
+    page_no = 0
+    while True:
+        page = await judge.client.list_tasks(
+            operation_type=operation,
+            device_type=package.device_type or None,
+            model=package.model or None,
+            manufacturer=package.manufacturer or None,
+            page_no=page_no,
+            page_size=PAGE_SIZE,
+            priority=judge.priority,
+        )
+        census.pages += 1
+        for task in page.items:
+            if task.operation_id in seen:
+                continue  # the list moved between pages
+            seen.add(task.operation_id)
+            census.tasks_listed += 1
+            ours = [m for m in members_of(task, kind) if m in targets]
+            if not ours:
+                continue
+            census.tasks_holding_ours += 1
+            verdict = await judge.judge(task)
+            if verdict is Match.SAME:
+                entry = (task.create_time, task.operation_id)
+                for target in ours:
+                    census._hold(target, entry)
+            elif verdict is Match.UNKNOWN:
+                for target in ours:
+                    census.unknown.setdefault(target, []).append(task.operation_id)
+        size = page.page_size or PAGE_SIZE
+        if not page.items or (page_no + 1) * size >= page.total:
+            break
+        page_no += 1
+    census.probes = judge.probes
+    census.seconds = time.monotonic() - started
+    log.info("census", **census.summary())
+    return census
+
+
+@dataclass(frozen=True)
+class Adoption:
+    """What the census means for one chunk not yet in a task."""
+
+    parent: str
+    adopted: list[tuple[Chunk, str]]  # (child chunk, operationId): already in that task
+    remainder: Chunk | None  # still to send (None: nothing left)
+
+    @property
+    def whole(self) -> bool:
+        return self.remainder is None and len(self.adopted) == 1
+
+
+def plan_adoption(
+    chunk: Chunk, census: Census, unknown: UnknownTasks, *, exact_only: bool = False
+) -> Adoption | None:
+    """Split `chunk` into the parts the census found in tasks and the rest (None: no part
+    found). `unknown = skip` counts a target held by a task of unknown package as in that task.
+    `exact_only`: adopt only when one task holds the whole chunk (a chunk whose own create may
+    still land is never partly resent)."""
+    by_operation: dict[str, list[str]] = {}
+    rest: list[str] = []
+    for member in chunk.members:
+        operation_id = census.operation_of(member)
+        if operation_id is None and unknown is UnknownTasks.SKIP and member in census.unknown:
+            operation_id = census.unknown[member][0]
+        if operation_id is None:
+            rest.append(member)
+        else:
+            by_operation.setdefault(operation_id, []).append(member)
+    if not by_operation:
+        return None
+    if len(by_operation) == 1 and not rest:
+        return Adoption(chunk.chunk_id, [(chunk, next(iter(by_operation)))], None)
+    if exact_only:
+        return None
+    adopted = [
+        (Chunk(f"{chunk.chunk_id}.c{i}", chunk.kind, members, chunk.wave), operation_id)
+        for i, (operation_id, members) in enumerate(by_operation.items())
+    ]
+    remainder = Chunk(f"{chunk.chunk_id}.r", chunk.kind, rest, chunk.wave) if rest else None
+    return Adoption(chunk.chunk_id, adopted, remainder)
