@@ -203,7 +203,12 @@ async def open_census(session: RunSession, options: RunOptions) -> CensusView:
     folder or earlier run created it. Raises CensusUndecided (nothing created) when targets
     are held by tasks whose package is unknown and the operator has not decided."""
     journal, run_id = session.journal, session.run_id
-    judge = PackageJudge(session.client, session.package, journal.known_operations())
+    judge = PackageJudge(
+        session.client,
+        session.package,
+        journal.known_operations(),
+        created_windows=journal.created_windows(),
+    )
     if options.ignore_census:
         log.warning(
             "CENSUS IGNORED (--ignore-census): targets already in a task of this package are "
@@ -211,7 +216,7 @@ async def open_census(session: RunSession, options: RunOptions) -> CensusView:
         )
         journal.event(run_id, "census-ignored", {})
         return CensusView(None, judge, options.unknown_tasks)
-    targets = set(session.loaded.fleet.members)
+    targets = {member: member for member in session.loaded.fleet.members}
     census = await take_census(judge, session.operation, session.loaded.fleet.kind, targets)
     journal.record_census(run_id, "opening", census.summary())
     rows = journal.chunks(run_id, [PENDING, INTENT])
@@ -315,11 +320,12 @@ class Rollout:
             judge.known.update(known)
         else:
             judge = PackageJudge(self.session.client, self.session.package, known)
+        judge.created_windows = journal.created_windows()
         census = await take_census(
             judge,
             self.session.operation,
             self.session.loaded.fleet.kind,
-            set(self.session.loaded.fleet.members),
+            {member: member for member in self.session.loaded.fleet.members},
         )
         journal.record_census(run_id, "closing", census.summary())
         duplicates = census.duplicates()

@@ -687,6 +687,14 @@ class Journal:
         ).fetchall()
         return {op: file_id for op, file_id in rows}
 
+    def created_windows(self) -> dict[str, tuple[float, float]]:
+        """operationId → (intent, reply) local times of every create answered with it."""
+        rows = self._db.execute(
+            "SELECT operation_id, sent_at, finished_at FROM attempts WHERE outcome='created'"
+            " AND operation_id IS NOT NULL AND finished_at IS NOT NULL"
+        ).fetchall()
+        return {op: (sent, finished) for op, sent, finished in rows}
+
     def last_intent_at(self, run_id: int, chunk_id: str) -> float | None:
         row = self._db.execute(
             "SELECT MAX(sent_at) FROM attempts WHERE run_id=? AND chunk_id=?", (run_id, chunk_id)

@@ -42,12 +42,14 @@ class DeviceRow(NamedTuple):
     task_finished: str
     device_started: str
     device_finished: str
+    in_task_by: str  # created | reconciled | census | second-claim ("" when in no task)
 
 
 DEVICE_COLUMNS = DeviceRow._fields
 FAILED_STATES = frozenset({"failed", "stopped"})
 WAVE_COUNTS = ("upgraded", "failed", "in_progress", "quarantined", "not_submitted")
 IN_PROGRESS_STATES = frozenset({"waiting", "processing", "in-progress", "unknown"})
+IN_TASK_BY = {0: "created", 1: "reconciled", 2: "census", 3: "second-claim"}
 
 
 @dataclass
@@ -59,6 +61,7 @@ class ReportData:
     waves: list[dict[str, Any]]
     tasks: list[dict[str, Any]]
     quarantined: list[dict[str, Any]]
+    duplicates: list[dict[str, Any]]  # targets in two or more tasks of the package
     calls: dict[str, int]
     progress: list[dict[str, Any]]
     totals: dict[str, int]
@@ -119,6 +122,8 @@ def collect(path: Path, plan_name: str) -> ReportData:
                 counts = per_wave[device.wave] = Counter()
             counts["devices"] += 1
             counts["upgraded"] += device.upgraded
+            if device.in_task_by:
+                counts[f"in_task_by_{device.in_task_by}"] += 1
             status = device.subtask_status
             if status in FAILED_STATES:
                 counts["failed"] += 1
@@ -144,6 +149,24 @@ def collect(path: Path, plan_name: str) -> ReportData:
             )
         everything = sum(per_wave.values(), Counter())
         totals = {"devices": everything["devices"], **{k: everything[k] for k in WAVE_COUNTS}}
+        totals.update(
+            {f"in_task_by_{how}": everything[f"in_task_by_{how}"] for how in IN_TASK_BY.values()}
+        )
+        has_duplicates = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='duplicates'"
+        ).fetchone()
+        duplicates = [
+            {"target": r["target"], "operation_ids": json.loads(r["operation_ids"])}
+            for r in (
+                db.execute(
+                    "SELECT target, operation_ids FROM duplicates WHERE run_id=? ORDER BY target",
+                    (run_id,),
+                )
+                if has_duplicates
+                else []
+            )
+        ]
+        totals["duplicates"] = len(duplicates)
         task_rows = [
             {
                 "operation_id": op,
@@ -203,6 +226,7 @@ def collect(path: Path, plan_name: str) -> ReportData:
                 }
                 for d, q in quarantine.items()
             ],
+            duplicates,
             calls,
             progress,
             {**totals, "tasks": len(task_rows), "calls": sum(calls.values())},
@@ -223,12 +247,13 @@ def _device_rows(
     version: str,
 ) -> Iterator[DeviceRow]:
     for chunk in db.execute(
-        "SELECT chunk_id, wave, members, state, operation_id FROM chunks"
+        "SELECT chunk_id, wave, members, state, operation_id, adopted FROM chunks"
         " WHERE run_id=? AND state != 'split' ORDER BY chunk_id",
         (run_id,),
     ):
         wave, chunk_id, state = wave_names.get(chunk["wave"], ""), chunk["chunk_id"], chunk["state"]
         op = chunk["operation_id"] or ""
+        how = IN_TASK_BY.get(chunk["adopted"], "") if state == "submitted" else ""
         task = tasks.get(op)
         if state != "submitted" or task is None:
             for device in chunk["members"].split("\n"):
@@ -241,7 +266,7 @@ def _device_rows(
                 else:
                     status, detail = "unknown", "task not observed yet"
                 yield DeviceRow(
-                    device, wave, chunk_id, op, "", status, False, detail, "", "", "", "", ""
+                    device, wave, chunk_id, op, "", status, False, detail, "", "", "", "", "", how
                 )
             continue
         # one task: what its devices say unless the monitor fetched their own result
@@ -270,6 +295,7 @@ def _device_rows(
                     finished,
                     "",
                     "",
+                    how,
                 )
                 continue
             reported = result["version"] or ""
@@ -288,6 +314,7 @@ def _device_rows(
                 finished,
                 result["start_time"] or "",
                 result["stop_time"] or "",
+                how,
             )
 
 
@@ -308,6 +335,7 @@ def write_json(data: ReportData, out: TextIO) -> None:
         "waves": data.waves,
         "failure_reasons": [{"reason": r, "devices": n} for r, n in data.failure_reasons],
         "quarantined": data.quarantined,
+        "duplicates": data.duplicates,
         "calls": data.calls,
         "tasks": data.tasks,
         "progress": data.progress,

@@ -165,6 +165,7 @@ def _device_table(data: ReportData) -> str:
         "detail",
         "version",
         "task_finished",
+        "in task by",
     ]
     rows = [
         [
@@ -178,6 +179,7 @@ def _device_table(data: ReportData) -> str:
             d.detail,
             d.version,
             d.task_finished,
+            d.in_task_by,
         ]
         for d in shown
     ]
@@ -194,6 +196,8 @@ def render(data: ReportData) -> str:
         ("in progress", totals["in_progress"]),
         ("quarantined", totals["quarantined"]),
         ("not submitted", totals["not_submitted"]),
+        ("already in a task (census)", totals["in_task_by_census"]),
+        ("in two tasks", totals["duplicates"]),
         ("tasks", totals["tasks"]),
         ("API calls", totals["calls"]),
     ]
@@ -270,6 +274,16 @@ def render(data: ReportData) -> str:
         )
         if data.quarantined
         else '<p class="note">None.</p>'
+    }
+<h2>Devices in two tasks of this package</h2>
+{
+        _table(
+            ["target", "operationIds (oldest first)"],
+            [[d["target"], ", ".join(d["operation_ids"])] for d in data.duplicates[:1000]],
+            "duplicates",
+        )
+        if data.duplicates
+        else '<p class="note">None (closing census).</p>'
     }
 <h2>Call budget spent</h2>
 {_table(["API", "calls"], [[k, v] for k, v in data.calls.items()], "calls")}

@@ -53,6 +53,7 @@ from .northbound import (
     Targets,
     Task,
 )
+from .northbound.clock import parse_platform_time
 from .plan import LoadedPlan
 from .planner import Chunk, bisect
 from .session import RunSession, operation_type
@@ -86,13 +87,6 @@ class CensusView:
     census: Census | None  # None: the census was skipped on the operator's order
     judge: PackageJudge
     unknown: UnknownTasks = UnknownTasks.STOP
-
-
-def _platform_time(text: str) -> float | None:
-    try:
-        return datetime.strptime(text, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp()
-    except ValueError:
-        return None
 
 
 async def resolve_package(loaded: LoadedPlan, client: NorthboundClient) -> Package:
@@ -277,8 +271,8 @@ class Submitter:
         clock = self.session.client.clock
         uncertainty = clock.uncertainty if clock.measured else 0.0
         now = clock.now() + START_LEAD + uncertainty + self.session.plan.execution.clock_skew
-        start = _platform_time(policy.start_time) or now
-        end = _platform_time(policy.end_time or "") or now
+        start = parse_platform_time(policy.start_time) or now
+        end = parse_platform_time(policy.end_time or "") or now
         if start >= now:
             return policy
         if end - now < MIN_WINDOW_SECONDS:
@@ -488,7 +482,7 @@ class Submitter:
             return False
         # the platform does not say which package: a task with exactly this chunk's targets
         # created after our first intent (on the platform's clock) is ours
-        created = _platform_time(task.create_time)
+        created = parse_platform_time(task.create_time)
         clock = self.session.client.clock
         margin = (clock.uncertainty if clock.measured else 0.0) + (
             self.session.plan.execution.clock_skew

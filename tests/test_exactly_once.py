@@ -7,6 +7,7 @@ ground truth (`Platform.truth()`), never by the journal alone.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import sqlite3
 from datetime import UTC, datetime, timedelta
@@ -26,6 +27,7 @@ from orchestrator.errors import (
 from orchestrator.journal import Journal
 from orchestrator.plan import load_plan
 from orchestrator.planner import Chunk
+from orchestrator.report import collect, render_to_string
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
 from orchestrator.status import read_status
 
@@ -107,6 +109,8 @@ async def test_same_plan_from_a_second_directory_creates_nothing(
     _each_once(sim, devices)
     assert result.journal == second / ".rollout" / "test-plan.journal.sqlite"
     assert _adopted_by_census(result.journal) == 600
+    rows = list(collect(result.journal, "test-plan").devices())
+    assert {row.in_task_by for row in rows} == {"census"} and len(rows) == 600
 
 
 async def test_default_journal_lives_beside_the_plan_whatever_the_cwd(
@@ -167,6 +171,8 @@ async def test_ignore_census_sends_again_and_the_closing_census_reports_duplicat
         )
     status = read_status(journal, "test-plan")
     assert status["duplicates"] == 300 and len(status["duplicate_examples"]) > 0
+    report = json.loads(render_to_string(collect(journal, "test-plan"), "json"))
+    assert len(report["duplicates"]) == 300 and report["summary"]["duplicates"] == 300
 
 
 async def test_tasks_of_unknown_package_stop_the_run_before_any_create(

@@ -26,12 +26,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
 import structlog
 
 log = structlog.get_logger("orchestrator.northbound")
 
+PLATFORM_TIME_FORMAT = "%Y%m%dT%H%M%SZ"
 WARN_OFFSET = 30.0  # seconds: beyond this, say once that the clocks disagree
 RESOLUTION = 1.0  # the platform's times have whole seconds
 
@@ -99,3 +101,12 @@ class PlatformClock:
         except (TypeError, ValueError, IndexError, OverflowError):
             return
         self.observe(stamped, sent, received)
+
+
+def parse_platform_time(text: str) -> float | None:
+    """The platform's `yyyyMMdd'T'HHmmss'Z'` (platform-api.md §1) → epoch seconds; None when
+    empty or malformed."""
+    try:
+        return datetime.strptime(text, PLATFORM_TIME_FORMAT).replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return None
