@@ -489,6 +489,14 @@ class Journal:
             )
         return int(cursor.lastrowid or 0)
 
+    def touch_intent(self, attempt_id: int) -> None:
+        """The attempt leaves again (its earlier send was refused without effect): its send
+        time is now, so settling counts from the send that may act."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE attempts SET sent_at=? WHERE attempt_id=?", (time.time(), attempt_id)
+            )
+
     def _finish_attempt(
         self,
         db: sqlite3.Connection,

@@ -289,7 +289,10 @@ class Submitter:
 
         def journal_intent() -> None:
             nonlocal attempt
-            attempt = self.session.journal.record_intent(self.session.run_id, chunk.chunk_id)
+            if attempt is None:
+                attempt = self.session.journal.record_intent(self.session.run_id, chunk.chunk_id)
+            else:  # sent again after a refusal that did not act (throttled, token): new time
+                self.session.journal.touch_intent(attempt)
 
         try:
             operation_id = await self.session.client.create_upgrade_task(

@@ -269,3 +269,22 @@ async def test_raw_login_shape_matches_client_expectations(live_sim: SimulatorSe
     ):
         assert reply.status == 200
     _ = ssl  # TLS paths are covered by the https tests above
+
+
+async def test_a_throttled_create_calls_before_send_again_when_it_really_leaves() -> None:
+    """A create refused with 1010009 runs `before_send` again for the attempt that leaves."""
+    config = SimulatorConfig(tls=False, devices=100, seed=3, rate_limit=(5, 1.0))
+    async with SimulatorServer(config) as server:
+        sends: list[float] = []
+        async with NorthboundClient(client_config(server)) as client:
+            await client.login()
+            while server.platform.throttle.admit(APP_ID):  # another client fills the window
+                pass
+            filled = asyncio.get_running_loop().time()
+            await client.create_upgrade_task(
+                OperationType.FIRMWARE,
+                _request(server),
+                before_send=lambda: sends.append(asyncio.get_running_loop().time()),
+            )
+    assert len(sends) == 2 and server.platform.stats.throttled == 1
+    assert sends[1] - filled > 0.5  # the second send waited out the other client's window

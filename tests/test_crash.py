@@ -417,5 +417,6 @@ def test_sigkill_at_seeded_moments_then_resume(
     for tag in ("before-census", "create-in-flight", "reconciling", "all-sent"):
         assert landed[tag] > 0, (tag, landed)
     assert kinds.get("reconciled-adopted", 0) > 0, kinds
-    assert kinds.get("census-adopted", 0) > 0, kinds
+    if not omit_extend_para:  # without extendPara only settling can tell our own tasks
+        assert kinds.get("census-adopted", 0) > 0, kinds
     assert kinds.get("duplicates-found", 0) == 0, kinds

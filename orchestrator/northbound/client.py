@@ -208,17 +208,18 @@ class NorthboundClient:
     ) -> Any:
         """One logical call: token, one re-login on 1010005, waits out throttling.
 
-        `before_send` runs once, when the first attempt has its pacing slot and is about to
-        leave — the engine journals its intent there, so a process killed while waiting for
-        a slot leaves nothing to reconcile.
+        `before_send` runs each time an attempt has its pacing slot and is about to leave —
+        the engine journals its intent there (the first time) and the send time of the
+        attempt that really leaves (after a throttled or re-authenticated one, which certainly
+        did not act), so a process killed while waiting for a slot leaves nothing to reconcile
+        and the settle time counts from the last send.
         """
         relogged = False
         token = await self.tokens.access_token()
         for _ in range(MAX_THROTTLED_ATTEMPTS):
-            hook, before_send = before_send, None
             try:
                 return await self._send(
-                    method, path, priority, token=token, before_send=hook, **kwargs
+                    method, path, priority, token=token, before_send=before_send, **kwargs
                 )
             except InvalidToken:
                 if relogged:
