@@ -106,6 +106,8 @@ class Census:
     holder: dict[str, tuple[str, str]] = field(default_factory=dict)  # target → (createTime, op)
     extra: dict[str, list[str]] = field(default_factory=dict)  # target → further ops (duplicates)
     unknown: dict[str, list[str]] = field(default_factory=dict)  # target → ops, package unknown
+    other_package: int = 0  # our targets found in tasks of another package (information)
+    newest_foreign: float | None = None  # platform time: newest task holding ours, not ours
     tasks_listed: int = 0
     tasks_holding_ours: int = 0
     pages: int = 0
@@ -116,9 +118,16 @@ class Census:
         held = self.holder.get(target)
         return held[1] if held else None
 
-    def duplicates(self) -> dict[str, list[str]]:
-        """Targets in two or more tasks of this package → their operationIds, oldest first."""
-        return {t: [self.holder[t][1], *ops] for t, ops in self.extra.items()}
+    def duplicates(self, *, with_unknown: bool = False) -> dict[str, list[str]]:
+        """Targets in two or more tasks of this package → their operationIds, oldest first.
+        `with_unknown`: a target in one of these and in a task whose package the platform does
+        not tell counts too (possibly two tasks of this package)."""
+        found = {t: [self.holder[t][1], *ops] for t, ops in self.extra.items()}
+        if with_unknown:
+            for target, ops in self.unknown.items():
+                if target in self.holder:
+                    found[target] = [*found.get(target, [self.holder[target][1]]), *ops]
+        return found
 
     @property
     def unknown_tasks(self) -> set[str]:
@@ -131,6 +140,7 @@ class Census:
             "targets_in_tasks": len(self.holder),
             "targets_in_two_tasks": len(self.extra),
             "targets_package_unknown": len(self.unknown),
+            "targets_in_other_packages": self.other_package,
             "pages": self.pages,
             "probes": self.probes,
             "seconds": round(self.seconds, 3),
@@ -196,7 +206,15 @@ async def take_census(
                 continue
             census.tasks_holding_ours += 1
             verdict = await judge.judge(task)
-            if verdict is Match.SAME:
+            if verdict is not Match.OTHER and task.operation_id not in judge.known:
+                created = parse_platform_time(task.create_time)
+                if created is not None and (
+                    census.newest_foreign is None or created > census.newest_foreign
+                ):
+                    census.newest_foreign = created
+            if verdict is Match.OTHER:
+                census.other_package += len(ours)
+            elif verdict is Match.SAME:
                 entry = (task.create_time, task.operation_id)
                 for target in ours:
                     census._hold(target, entry)
@@ -213,17 +231,24 @@ async def take_census(
     return census
 
 
+CONFIRMED, UNCONFIRMED = True, False  # the task's package was told, or the operator skipped
+
+
 @dataclass(frozen=True)
 class Adoption:
     """What the census means for one chunk not yet in a task."""
 
     parent: str
-    adopted: list[tuple[Chunk, str]]  # (child chunk, operationId): already in that task
+    adopted: list[tuple[Chunk, str, bool]]  # (child chunk, operationId, package confirmed)
     remainder: Chunk | None  # still to send (None: nothing left)
 
     @property
     def whole(self) -> bool:
         return self.remainder is None and len(self.adopted) == 1
+
+    @property
+    def targets(self) -> int:
+        return sum(len(part.members) for part, _, _ in self.adopted)
 
 
 def plan_adoption(
@@ -233,25 +258,27 @@ def plan_adoption(
     found). `unknown = skip` counts a target held by a task of unknown package as in that task.
     `exact_only`: adopt only when one task holds the whole chunk (a chunk whose own create may
     still land is never partly resent)."""
-    by_operation: dict[str, list[str]] = {}
+    by_operation: dict[tuple[str, bool], list[str]] = {}
     rest: list[str] = []
     for member in chunk.members:
         operation_id = census.operation_of(member)
-        if operation_id is None and unknown is UnknownTasks.SKIP and member in census.unknown:
-            operation_id = census.unknown[member][0]
-        if operation_id is None:
+        key = (operation_id, CONFIRMED) if operation_id is not None else None
+        if key is None and unknown is UnknownTasks.SKIP and member in census.unknown:
+            key = (census.unknown[member][0], UNCONFIRMED)
+        if key is None:
             rest.append(member)
         else:
-            by_operation.setdefault(operation_id, []).append(member)
+            by_operation.setdefault(key, []).append(member)
     if not by_operation:
         return None
     if len(by_operation) == 1 and not rest:
-        return Adoption(chunk.chunk_id, [(chunk, next(iter(by_operation)))], None)
+        (operation_id, confirmed), _ = next(iter(by_operation.items()))
+        return Adoption(chunk.chunk_id, [(chunk, operation_id, confirmed)], None)
     if exact_only:
         return None
     adopted = [
-        (Chunk(f"{chunk.chunk_id}.c{i}", chunk.kind, members, chunk.wave), operation_id)
-        for i, (operation_id, members) in enumerate(by_operation.items())
+        (Chunk(f"{chunk.chunk_id}.c{i}", chunk.kind, members, chunk.wave), op, confirmed)
+        for i, ((op, confirmed), members) in enumerate(by_operation.items())
     ]
     remainder = Chunk(f"{chunk.chunk_id}.r", chunk.kind, rest, chunk.wave) if rest else None
     return Adoption(chunk.chunk_id, adopted, remainder)

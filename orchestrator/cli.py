@@ -88,8 +88,9 @@ def exits_cleanly(command: Callable[P, R]) -> Callable[P, R]:
             return command(*args, **kwargs)
         except KeyboardInterrupt:
             stderr.print(
-                "[yellow]interrupted[/]: in-flight state is in the journal; "
-                "`rollout resume` finishes the run"
+                "[yellow]interrupted[/]: in-flight state is in the journal; `rollout resume "
+                "PLAN` finishes the run (`rollout run PLAN` if it had not started)",
+                soft_wrap=True,
             )
             sys.exit(EXIT_INTERRUPTED)
         except tuple(cls for cls, _, _ in ERROR_EXITS) as exc:
@@ -614,6 +615,7 @@ IN_TASK_BY = {
     "reconciled": "found after an ambiguous create",
     "census": "already in a task (census)",
     "second-claim": "second claim on a task (anomaly)",
+    "census-unconfirmed": "in a task of unknown package (--unknown-tasks skip)",
 }
 
 

@@ -7,6 +7,7 @@ calls; tests call them directly too.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -37,6 +38,7 @@ from .journal import (
     INTERRUPTED,
     PENDING,
     RUNNING,
+    UNCONFIRMED,
     Journal,
     RunRow,
     default_journal_path,
@@ -143,19 +145,25 @@ def _check_same_inputs(loaded: LoadedPlan, run: RunRow, path: Path, journal: Jou
     """Refuse a resume whose targets or package would differ from the run's; allow (and log)
     every other edit of the plan file."""
     if run.fingerprint is None:  # a run started by a journal of schema 1: the file's bytes
-        same = run.plan_sha == loaded.plan_sha and run.fleet_sha == loaded.fleet.sha256
+        changed = []
+        if run.plan_sha != loaded.plan_sha:
+            changed.append(f"the plan file {loaded.path}")
+        if run.fleet_sha != loaded.fleet.sha256:
+            changed.append(f"the fleet ({loaded.fleet.source})")
     else:
-        same = run.fingerprint == loaded.fingerprint
-    if not same:
-        what = (
-            f"the fleet ({loaded.fleet.source})"
-            if run.fleet_sha != loaded.fleet.sha256
-            else f"the targets or package of {loaded.path} (firmware, operation, fleet or waves)"
+        try:
+            before: dict[str, Any] = json.loads(run.fingerprint)
+        except ValueError:
+            before = {}
+        now = loaded.pinned()
+        changed = sorted(
+            key for key in now.keys() | before.keys() if now.get(key) != before.get(key)
         )
+    if changed:
         raise JournalMismatch(
-            f"{path}: {what} changed since run {run.run_id} started; "
-            "restore it to finish that run, or pass --new-run to start another "
-            "(targets already in a task are not sent again)"
+            f"{path}: {', '.join(changed)} changed since run {run.run_id} started (they define "
+            "its targets and package); restore them to finish that run, or pass --new-run to "
+            "start another (targets already in a task are not sent again)"
         )
     settings = loaded.settings()
     if run.settings is not None and run.settings != settings:
@@ -197,12 +205,38 @@ def start_run(journal: Journal, loaded: LoadedPlan) -> int:
     )
 
 
-async def open_census(session: RunSession, options: RunOptions) -> CensusView:
+FOREIGN_ROUNDS = 3  # censuses in a row that may still see another process's fresh tasks
+
+
+async def _until_settled(session: RunSession, sent: float | None, sleep: Sleep) -> None:
+    """Wait until the platform has surely finished with a create sent at `sent` (platform
+    time where measured, else ours): `request_timeout + settle` after it."""
+    if sent is None:
+        return
+    horizon = session.plan.platform.request_timeout + session.plan.execution.settle
+    clock = session.client.clock
+    wait = sent + horizon - (clock.now() if clock.measured else time.time())
+    if wait > 0:
+        log.info("waiting for creates in flight to land", seconds=round(wait, 1))
+        await sleep(wait)
+
+
+async def open_census(
+    session: RunSession, options: RunOptions, sleep: Sleep = asyncio.sleep
+) -> CensusView:
     """Before the first create of a run, and on every resume: read the platform's tasks of
     this package and journal every target already in one as adopted — whatever process,
-    folder or earlier run created it. Raises CensusUndecided (nothing created) when targets
-    are held by tasks whose package is unknown and the operator has not decided."""
+    folder or earlier run created it.
+
+    First the creates this journal left in flight (an earlier run's, with `--new-run`) are
+    waited out; then, when the census shows tasks holding our targets that another process
+    created moments ago (a killed run's creates may still be landing), it is taken again
+    `request_timeout + settle` later, up to FOREIGN_ROUNDS times. Targets in two tasks are
+    recorded as duplicates. Raises CensusUndecided (nothing created) when targets are held
+    by tasks whose package is unknown and the operator has not decided; JournalError when
+    another process keeps creating tasks for these targets."""
     journal, run_id = session.journal, session.run_id
+    await _until_settled(session, journal.latest_send(None, unsettled_only=True), sleep)
     judge = PackageJudge(
         session.client,
         session.package,
@@ -217,8 +251,35 @@ async def open_census(session: RunSession, options: RunOptions) -> CensusView:
         journal.event(run_id, "census-ignored", {})
         return CensusView(None, judge, options.unknown_tasks)
     targets = {member: member for member in session.loaded.fleet.members}
+    horizon = session.plan.platform.request_timeout + session.plan.execution.settle
+    clock = session.client.clock
     census = await take_census(judge, session.operation, session.loaded.fleet.kind, targets)
+    for _ in range(FOREIGN_ROUNDS):
+        taken = clock.now()
+        fresh = census.newest_foreign
+        if fresh is None or fresh < taken - horizon - 1:
+            break
+        log.warning(
+            "tasks holding these targets were created moments ago by another process; "
+            "waiting until its creates have surely landed, then looking again",
+            seconds=round(horizon, 1),
+        )
+        await sleep(horizon)
+        census = await take_census(judge, session.operation, session.loaded.fleet.kind, targets)
+        if census.newest_foreign == fresh:
+            break
+    else:
+        raise JournalError(
+            "another process keeps creating tasks for these targets (the newest a moment "
+            "ago): stop it or let it finish, then run this plan again"
+        )
     journal.record_census(run_id, "opening", census.summary())
+    _record_duplicates(journal, run_id, census, options)
+    if census.other_package:
+        log.warning(
+            "targets already in tasks of another package of this model (sent anyway)",
+            targets=census.other_package,
+        )
     rows = journal.chunks(run_id, [PENDING, INTENT])
     if options.unknown_tasks is UnknownTasks.STOP:
         _refuse_undecided(census, [row.members for row in rows if row.state == PENDING])
@@ -230,13 +291,29 @@ async def open_census(session: RunSession, options: RunOptions) -> CensusView:
         if adoption is None:
             continue
         if adoption.whole:
-            journal.record_adopted(run_id, row.chunk_id, adoption.adopted[0][1], [], how=CENSUS)
+            _, operation_id, confirmed = adoption.adopted[0]
+            how = CENSUS if confirmed else UNCONFIRMED
+            journal.record_adopted(run_id, row.chunk_id, operation_id, [], how=how)
         else:
             journal.adopt_parts(run_id, row.chunk_id, adoption.adopted, adoption.remainder)
-        adopted += sum(len(part.members) for part, _ in adoption.adopted)
+        adopted += adoption.targets
     if adopted:
         log.info("census: targets already in a task are not sent again", adopted=adopted)
     return CensusView(census, judge, options.unknown_tasks)
+
+
+def _record_duplicates(journal: Journal, run_id: int, census: Census, options: RunOptions) -> None:
+    """Targets in two tasks of this package, and — unless the operator chose to send them —
+    in one of this package and one whose package is unknown."""
+    duplicates = census.duplicates(with_unknown=options.unknown_tasks is not UnknownTasks.SEND)
+    journal.record_duplicates(run_id, duplicates)
+    if duplicates:
+        target, operations = next(iter(sorted(duplicates.items())))
+        log.error(
+            "targets in two tasks of this package",
+            targets=len(duplicates),
+            example=f"{target} in {', '.join(operations)}",
+        )
 
 
 def _refuse_undecided(census: Census, pending: list[list[str]]) -> None:
@@ -262,12 +339,14 @@ class Rollout:
         progress: ProgressHook | None,
         sleep: Sleep | None = None,
         census: CensusView | None = None,
+        options: RunOptions | None = None,
     ) -> None:
         self.session = session
         self.hook = progress
         self.progress = Progress(total_targets=len(session.loaded.fleet.members))
         self.monitor = Monitor(session, **({"sleep": sleep} if sleep is not None else {}))
         self.census = census
+        self.options = options or RunOptions()
 
     async def drive(self, follow: bool) -> None:
         rows = {row.wave: row for row in self.session.journal.waves(self.session.run_id)}
@@ -300,20 +379,15 @@ class Rollout:
             await self.monitor.follow(first_wait=self.session.plan.monitor.poll_interval)
 
     async def closing_census(self) -> None:
-        """After the run's last create (once the platform has surely finished with every
-        ambiguous one): any target in two tasks of this package is recorded, never silent."""
+        """After the run's last create, once the platform has surely finished with it
+        (`request_timeout + settle`: a lagging list shows it, a late commit has landed), any
+        target in two tasks of this package is recorded — never silent."""
         journal, run_id = self.session.journal, self.session.run_id
         if not journal.needs_closing_census(run_id):
             return
-        latest = journal.latest_unsettled_send(run_id)
-        if latest is not None:
-            ready = (
-                latest
-                + self.session.plan.platform.request_timeout
-                + self.session.plan.execution.settle
-            )
-            if ready > time.time():
-                await self.monitor.sleep(ready - time.time())
+        await _until_settled(
+            self.session, journal.latest_send(run_id, unsettled_only=False), self.monitor.sleep
+        )
         known = journal.known_operations()
         if self.census is not None:
             judge = self.census.judge
@@ -328,14 +402,7 @@ class Rollout:
             {member: member for member in self.session.loaded.fleet.members},
         )
         journal.record_census(run_id, "closing", census.summary())
-        duplicates = census.duplicates()
-        journal.record_duplicates(run_id, duplicates)
-        if duplicates:
-            log.error(
-                "targets in two tasks of this package",
-                targets=len(duplicates),
-                example=next(iter(sorted(duplicates.items()))),
-            )
+        _record_duplicates(journal, run_id, census, self.options)
 
     async def _gate(self, wave: int, name: str, section: WaveSection) -> None:
         gate = section.gate
@@ -432,8 +499,8 @@ async def execute(
             session = RunSession(loaded, journal, client, run_id, package)
             follow = loaded.plan.monitor.follow if options.follow is None else options.follow
             try:
-                census = await open_census(session, options)
-                rollout = Rollout(session, progress, sleep, census)
+                census = await open_census(session, options, sleep or asyncio.sleep)
+                rollout = Rollout(session, progress, sleep, census, options)
                 await rollout.drive(follow)
             except RunAborted as exc:
                 journal.set_status(run_id, ABORTED, str(exc))

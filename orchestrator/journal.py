@@ -14,7 +14,11 @@ Chunk states: pending → intent → submitted | split | quarantined | failed
 again when the run is resumed after a plan-level refusal). `chunks.adopted` says how a
 submitted chunk got its task: 0 our create's reply, 1 reconciled after an ambiguous create,
 2 found by the census (whatever process, folder or run created it), 3 a second claim on an
-operationId that already belongs to another chunk (an anomaly, also in `anomalies`).
+operationId that already belongs to another chunk (an anomaly, also in `anomalies`), 4 found
+by the census in a task whose package the platform did not tell, on the operator's
+`--unknown-tasks skip`. Attempts keep their send time on our clock (`sent_at`) and on the
+platform's measured clock (`sent_platform`): settling compares platform times, which a step
+of the local clock between two processes does not move.
 
 The default journal lives beside the plan file (`<plan dir>/.rollout/<name>.journal.sqlite`),
 so the same plan run from another working directory finds its journal.
@@ -93,6 +97,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     run_id INTEGER NOT NULL,
     chunk_id TEXT NOT NULL,
     sent_at REAL NOT NULL,
+    sent_platform REAL,
     finished_at REAL,
     outcome TEXT,
     http_status INTEGER,
@@ -187,7 +192,7 @@ PENDING, INTENT, SUBMITTED, SPLIT, QUARANTINED, FAILED = (
 )
 FINAL_STATES = frozenset({SUBMITTED, SPLIT, QUARANTINED})
 RUNNING, INTERRUPTED, COMPLETED, ABORTED = "running", "interrupted", "completed", "aborted"
-SENT, RECONCILED, CENSUS, SECOND_CLAIM = 0, 1, 2, 3  # chunks.adopted
+SENT, RECONCILED, CENSUS, SECOND_CLAIM, UNCONFIRMED = 0, 1, 2, 3, 4  # chunks.adopted
 UNIQUE_CLAIMS = (
     "CREATE UNIQUE INDEX IF NOT EXISTS chunks_operation ON chunks(run_id, operation_id)"
     " WHERE operation_id IS NOT NULL AND adopted IN (0, 1)"
@@ -266,10 +271,14 @@ def _migrate(connection: sqlite3.Connection, found: int, path: Path) -> None:
         )
     connection.execute("BEGIN IMMEDIATE")
     if found < 2:
-        columns = {row[1] for row in connection.execute("PRAGMA table_info(runs)")}
-        for column in ("fingerprint", "settings"):
+        for table, column, kind in (
+            ("runs", "fingerprint", "TEXT"),
+            ("runs", "settings", "TEXT"),
+            ("attempts", "sent_platform", "REAL"),
+        ):
+            columns = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
             if column not in columns:
-                connection.execute(f"ALTER TABLE runs ADD COLUMN {column} TEXT")
+                connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
     connection.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
     connection.execute("COMMIT")
 
@@ -470,18 +479,21 @@ class Journal:
         rows = self._db.execute(query + " ORDER BY chunk_id", params).fetchall()
         return [ChunkRow(r[0], r[1], r[2].split("\n"), r[3], r[4], r[5], r[6]) for r in rows]
 
-    def first_intent_at(self, run_id: int, chunk_id: str) -> float | None:
+    def first_intent(self, run_id: int, chunk_id: str) -> tuple[float, float | None] | None:
+        """The chunk's first send: (our clock, the platform's clock or None)."""
         row = self._db.execute(
-            "SELECT MIN(sent_at) FROM attempts WHERE run_id=? AND chunk_id=?", (run_id, chunk_id)
+            "SELECT MIN(sent_at), MIN(sent_platform) FROM attempts WHERE run_id=? AND chunk_id=?",
+            (run_id, chunk_id),
         ).fetchone()
-        return float(row[0]) if row and row[0] is not None else None
+        return (float(row[0]), row[1]) if row and row[0] is not None else None
 
-    def record_intent(self, run_id: int, chunk_id: str) -> int:
-        """Committed durably before the create request leaves."""
+    def record_intent(self, run_id: int, chunk_id: str, platform_time: float | None = None) -> int:
+        """Committed durably before the create request leaves (`platform_time`: the send
+        time on the platform's measured clock)."""
         with self._tx() as db:
             cursor = db.execute(
-                "INSERT INTO attempts (run_id, chunk_id, sent_at) VALUES (?,?,?)",
-                (run_id, chunk_id, time.time()),
+                "INSERT INTO attempts (run_id, chunk_id, sent_at, sent_platform) VALUES (?,?,?,?)",
+                (run_id, chunk_id, time.time(), platform_time),
             )
             db.execute(
                 "UPDATE chunks SET state=?, updated_at=? WHERE run_id=? AND chunk_id=?",
@@ -489,12 +501,13 @@ class Journal:
             )
         return int(cursor.lastrowid or 0)
 
-    def touch_intent(self, attempt_id: int) -> None:
+    def touch_intent(self, attempt_id: int, platform_time: float | None = None) -> None:
         """The attempt leaves again (its earlier send was refused without effect): its send
         time is now, so settling counts from the send that may act."""
         with self._tx() as db:
             db.execute(
-                "UPDATE attempts SET sent_at=? WHERE attempt_id=?", (time.time(), attempt_id)
+                "UPDATE attempts SET sent_at=?, sent_platform=? WHERE attempt_id=?",
+                (time.time(), platform_time, attempt_id),
             )
 
     def _finish_attempt(
@@ -643,7 +656,7 @@ class Journal:
         self,
         run_id: int,
         parent: str,
-        adopted: list[tuple[Chunk, str]],
+        adopted: list[tuple[Chunk, str, bool]],
         remainder: Chunk | None,
     ) -> None:
         """The census found part of a chunk in tasks: the parent becomes `split`, each part
@@ -652,12 +665,19 @@ class Journal:
         with self._tx() as db:
             self._close_open_attempts(db, run_id, parent)
             self._set_chunk(db, run_id, parent, SPLIT)
-            self._insert_chunks(db, run_id, [child for child, _ in adopted], now)
-            for child, operation_id in adopted:
+            self._insert_chunks(db, run_id, [child for child, _, _ in adopted], now)
+            for child, operation_id, confirmed in adopted:
                 db.execute(
                     "UPDATE chunks SET state=?, operation_id=?, adopted=?, updated_at=?"
                     " WHERE run_id=? AND chunk_id=?",
-                    (SUBMITTED, operation_id, CENSUS, now, run_id, child.chunk_id),
+                    (
+                        SUBMITTED,
+                        operation_id,
+                        CENSUS if confirmed else UNCONFIRMED,
+                        now,
+                        run_id,
+                        child.chunk_id,
+                    ),
                 )
             if remainder is not None:
                 self._insert_chunks(db, run_id, [remainder], now)
@@ -667,8 +687,8 @@ class Journal:
                 "census-adopted-part",
                 {
                     "chunk": parent,
-                    "operationIds": sorted({op for _, op in adopted}),
-                    "adopted": sum(len(child.members) for child, _ in adopted),
+                    "operationIds": sorted({op for _, op, _ in adopted}),
+                    "adopted": sum(len(child.members) for child, _, _ in adopted),
                     "remaining": len(remainder.members) if remainder else 0,
                 },
             )
@@ -689,7 +709,7 @@ class Journal:
         """operationId → fileId of every task this journal created or adopted (every run)."""
         rows = self._db.execute(
             "SELECT c.operation_id, r.file_id FROM chunks c JOIN runs r USING (run_id)"
-            " WHERE c.operation_id IS NOT NULL AND c.adopted IN (0, 1)"
+            " WHERE c.operation_id IS NOT NULL AND c.adopted IN (0, 1, 2)"
             " UNION SELECT a.operation_id, r.file_id FROM attempts a JOIN runs r USING (run_id)"
             " WHERE a.operation_id IS NOT NULL"
         ).fetchall()
@@ -703,19 +723,27 @@ class Journal:
         ).fetchall()
         return {op: (sent, finished) for op, sent, finished in rows}
 
-    def last_intent_at(self, run_id: int, chunk_id: str) -> float | None:
+    def last_intent(self, run_id: int, chunk_id: str) -> tuple[float, float | None] | None:
+        """The chunk's newest send: (our clock, the platform's clock or None)."""
         row = self._db.execute(
-            "SELECT MAX(sent_at) FROM attempts WHERE run_id=? AND chunk_id=?", (run_id, chunk_id)
+            "SELECT sent_at, sent_platform FROM attempts WHERE run_id=? AND chunk_id=?"
+            " ORDER BY sent_at DESC LIMIT 1",
+            (run_id, chunk_id),
         ).fetchone()
-        return float(row[0]) if row and row[0] is not None else None
+        return (float(row[0]), row[1]) if row else None
 
-    def latest_unsettled_send(self, run_id: int) -> float | None:
-        """When the newest create whose outcome was not a clear reply left (None: none)."""
-        row = self._db.execute(
-            "SELECT MAX(sent_at) FROM attempts WHERE run_id=? AND (outcome IS NULL OR"
-            " outcome IN ('ambiguous', 'absent', 'lost'))",
-            (run_id,),
-        ).fetchone()
+    def latest_send(self, run_id: int | None, *, unsettled_only: bool) -> float | None:
+        """Platform time (our clock where it was not measured) of the newest create sent by
+        `run_id` (None: by any run of this journal); `unsettled_only`: only creates whose
+        outcome was not a clear reply. None when there is none."""
+        query = "SELECT MAX(COALESCE(sent_platform, sent_at)) FROM attempts WHERE 1"
+        params: list[Any] = []
+        if run_id is not None:
+            query += " AND run_id=?"
+            params.append(run_id)
+        if unsettled_only:
+            query += " AND (outcome IS NULL OR outcome IN ('ambiguous', 'absent', 'lost'))"
+        row = self._db.execute(query, params).fetchone()
         return float(row[0]) if row and row[0] is not None else None
 
     def needs_closing_census(self, run_id: int) -> bool:

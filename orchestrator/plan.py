@@ -348,9 +348,10 @@ class Plan(_Section):
 class LoadedPlan:
     """A validated plan, its fleet, and the fingerprints the journal pins.
 
-    `fingerprint` pins what defines the run's targets and package — the fleet's contents,
-    the firmware section, the operation, the group fleet's type/model/manufacturer and the
-    waves' sizes and selection — and nothing else: timeouts, TLS files, rate, monitor
+    `fingerprint` pins what defines the run's targets and package — the platform and app
+    (the census sees one app's tasks), the fleet's targets in order, the firmware section,
+    the operation, the group fleet's type/model/manufacturer and the waves' names, sizes and
+    selection — and nothing else: timeouts, TLS files, rate, monitor
     settings, gates, windows, a comment or a moved start may change between `run` and
     `resume` (the engine logs what changed, from `settings`)."""
 
@@ -365,20 +366,37 @@ class LoadedPlan:
     def base_dir(self) -> Path:
         return self.path.parent
 
-    @property
-    def fingerprint(self) -> str:
+    def targets_digest(self) -> str:
+        """SHA-256 of the targets in order (and of the fleet columns the waves select by):
+        the fleet's contents as the run sees them, not its file's bytes — line endings, extra
+        columns or a moved file change nothing."""
+        digest = hashlib.sha256(self.fleet.kind.encode())
+        for member in self.fleet.members:
+            digest.update(b"\n" + member.encode())
+        for column in sorted({w.stratify_by for w in self.plan.waves if w.stratify_by}):
+            digest.update(f"\x00{column}".encode())
+            for value in self.fleet.attributes.get(column, []):
+                digest.update(b"\n" + value.encode())
+        return digest.hexdigest()
+
+    def pinned(self) -> dict[str, Any]:
+        """What defines the run's targets and package, by part (see the class docstring)."""
         plan = self.plan
-        pinned = {
+        platform = plan.platform
+        return {
+            "platform (url, app_id)": [
+                "simulator" if platform.is_simulator else platform.url,
+                platform.app_id,
+            ],
             "operation": plan.operation.value,
             "firmware": plan.firmware.model_dump(mode="json"),
-            "fleet": {
-                "kind": self.fleet.kind,
-                "contents": self.fleet.sha256,
-                "device_type": plan.fleet.device_type,
-                "model": plan.fleet.model,
-                "manufacturer": plan.fleet.manufacturer,
-            },
-            "waves": [
+            "fleet targets": self.targets_digest(),
+            "fleet device_type/model/manufacturer": [
+                plan.fleet.device_type,
+                plan.fleet.model,
+                plan.fleet.manufacturer,
+            ],
+            "waves (names, sizes, selection)": [
                 w.model_dump(
                     mode="json", include={"name", "count", "share", "selection", "stratify_by"}
                 )
@@ -386,7 +404,11 @@ class LoadedPlan:
                 for w in plan.waves
             ],
         }
-        return hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def fingerprint(self) -> str:
+        """The pinned parts as canonical JSON (kept in the journal, compared on resume)."""
+        return json.dumps(self.pinned(), sort_keys=True)
 
     def settings(self) -> str:
         """The whole plan as canonical JSON (kept in the journal to tell what was edited)."""
@@ -451,7 +473,7 @@ def load_plan(path: Path, now: datetime | None = None, *, check_start: bool = Fa
     except OSError as exc:
         raise InputError(source, "", f"cannot read the plan file: {exc.strerror}") from None
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # an editor's byte-order mark is not TOML
     except UnicodeDecodeError:
         raise InputError(source, "", "the plan file is not UTF-8") from None
     plan = parse_plan(text, source)

@@ -42,14 +42,20 @@ class DeviceRow(NamedTuple):
     task_finished: str
     device_started: str
     device_finished: str
-    in_task_by: str  # created | reconciled | census | second-claim ("" when in no task)
+    in_task_by: str  # created|reconciled|census|census-unconfirmed|second-claim ("": no task)
 
 
 DEVICE_COLUMNS = DeviceRow._fields
 FAILED_STATES = frozenset({"failed", "stopped"})
 WAVE_COUNTS = ("upgraded", "failed", "in_progress", "quarantined", "not_submitted")
 IN_PROGRESS_STATES = frozenset({"waiting", "processing", "in-progress", "unknown"})
-IN_TASK_BY = {0: "created", 1: "reconciled", 2: "census", 3: "second-claim"}
+IN_TASK_BY = {
+    0: "created",
+    1: "reconciled",
+    2: "census",
+    3: "second-claim",
+    4: "census-unconfirmed",
+}
 
 
 @dataclass

@@ -67,7 +67,13 @@ def read_status(path: Path, plan_name: str) -> dict[str, Any]:
             )
         ]
         in_task_by = {
-            {0: "created", 1: "reconciled", 2: "census", 3: "second-claim"}.get(how, str(how)): n
+            {
+                0: "created",
+                1: "reconciled",
+                2: "census",
+                3: "second-claim",
+                4: "census-unconfirmed",
+            }.get(how, str(how)): n
             for how, n in db.execute(
                 "SELECT adopted, COALESCE(SUM(member_count), 0) FROM chunks WHERE run_id=?"
                 " AND state='submitted' GROUP BY adopted",

@@ -138,6 +138,19 @@ async def resolve_package(loaded: LoadedPlan, client: NorthboundClient) -> Packa
     return package
 
 
+def settle_wait(session: RunSession, sent: tuple[float, float | None]) -> float:
+    """Seconds until the platform has surely finished with a create sent at `sent` (our clock,
+    the platform's or None): `request_timeout + settle` after it, compared on the platform's
+    measured clock when the send has a platform time — a step of our clock between the
+    process that sent and the one that settles moves nothing."""
+    horizon = session.plan.platform.request_timeout + session.plan.execution.settle
+    local, on_platform = sent
+    clock = session.client.clock
+    if on_platform is not None and clock.measured:
+        return on_platform + horizon - clock.now()
+    return local + horizon - time.time()
+
+
 class Submitter:
     """Submits the pending chunks of one wave (or of the whole run when `wave` is None)."""
 
@@ -289,10 +302,14 @@ class Submitter:
 
         def journal_intent() -> None:
             nonlocal attempt
+            clock = self.session.client.clock
+            on_platform = clock.now() if clock.measured else None
             if attempt is None:
-                attempt = self.session.journal.record_intent(self.session.run_id, chunk.chunk_id)
+                attempt = self.session.journal.record_intent(
+                    self.session.run_id, chunk.chunk_id, on_platform
+                )
             else:  # sent again after a refusal that did not act (throttled, token): new time
-                self.session.journal.touch_intent(attempt)
+                self.session.journal.touch_intent(attempt, on_platform)
 
         try:
             operation_id = await self.session.client.create_upgrade_task(
@@ -403,9 +420,9 @@ class Submitter:
         "absent" needs two look-ups `settle` apart."""
         journal, run_id = self.session.journal, self.session.run_id
         execution = self.session.plan.execution
-        sent = journal.last_intent_at(run_id, chunk.chunk_id) or time.time()
-        ready = sent + self.session.plan.platform.request_timeout + execution.settle
-        wait = ready - time.time()
+        wait = settle_wait(
+            self.session, journal.last_intent(run_id, chunk.chunk_id) or (time.time(), None)
+        )
         if wait > 0:
             log.info("settling", chunk=chunk.chunk_id, seconds=round(wait, 1))
             await self._sleep(wait)
@@ -433,7 +450,7 @@ class Submitter:
             return
         # what the run's census found of this chunk in other tasks is not sent again
         journal.adopt_parts(run_id, chunk.chunk_id, adoption.adopted, adoption.remainder)
-        self._done(sum(len(part.members) for part, _ in adoption.adopted))
+        self._done(adoption.targets)
         if adoption.remainder is not None:
             self._enqueue(adoption.remainder)
 
@@ -441,7 +458,7 @@ class Submitter:
         """operationIds of tasks on the platform that are exactly this chunk with our package
         (oldest first)."""
         members = set(chunk.members)
-        first_intent = self.session.journal.first_intent_at(self.session.run_id, chunk.chunk_id)
+        first_intent = self.session.journal.first_intent(self.session.run_id, chunk.chunk_id)
         matches: list[tuple[str, str]] = []
         page_no = 0
         while True:
@@ -470,7 +487,9 @@ class Submitter:
             page_no += 1
         return [operation_id for _, operation_id in sorted(matches)]
 
-    async def _matches(self, task: Task, members: set[str], first_intent: float | None) -> bool:
+    async def _matches(
+        self, task: Task, members: set[str], first_intent: tuple[float, float | None] | None
+    ) -> bool:
         targets = (
             task.targets.devices
             if self.session.plan.fleet.groups is None
@@ -490,7 +509,8 @@ class Submitter:
         margin = (clock.uncertainty if clock.measured else 0.0) + (
             self.session.plan.execution.clock_skew
         )
-        intent_on_platform = first_intent + clock.offset
+        local, on_platform = first_intent
+        intent_on_platform = on_platform if on_platform is not None else local + clock.offset
         return created is not None and created + 1 >= intent_on_platform - margin
 
     def _done(self, targets: int) -> None:

@@ -192,6 +192,8 @@ async def test_tasks_of_unknown_package_stop_the_run_before_any_create(
     await execute(load_plan(plan), skip)
     assert sim.platform.stats.tasks_created == created
     _each_once(sim, devices)
+    by = read_status(tmp_path / "second.sqlite", "test-plan")["targets_in_tasks_by"]
+    assert by == {"census-unconfirmed": 300}  # told apart from a confirmed adoption
 
 
 async def test_a_succeeded_subtask_tells_the_package_when_extend_para_is_missing(
@@ -263,7 +265,7 @@ async def test_editing_the_firmware_or_the_waves_is_refused_on_resume(
     with pytest.raises(RunAborted):
         await execute(load_plan(plan), RunOptions(journal=journal))
     plan.write_text(plan.read_text().replace("count = 100", "count = 120"))
-    with pytest.raises(JournalMismatch, match="targets or package"):
+    with pytest.raises(JournalMismatch, match="waves"):
         await execute(load_plan(plan), RunOptions(journal=journal, resume_only=True))
 
 
@@ -407,3 +409,85 @@ def test_the_fingerprint_pins_targets_and_package_only(tmp_path: Path) -> None:
     assert load_plan(path).fingerprint == base
     path.write_text(text.replace("count = 2", "count = 3"))
     assert load_plan(path).fingerprint != base
+    devices = (tmp_path / "fleet.txt").read_text().split()
+    path.write_text(text)
+    (tmp_path / "fleet.txt").write_text("\r\n".join(devices) + "\r\n")  # CRLF: same targets
+    assert load_plan(path).fingerprint == base
+    (tmp_path / "fleet.txt").write_text("\n".join(reversed(devices)) + "\n")
+    assert load_plan(path).fingerprint != base  # another order: other chunks
+
+
+def test_a_plan_file_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
+    """A plan saved by an editor with a UTF-8 byte-order mark is read like any other."""
+    server = SimulatorServer(SimulatorConfig(tls=False, devices=50, seed=5))
+    write_fleet(tmp_path / "fleet.txt", devices_of(server, "WM-200", 5))
+    (tmp_path / "plan.toml").write_bytes(b"\xef\xbb\xbf" + plan_text(server).encode())
+    assert load_plan(tmp_path / "plan.toml").plan.name == "test-plan"
+
+
+async def test_duplicates_seen_by_an_opening_census_are_reported_even_with_nothing_to_send(
+    sim: SimulatorServer, tmp_path: Path
+) -> None:
+    """A run that sends nothing still reports targets already in two tasks (exit 5)."""
+    devices = devices_of(sim, "WM-200", 256)
+    first, second = tmp_path / "a", tmp_path / "b"
+    await execute(load_plan(write_plan(first, sim, devices)), RunOptions())
+    with pytest.raises(DuplicatesFound):
+        await execute(load_plan(first / "plan.toml"), RunOptions(new_run=True, ignore_census=True))
+    created = sim.platform.stats.tasks_created
+    with pytest.raises(DuplicatesFound, match="256 targets"):
+        await execute(load_plan(write_plan(second, sim, devices)), RunOptions())
+    assert sim.platform.stats.tasks_created == created
+
+
+async def test_the_closing_census_waits_until_the_runs_own_tasks_are_listed(
+    sim: SimulatorServer, tmp_path: Path
+) -> None:
+    """With a lagging task list, the closing census still sees every task the run created."""
+    sim.platform.faults.update({"list_lag_s": 1.0})
+    devices = devices_of(sim, "WM-200", 512)
+    journal = tmp_path / "j.sqlite"
+    await execute(
+        load_plan(write_plan(tmp_path, sim, devices, settle=1.2)), RunOptions(journal=journal)
+    )
+    with sqlite3.connect(journal) as db:
+        detail = db.execute("SELECT detail FROM events WHERE kind='census-closing'").fetchone()[0]
+    assert json.loads(detail)["targets_in_tasks"] == 512
+
+
+async def test_new_run_waits_for_the_earlier_runs_creates_in_flight(
+    sim: SimulatorServer, tmp_path: Path
+) -> None:
+    """`--new-run` right after a run was stopped with a create in flight settles it first."""
+    sim.platform.faults.update({"late_commit_s": 1.5, "list_lag_s": 0.5})
+    devices = devices_of(sim, "WM-200", 256)
+    plan = write_plan(tmp_path, sim, devices, settle=1.0)
+    journal = tmp_path / "j.sqlite"
+    run = asyncio.create_task(execute(load_plan(plan), RunOptions(journal=journal)))
+    while not _intent_recorded(journal):  # noqa: ASYNC110  (another process's view: poll)
+        await asyncio.sleep(0.01)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    await execute(load_plan(plan), RunOptions(journal=journal, new_run=True))
+    _each_once(sim, devices)
+
+
+async def test_a_lost_journal_right_after_a_kill_waits_for_the_killed_runs_late_creates(
+    sim: SimulatorServer, tmp_path: Path
+) -> None:
+    """Fresh foreign tasks in the census make it look again once in-flight creates landed."""
+    sim.platform.faults.update({"late_commit_s": 1.0})
+    devices = devices_of(sim, "WM-200", 768)
+    plan = write_plan(tmp_path, sim, devices, settle=1.0, execution="concurrency = 1")
+    journal = tmp_path / "j.sqlite"
+    run = asyncio.create_task(execute(load_plan(plan), RunOptions(journal=journal)))
+    while sim.platform.stats.tasks_created < 1:  # noqa: ASYNC110  (the platform's view)
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.3)  # the second create is on the wire, not yet committed
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    _lose(journal)
+    await execute(load_plan(plan), RunOptions(journal=journal))
+    _each_once(sim, devices)
