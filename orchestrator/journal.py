@@ -751,11 +751,24 @@ class Journal:
         ).fetchone()
         return int(row[0])
 
-    def split(self, run_id: int, parent: str, children: Iterable[Chunk]) -> None:
+    def split(
+        self, run_id: int, parent: str, children: Iterable[Chunk], *, inferred: bool = False
+    ) -> None:
+        """A refused chunk becomes `split` and its halves pending. `inferred`: the chunk was
+        not sent itself — its sibling was accepted, so its parent's refusal lies in it."""
         now = time.time()
         with self._tx() as db:
             self._set_chunk(db, run_id, parent, SPLIT)
             self._insert_chunks(db, run_id, children, now)
+            if inferred:
+                self._event(db, run_id, "bisect-inferred", {"chunk": parent})
+
+    def bisect_creates(self, run_id: int) -> int:
+        """Creates sent for halves of bisected chunks (chunk IDs ending in .0 or .1)."""
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM attempts WHERE run_id=? AND chunk_id GLOB '*.[01]'", (run_id,)
+        ).fetchone()
+        return int(row[0])
 
     def quarantine(
         self, run_id: int, chunk_id: str, device_id: str, error_code: str, reason: str

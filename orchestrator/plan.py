@@ -306,6 +306,10 @@ class MonitorSection(_Section):
 class ExecutionSection(_Section):
     concurrency: int = Field(default=4, ge=1, le=64)
     stop_after_identical_failures: int = Field(default=8, ge=1, le=1000)
+    # creates spent bisecting refused chunks, as a multiple of the run's planned creates (one
+    # per chunk); past it the run stops. 0: the first device-level refusal stops the run.
+    # Isolating b bad targets costs at most 2·b·log2(256) creates (planner.bisection_bound).
+    max_bisect_share: float = Field(default=256.0, ge=0, le=1024)
     # an ambiguous create is looked up once request_timeout + settle after it left, and is
     # "absent" only when a second look, settle later, agrees (docs/resume-and-reconciliation.md)
     settle: float = Field(default=15.0, ge=0, le=3600)
