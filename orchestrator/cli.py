@@ -268,6 +268,13 @@ def main(ctx: click.Context, log_format: str, log_level: str) -> None:
     type=click.IntRange(400, 599),
     help="HTTP status of those refusals: 400 with a platform error body, else a gateway reply.",
 )
+@click.option(
+    "--rollback-rate",
+    default=0.0,
+    type=click.FloatRange(0, 1),
+    help="Share of upgrades reported as succeeded whose device rolled back (the subtask "
+    "reports the old version).",
+)
 def simulator(
     host: str,
     port: int,
@@ -297,6 +304,7 @@ def simulator(
     omit_extend_para: bool,
     reject_next_creates: int,
     reject_status: int,
+    rollback_rate: float,
     failure_rate: float | None,
 ) -> None:
     """Serve the simulated platform (the northbound API of platform-api.md) on loopback.
@@ -341,6 +349,7 @@ def simulator(
             omit_extend_para=omit_extend_para,
             reject_next_creates=reject_next_creates,
             reject_status=reject_status,
+            rollback_rate=rollback_rate,
         ),
     )
 
@@ -387,6 +396,8 @@ def plan_command(plan: Path, as_json: bool) -> None:
         "platform": p.platform.url,
         "targets": len(loaded.fleet.members),
         "target_kind": loaded.fleet.kind,
+        # devices the fleet file says already run the target version (fleet.version_column)
+        "left_out_already_current": len(loaded.already_current),
         "chunks": chunks,
         "calls": calls,
         "census_calls": census_calls,
@@ -511,6 +522,7 @@ def _show_status(status: dict[str, Any]) -> None:
             "targets_quarantined",
             "devices_succeeded",
             "devices_failed",
+            "devices_already_current",
             "calls",
         )
         structlog.get_logger("orchestrator.cli").info(
@@ -628,7 +640,16 @@ def _print_status(status: dict[str, Any]) -> None:
     table.add_row("quarantined", str(status["targets_quarantined"]))
     table.add_row("remaining", str(status["targets_remaining"]))
     table.add_row("devices upgraded", str(status["devices_succeeded"]))
+    table.add_row("  version verified", str(status["devices_version_verified"]))
     table.add_row("devices failed", str(status["devices_failed"]))
+    current, left_out = (
+        status["devices_already_current"],
+        status["devices_left_out_already_current"],
+    )
+    table.add_row(
+        "devices already current",
+        f"{current} ({left_out} left out by the fleet file)" if left_out else str(current),
+    )
     table.add_row("tasks final / observed", f"{status['tasks_final']} / {status['tasks_observed']}")
     for state, values in sorted(status["chunks"].items()):
         table.add_row(f"chunks {state}", str(values["chunks"]))
@@ -645,7 +666,8 @@ def _print_status(status: dict[str, Any]) -> None:
     stderr.print(table)
     if len(status["waves"]) > 1 or (status["waves"] and status["waves"][0]["name"] != "all"):
         waves = Table(title="waves")
-        for column in ("wave", "targets", "in tasks", "upgraded", "failed", "gate", "reason"):
+        columns = ("wave", "targets", "in tasks", "upgraded", "failed", "current", "gate", "reason")
+        for column in columns:
             waves.add_column(column)
         for w in status["waves"]:
             gate = w["gate"] + (" (approved)" if w["approved"] else "")
@@ -655,6 +677,7 @@ def _print_status(status: dict[str, Any]) -> None:
                 str(w["in_tasks"]),
                 str(w["succeeded"]),
                 str(w["failed"]),
+                str(w["already_current"]),
                 gate,
                 w["gate_reason"] or "",
             )

@@ -39,11 +39,19 @@ from .journal import (
     RUNNING,
     Journal,
     RunRow,
+    WaveCounts,
     default_journal_path,
 )
 from .monitor import Monitor, Sleep
 from .northbound import ClientConfig, NorthboundClient, TLSConfig
-from .plan import PLATFORM_TIME_FORMAT, LoadedPlan, PlatformSection, WaveSection, check_times
+from .plan import (
+    PLATFORM_TIME_FORMAT,
+    GateSection,
+    LoadedPlan,
+    PlatformSection,
+    WaveSection,
+    check_times,
+)
 from .planner import plan_chunks
 from .session import RunSession
 from .simulator import DEFAULT_SECRET, SimulatorConfig, SimulatorServer
@@ -194,6 +202,7 @@ def start_run(journal: Journal, loaded: LoadedPlan) -> int:
         waves=loaded.waves,
         fingerprint=loaded.fingerprint,
         settings=loaded.settings(),
+        already_current=loaded.already_current,
     )
 
 
@@ -337,6 +346,18 @@ class Rollout:
                 example=next(iter(sorted(duplicates.items()))),
             )
 
+    async def _judge(self, wave: int, gate: GateSection) -> tuple[Verdict, str, WaveCounts]:
+        """The gate's verdict on the journal's counts. A verdict that would decide while
+        failed devices of the wave are not all known is judged again once they are: an
+        already-current device is counted as failed by the platform's counters."""
+        journal, run_id = self.session.journal, self.session.run_id
+        counts = journal.wave_counts(run_id, wave)
+        verdict, reason = evaluate(gate, counts)
+        if verdict is not Verdict.WAIT and await self.monitor.learn_failures(wave):
+            counts = journal.wave_counts(run_id, wave)
+            verdict, reason = evaluate(gate, counts)
+        return verdict, reason, counts
+
     async def _gate(self, wave: int, name: str, section: WaveSection) -> None:
         gate = section.gate
         interval = self.session.plan.monitor.poll_interval
@@ -345,8 +366,7 @@ class Rollout:
             await self.monitor.sleep(interval)  # tasks created a moment ago cannot be done
         while True:
             await self.monitor.poll()
-            counts = self.session.journal.wave_counts(self.session.run_id, wave)
-            verdict, reason = evaluate(gate, counts)
+            verdict, reason, _ = await self._judge(wave, gate)
             row = next(r for r in self.session.journal.waves(self.session.run_id) if r.wave == wave)
             approved = self.session.journal.approved(self.session.run_id, wave)
             if verdict is Verdict.FAIL:

@@ -35,9 +35,10 @@ from typing import Any
 
 from .errors import JournalError
 from .northbound import SubOperation, Task
+from .outcomes import Outcome, classify
 from .planner import Chunk, Wave
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
@@ -120,6 +121,11 @@ CREATE TABLE IF NOT EXISTS waves (
     approved_at REAL,
     approved_by TEXT,
     updated_at REAL NOT NULL,
+    gate_finished INTEGER,
+    gate_failed INTEGER,
+    approved_state TEXT,
+    approved_finished INTEGER,
+    approved_failed INTEGER,
     PRIMARY KEY (run_id, wave)
 );
 CREATE TABLE IF NOT EXISTS tasks (
@@ -141,6 +147,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     final INTEGER NOT NULL DEFAULT 0,
     details_fetched INTEGER NOT NULL DEFAULT 0,
     observed_at REAL,
+    verified INTEGER NOT NULL DEFAULT 0,
+    unreported INTEGER NOT NULL DEFAULT 0,
+    fails_seen INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (run_id, operation_id)
 );
 CREATE TABLE IF NOT EXISTS device_results (
@@ -152,7 +161,14 @@ CREATE TABLE IF NOT EXISTS device_results (
     version TEXT,
     start_time TEXT,
     stop_time TEXT,
+    outcome TEXT,
     PRIMARY KEY (run_id, device_id, operation_id)
+);
+CREATE TABLE IF NOT EXISTS already_current (
+    run_id INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    version TEXT NOT NULL,
+    PRIMARY KEY (run_id, device_id)
 );
 CREATE TABLE IF NOT EXISTS api_calls (
     run_id INTEGER NOT NULL,
@@ -238,24 +254,73 @@ class WaveRow:
 
 @dataclass(frozen=True)
 class WaveCounts:
-    """Targets of a wave by where they stand, from the journal."""
+    """A wave by where its targets and their devices stand, from the journal.
 
-    targets: int
-    submitted: int
+    Device counts come from the tasks' `staResult` (devices, whatever the targets are),
+    corrected by what the monitor learned of single subtasks: `already_current` of the
+    `failed` found the device on the package's version (neither failed nor upgraded), and
+    `mismatched` of the `succeeded` report another version (failed)."""
+
+    targets: int  # the wave's targets: devices, or groups for a group fleet
+    submitted: int  # targets in submitted chunks
     quarantined: int
-    tasks: int
+    tasks: int  # tasks observed
     final_tasks: int
-    succeeded: int
-    failed: int
+    succeeded: int  # devices, staResult success
+    failed: int  # devices, staResult fail + stop
+    already_current: int = 0
+    mismatched: int = 0
+    kind: str = "devices"
+    task_devices: int = 0  # Σ staResult.total of the observed tasks
+    submitted_tasks: int = 0  # tasks the submitted chunks are in
+
+    @property
+    def devices(self) -> int | None:
+        """Devices in the wave's tasks: the submitted targets of a device fleet; for a group
+        fleet the tasks' totals, known once every task was observed (None before)."""
+        if self.kind == "devices":
+            return self.submitted
+        return self.task_devices if self.tasks >= self.submitted_tasks else None
+
+    @property
+    def upgraded(self) -> int:
+        return self.succeeded - self.mismatched
+
+    @property
+    def real_failed(self) -> int:
+        return max(0, self.failed - self.already_current) + self.mismatched
 
     @property
     def finished(self) -> int:
-        return self.succeeded + self.failed
+        """Devices with a real outcome (upgraded or failed; not already current)."""
+        return self.upgraded + self.real_failed
+
+    @property
+    def base(self) -> int | None:
+        """Devices whose outcome the gate judges: all but the already current."""
+        devices = self.devices
+        return None if devices is None else max(0, devices - self.already_current)
 
 
 def default_journal_path(plan_name: str, plan_dir: Path) -> Path:
     """`<plan dir>/.rollout/<name>.journal.sqlite`: beside the plan, whatever the cwd."""
     return plan_dir.absolute() / ".rollout" / f"{plan_name}.journal.sqlite"
+
+
+# columns added after schema 1, in the order they came (ALTER TABLE appends them)
+ADDED_COLUMNS = (
+    ("runs", "fingerprint", "TEXT"),  # 2
+    ("runs", "settings", "TEXT"),
+    ("waves", "gate_finished", "INTEGER"),  # 3: the verdict's numbers, and what was approved
+    ("waves", "gate_failed", "INTEGER"),
+    ("waves", "approved_state", "TEXT"),
+    ("waves", "approved_finished", "INTEGER"),
+    ("waves", "approved_failed", "INTEGER"),
+    ("tasks", "verified", "INTEGER NOT NULL DEFAULT 0"),  # 3: versions checked
+    ("tasks", "unreported", "INTEGER NOT NULL DEFAULT 0"),
+    ("tasks", "fails_seen", "INTEGER NOT NULL DEFAULT 0"),
+    ("device_results", "outcome", "TEXT"),  # 3: outcomes.Outcome
+)
 
 
 def _migrate(connection: sqlite3.Connection, found: int, path: Path) -> None:
@@ -265,11 +330,10 @@ def _migrate(connection: sqlite3.Connection, found: int, path: Path) -> None:
             f"{path}: journal schema {found} is newer than this rollout ({SCHEMA_VERSION})"
         )
     connection.execute("BEGIN IMMEDIATE")
-    if found < 2:
-        columns = {row[1] for row in connection.execute("PRAGMA table_info(runs)")}
-        for column in ("fingerprint", "settings"):
-            if column not in columns:
-                connection.execute(f"ALTER TABLE runs ADD COLUMN {column} TEXT")
+    for table, column, declaration in ADDED_COLUMNS:
+        columns = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
+        if column not in columns:
+            connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
     connection.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
     connection.execute("COMMIT")
 
@@ -362,7 +426,10 @@ class Journal:
         waves: Iterable[Wave],
         fingerprint: str | None = None,
         settings: str | None = None,
+        already_current: Iterable[tuple[str, str]] = (),
     ) -> int:
+        """A new run: its chunks, its waves, and the devices left out because the fleet file
+        says they already run the package's version (device, version)."""
         now = time.time()
         with self._tx() as db:
             cursor = db.execute(
@@ -391,7 +458,16 @@ class Journal:
                 " VALUES (?,?,?,?,?)",
                 ((run_id, w.index, w.name, len(w.members), now) for w in waves),
             )
-            self._event(db, run_id, "run-created", {"targets": target_count})
+            cursor = db.executemany(
+                "INSERT INTO already_current VALUES (?,?,?)",
+                ((run_id, device, version) for device, version in already_current),
+            )
+            self._event(
+                db,
+                run_id,
+                "run-created",
+                {"targets": target_count, "left_out_already_current": cursor.rowcount},
+            )
         return run_id
 
     @staticmethod
@@ -841,13 +917,6 @@ class Journal:
                 ),
             )
 
-    def task_failures(self, run_id: int, operation_id: str) -> tuple[int, int]:
-        row = self._db.execute(
-            "SELECT failed, stopped FROM tasks WHERE run_id=? AND operation_id=?",
-            (run_id, operation_id),
-        ).fetchone()
-        return (int(row[0]), int(row[1])) if row else (0, 0)
-
     def approved(self, run_id: int, wave: int) -> bool:
         row = self._db.execute(
             "SELECT approved_at FROM waves WHERE run_id=? AND wave=?", (run_id, wave)
@@ -855,30 +924,76 @@ class Journal:
         return bool(row and row[0] is not None)
 
     def record_device_results(
-        self, run_id: int, operation_id: str, results: Iterable[SubOperation]
-    ) -> None:
-        """The non-success subtasks of a finished task, fetched once and kept."""
+        self, run_id: int, operation_id: str, results: Iterable[SubOperation], version: str
+    ) -> dict[Outcome, int]:
+        """Every subtask of a finished task, fetched once: each is classified
+        (`outcomes.classify`) against the package's `version`; the rows of devices not
+        upgraded are kept, the upgraded are counted on the task (`verified`: their reported
+        version is the package's; `unreported`: none reported). Returns the count per
+        outcome."""
+        tally: dict[Outcome, int] = {}
+        verified = unreported = 0
+        rows = []
+        for r in results:
+            reported = r.reported_version
+            outcome = classify(r.status, r.detail, reported, bool(r.start_time), version)
+            tally[outcome] = tally.get(outcome, 0) + 1
+            if outcome is Outcome.UPGRADED:
+                verified += reported is not None
+                unreported += reported is None
+                continue
+            rows.append(self._result_row(run_id, operation_id, r, outcome))
         with self._tx() as db:
-            db.executemany(
-                "INSERT OR REPLACE INTO device_results VALUES (?,?,?,?,?,?,?,?)",
-                (
-                    (
-                        run_id,
-                        r.device_id,
-                        operation_id,
-                        r.status.value,
-                        r.detail,
-                        r.reported_version,
-                        r.start_time,
-                        r.stop_time,
-                    )
-                    for r in results
-                ),
-            )
+            db.executemany(self._RESULT_INSERT, rows)
             db.execute(
-                "UPDATE tasks SET details_fetched=1 WHERE run_id=? AND operation_id=?",
-                (run_id, operation_id),
+                "UPDATE tasks SET details_fetched=1, verified=?, unreported=? WHERE run_id=?"
+                " AND operation_id=?",
+                (verified, unreported, run_id, operation_id),
             )
+        return tally
+
+    def record_failures(
+        self, run_id: int, operation_id: str, results: list[SubOperation], version: str
+    ) -> int:
+        """The failed subtasks of a task still running (a gate needs to tell the already
+        current from the failed). Returns how many are already current."""
+        rows = [
+            self._result_row(
+                run_id,
+                operation_id,
+                r,
+                classify(r.status, r.detail, r.reported_version, bool(r.start_time), version),
+            )
+            for r in results
+        ]
+        with self._tx() as db:
+            db.executemany(self._RESULT_INSERT, rows)
+            db.execute(
+                "UPDATE tasks SET fails_seen=? WHERE run_id=? AND operation_id=?",
+                (len(results), run_id, operation_id),
+            )
+        return sum(1 for row in rows if row[-1] == Outcome.ALREADY_CURRENT.value)
+
+    _RESULT_INSERT = (
+        "INSERT OR REPLACE INTO device_results (run_id, device_id, operation_id, status,"
+        " detail, version, start_time, stop_time, outcome) VALUES (?,?,?,?,?,?,?,?,?)"
+    )
+
+    @staticmethod
+    def _result_row(
+        run_id: int, operation_id: str, r: SubOperation, outcome: Outcome
+    ) -> tuple[Any, ...]:
+        return (
+            run_id,
+            r.device_id,
+            operation_id,
+            r.status.value,
+            r.detail,
+            r.reported_version,
+            r.start_time,
+            r.stop_time,
+            outcome.value,
+        )
 
     def add_calls(self, run_id: int, calls: dict[str, int]) -> None:
         with self._tx() as db:
@@ -909,17 +1024,28 @@ class Journal:
         return [WaveRow(*row) for row in rows]
 
     def wave_counts(self, run_id: int, wave: int) -> WaveCounts:
-        targets, submitted, quarantined = self._db.execute(
+        targets, submitted, quarantined, submitted_tasks, kind = self._db.execute(
             "SELECT (SELECT target_count FROM waves WHERE run_id=?1 AND wave=?2),"
             " (SELECT COALESCE(SUM(member_count), 0) FROM chunks"
             "   WHERE run_id=?1 AND wave=?2 AND state='submitted'),"
             " (SELECT COUNT(*) FROM chunks WHERE run_id=?1 AND wave=?2"
-            "   AND state='quarantined')",
+            "   AND state='quarantined'),"
+            " (SELECT COUNT(DISTINCT operation_id) FROM chunks WHERE run_id=?1 AND wave=?2"
+            "   AND state='submitted'),"
+            " (SELECT fleet_kind FROM runs WHERE run_id=?1)",
             (run_id, wave),
         ).fetchone()
-        tasks, final, succeeded, failed = self._db.execute(
+        tasks, final, succeeded, failed, devices = self._db.execute(
             "SELECT COUNT(*), COALESCE(SUM(final), 0), COALESCE(SUM(succeeded), 0),"
-            " COALESCE(SUM(failed + stopped), 0) FROM tasks WHERE run_id=? AND wave=?",
+            " COALESCE(SUM(failed + stopped), 0), COALESCE(SUM(total), 0) FROM tasks"
+            " WHERE run_id=? AND wave=?",
+            (run_id, wave),
+        ).fetchone()
+        already, mismatched = self._db.execute(
+            "SELECT COALESCE(SUM(d.outcome='already-current'), 0),"
+            " COALESCE(SUM(d.outcome='version-mismatch'), 0) FROM device_results d"
+            " JOIN tasks t ON t.run_id=d.run_id AND t.operation_id=d.operation_id"
+            " WHERE d.run_id=? AND t.wave=?",
             (run_id, wave),
         ).fetchone()
         return WaveCounts(
@@ -930,7 +1056,22 @@ class Journal:
             int(final),
             int(succeeded),
             int(failed),
+            already_current=int(already),
+            mismatched=int(mismatched),
+            kind=str(kind or "devices"),
+            task_devices=int(devices),
+            submitted_tasks=int(submitted_tasks),
         )
+
+    def unseen_failures(self, run_id: int, wave: int) -> list[str]:
+        """operationIds of the wave's tasks whose failed devices are not all known yet (the
+        counters show more than were fetched): the gate asks for these subtasks."""
+        rows = self._db.execute(
+            "SELECT operation_id FROM tasks WHERE run_id=? AND wave=? AND details_fetched=0"
+            " AND failed > fails_seen ORDER BY chunk_id",
+            (run_id, wave),
+        ).fetchall()
+        return [str(row[0]) for row in rows]
 
     def set_gate(
         self,

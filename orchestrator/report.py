@@ -1,13 +1,15 @@
 """Rollout reports — CSV, JSON and a self-contained HTML page — from the journal alone.
 
 One row per device (deviceId, wave, chunk, operationId, task status, subtask status,
-upgraded, detail, version, timestamps), per-task and per-wave summaries, the quarantined
-devices with their reason, the failure reasons, and the call budget spent per API.
+upgraded, detail, version, timestamps, outcome), per-task and per-wave summaries, the
+quarantined devices with their reason, the failure reasons, and the call budget spent per API.
 
-What a device row can say is what the monitor learned at the least cost: a device of a
-finished task that is not among its fetched non-success subtasks succeeded; a device of a
-task still running is `in-progress`. A device counts as upgraded when its subtask succeeded
-and the version it reports (when the platform gives one) is the package's.
+What a device row can say is what the monitor learned: every subtask of a finished task is
+read once and classified (`outcomes.py`); the journal keeps the rows of devices not upgraded,
+so a device of a finished, read task without a row was upgraded — its subtask succeeded and
+the version it reported is the package's. A device of a task still running is
+`in-progress`. `already-current` devices (the platform found them on the package's version,
+or the fleet file said so and they were never sent) are neither failed nor upgraded.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from typing import Any, NamedTuple, TextIO
 
 from .errors import JournalError
 from .journal import Journal
+from .northbound import Status
+from .outcomes import FAILURES, Outcome, classify
 from .report_html import render
 
 
@@ -43,12 +47,20 @@ class DeviceRow(NamedTuple):
     device_started: str
     device_finished: str
     in_task_by: str  # created | reconciled | census | second-claim ("" when in no task)
+    outcome: str  # outcomes.Outcome, or quarantined | not-submitted | unknown
 
 
 DEVICE_COLUMNS = DeviceRow._fields
-FAILED_STATES = frozenset({"failed", "stopped"})
-WAVE_COUNTS = ("upgraded", "failed", "in_progress", "quarantined", "not_submitted")
-IN_PROGRESS_STATES = frozenset({"waiting", "processing", "in-progress", "unknown"})
+FAILED_OUTCOMES = frozenset(outcome.value for outcome in FAILURES)
+WAVE_COUNTS = (
+    "upgraded",
+    "failed",
+    "already_current",
+    "in_progress",
+    "quarantined",
+    "not_submitted",
+)
+IN_PROGRESS_OUTCOMES = frozenset({Outcome.IN_PROGRESS.value, "unknown"})
 IN_TASK_BY = {0: "created", 1: "reconciled", 2: "census", 3: "second-claim"}
 
 
@@ -103,6 +115,7 @@ def collect(path: Path, plan_name: str) -> ReportData:
                 "SELECT * FROM quarantine WHERE run_id=? ORDER BY chunk_id", (run_id,)
             )
         }
+        left_out = _has_table(db, "already_current")
 
         def rows() -> Iterator[DeviceRow]:
             reader = Journal.open_readonly(path)
@@ -111,6 +124,8 @@ def collect(path: Path, plan_name: str) -> ReportData:
                 yield from _device_rows(
                     reader, run_id, wave_names, tasks, results, quarantine, version
                 )
+                if left_out:
+                    yield from _left_out_rows(reader, run_id)
             finally:
                 reader.close()
 
@@ -124,15 +139,17 @@ def collect(path: Path, plan_name: str) -> ReportData:
             counts["upgraded"] += device.upgraded
             if device.in_task_by:
                 counts[f"in_task_by_{device.in_task_by}"] += 1
-            status = device.subtask_status
-            if status in FAILED_STATES:
+            outcome = device.outcome
+            if outcome in FAILED_OUTCOMES:
                 counts["failed"] += 1
-                reasons[device.detail or status] += 1
-            elif status in IN_PROGRESS_STATES:
+                reasons[device.detail or outcome] += 1
+            elif outcome == Outcome.ALREADY_CURRENT:
+                counts["already_current"] += 1
+            elif outcome in IN_PROGRESS_OUTCOMES:
                 counts["in_progress"] += 1
-            elif status == "quarantined":
+            elif outcome == "quarantined":
                 counts["quarantined"] += 1
-            elif status == "not-submitted":
+            elif outcome == "not-submitted":
                 counts["not_submitted"] += 1
         waves = []
         for w in db.execute("SELECT * FROM waves WHERE run_id=? ORDER BY wave", (run_id,)):
@@ -266,40 +283,58 @@ def _device_rows(
                 else:
                     status, detail = "unknown", "task not observed yet"
                 yield DeviceRow(
-                    device, wave, chunk_id, op, "", status, False, detail, "", "", "", "", "", how
+                    device,
+                    wave,
+                    chunk_id,
+                    op,
+                    "",
+                    status,
+                    False,
+                    detail,
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    how,
+                    status,
                 )
             continue
-        # one task: what its devices say unless the monitor fetched their own result
-        if task["final"] and (task["details_fetched"] or task["failed"] + task["stopped"] == 0):
-            default_status, default_detail = "succeeded", ""
+        # one task: what its devices say unless the journal kept their own result
+        if task["final"] and task["details_fetched"]:
+            # every subtask was read: a device without a row was upgraded, version checked
+            default = ("succeeded", Outcome.UPGRADED.value, "")
+            checked = version if task.get("verified") and not task.get("unreported") else ""
         elif task["final"]:
-            default_status, default_detail = "unknown", "details not fetched yet"
+            default, checked = ("unknown", "unknown", "subtasks not read yet"), ""
         else:
-            default_status, default_detail = "in-progress", ""
+            default, checked = ("in-progress", Outcome.IN_PROGRESS.value, ""), ""
         task_status = task["status"]
         created, finished = task["create_time"] or "", task["stop_time"] or ""
         for device in chunk["members"].split("\n"):
             result = results.get((op, device))
             if result is None:
+                status, outcome, detail = default
                 yield DeviceRow(
                     device,
                     wave,
                     chunk_id,
                     op,
                     task_status,
-                    default_status,
-                    default_status == "succeeded",
-                    default_detail,
-                    "",
+                    status,
+                    outcome == Outcome.UPGRADED,
+                    detail,
+                    checked,
                     created,
                     finished,
                     "",
                     "",
                     how,
+                    outcome,
                 )
                 continue
             reported = result["version"] or ""
-            upgraded = result["status"] == "succeeded" and (not reported or reported == version)
+            outcome = _outcome_of(result, version)
             yield DeviceRow(
                 device,
                 wave,
@@ -307,7 +342,7 @@ def _device_rows(
                 op,
                 task_status,
                 result["status"],
-                upgraded,
+                outcome == Outcome.UPGRADED,
                 result["detail"] or "",
                 reported,
                 created,
@@ -315,7 +350,54 @@ def _device_rows(
                 result["start_time"] or "",
                 result["stop_time"] or "",
                 how,
+                outcome,
             )
+
+
+def _outcome_of(result: sqlite3.Row, version: str) -> str:
+    """The row's outcome as the monitor judged it (classified here for rows kept before
+    outcomes were journaled)."""
+    keys = result.keys()
+    if "outcome" in keys and result["outcome"]:
+        return str(result["outcome"])
+    return classify(
+        Status(result["status"]),
+        result["detail"] or "",
+        result["version"] or None,
+        bool(result["start_time"]),
+        version,
+    ).value
+
+
+def _left_out_rows(db: sqlite3.Connection, run_id: int) -> Iterator[DeviceRow]:
+    """Devices the fleet file said already run the package's version: never sent."""
+    for row in db.execute(
+        "SELECT device_id, version FROM already_current WHERE run_id=? ORDER BY device_id",
+        (run_id,),
+    ):
+        detail = f"left out: the fleet file says version {row['version']}"
+        yield DeviceRow(
+            row["device_id"],
+            "",
+            "",
+            "",
+            "",
+            "not-submitted",
+            False,
+            detail,
+            row["version"],
+            "",
+            "",
+            "",
+            "",
+            "",
+            Outcome.ALREADY_CURRENT.value,
+        )
+
+
+def _has_table(db: sqlite3.Connection, name: str) -> bool:
+    row = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,))
+    return row.fetchone() is not None
 
 
 # ---- CSV and JSON ------------------------------------------------------------------------------

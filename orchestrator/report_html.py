@@ -13,6 +13,7 @@ HTML_FULL_DEVICE_TABLE = 20_000
 COLOURS = {
     "upgraded": "#2e7d32",
     "failed": "#c62828",
+    "already_current": "#00838f",
     "in_progress": "#f9a825",
     "quarantined": "#6a1b9a",
     "not_submitted": "#9e9e9e",
@@ -87,7 +88,7 @@ def progress_chart(progress: list[dict[str, Any]], total: int) -> str:
 
 
 def waves_chart(waves: list[dict[str, Any]]) -> str:
-    keys = ["upgraded", "failed", "in_progress", "quarantined", "not_submitted"]
+    keys = ["upgraded", "failed", "already_current", "in_progress", "quarantined", "not_submitted"]
     row_h, label_w, width = 28, 110, 640
     bars = []
     for index, wave in enumerate(waves):
@@ -166,6 +167,7 @@ def _device_table(data: ReportData) -> str:
         "version",
         "task_finished",
         "in task by",
+        "outcome",
     ]
     rows = [
         [
@@ -180,6 +182,7 @@ def _device_table(data: ReportData) -> str:
             d.version,
             d.task_finished,
             d.in_task_by,
+            d.outcome,
         ]
         for d in shown
     ]
@@ -193,6 +196,7 @@ def render(data: ReportData) -> str:
         ("devices", totals["devices"]),
         ("upgraded", f"{totals['upgraded']} ({share:.1%})"),
         ("failed", totals["failed"]),
+        ("already current", totals["already_current"]),
         ("in progress", totals["in_progress"]),
         ("quarantined", totals["quarantined"]),
         ("not submitted", totals["not_submitted"]),
@@ -211,6 +215,7 @@ def render(data: ReportData) -> str:
             w["targets"],
             w["upgraded"],
             w["failed"],
+            w["already_current"],
             w["in_progress"],
             w["quarantined"],
             w["not_submitted"],
@@ -254,6 +259,7 @@ def render(data: ReportData) -> str:
                 "targets",
                 "upgraded",
                 "failed",
+                "already current",
                 "in progress",
                 "quarantined",
                 "not submitted",

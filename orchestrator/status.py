@@ -85,6 +85,19 @@ def read_status(path: Path, plan_name: str) -> dict[str, Any]:
             " COALESCE(SUM(final), 0), COUNT(*) FROM tasks WHERE run_id=?",
             (run_id,),
         ).fetchone()
+        schema_3 = _has_column(db, "device_results", "outcome")
+        outcomes = _outcomes(db, run_id) if schema_3 else {}
+        verified = (
+            db.execute(
+                "SELECT COALESCE(SUM(verified), 0) FROM tasks WHERE run_id=?", (run_id,)
+            ).fetchone()[0]
+            if schema_3
+            else 0
+        )
+        left_out = 0  # devices the fleet file says are already current: never sent
+        if _has_table(db, "already_current"):
+            query = "SELECT COUNT(*) FROM already_current WHERE run_id=?"
+            left_out = db.execute(query, (run_id,)).fetchone()[0]
         waves = []
         for wave, name, targets, gate, reason, soak_until, approved_at in db.execute(
             "SELECT wave, name, target_count, gate_state, gate_reason, soak_until,"
@@ -97,14 +110,16 @@ def read_status(path: Path, plan_name: str) -> dict[str, Any]:
                 " COALESCE(SUM(failed + stopped), 0) FROM tasks WHERE run_id=?1 AND wave=?2",
                 (run_id, wave),
             ).fetchone()
+            current, mismatched = outcomes.get(wave, (0, 0))
             waves.append(
                 {
                     "wave": wave,
                     "name": name,
                     "targets": targets,
                     "in_tasks": in_tasks,
-                    "succeeded": w_succeeded,
-                    "failed": w_failed,
+                    "succeeded": w_succeeded - mismatched,
+                    "failed": max(0, w_failed - current) + mismatched,
+                    "already_current": current,
                     "gate": gate,
                     "gate_reason": reason,
                     "soak_until": soak_until,
@@ -128,8 +143,14 @@ def read_status(path: Path, plan_name: str) -> dict[str, Any]:
             "targets_in_tasks": submitted,
             "targets_quarantined": len(quarantined),
             "targets_remaining": run[3] - submitted - len(quarantined),
-            "devices_succeeded": succeeded,
-            "devices_failed": failed,
+            # devices by outcome (outcomes.py): upgraded (the counters' successes, less those
+            # reporting another version), failed (less the already current), already current
+            "devices_succeeded": succeeded - sum(m for _, m in outcomes.values()),
+            "devices_version_verified": verified,
+            "devices_failed": max(0, failed - sum(c for c, _ in outcomes.values()))
+            + sum(m for _, m in outcomes.values()),
+            "devices_already_current": sum(c for c, _ in outcomes.values()) + left_out,
+            "devices_left_out_already_current": left_out,
             "tasks_final": tasks_final,
             "tasks_observed": tasks_known,
             "waves": waves,
@@ -147,6 +168,24 @@ def read_status(path: Path, plan_name: str) -> dict[str, Any]:
         }
     finally:
         db.close()
+
+
+def _outcomes(db: sqlite3.Connection, run_id: int) -> dict[int, tuple[int, int]]:
+    """wave → (already current, version mismatch) devices, from the subtasks read."""
+    return {
+        int(wave): (int(current), int(mismatched))
+        for wave, current, mismatched in db.execute(
+            "SELECT t.wave, COALESCE(SUM(d.outcome='already-current'), 0),"
+            " COALESCE(SUM(d.outcome='version-mismatch'), 0) FROM device_results d"
+            " JOIN tasks t ON t.run_id=d.run_id AND t.operation_id=d.operation_id"
+            " WHERE d.run_id=? GROUP BY t.wave",
+            (run_id,),
+        )
+    }
+
+
+def _has_column(db: sqlite3.Connection, table: str, column: str) -> bool:
+    return any(row[1] == column for row in db.execute(f"PRAGMA table_info({table})"))
 
 
 def _has_table(db: sqlite3.Connection, name: str) -> bool:

@@ -178,7 +178,11 @@ class Platform:
     def _materialize_through(self, seq: int) -> None:
         # tasks are planned in creation order: a device's version depends on earlier tasks
         while self._materialized <= seq:
-            materialize(self.tasks[self._materialized], self.fleet.devices)
+            materialize(
+                self.tasks[self._materialized],
+                self.fleet.devices,
+                self.faults.config.rollback_rate,
+            )
             self._materialized += 1
 
     def task(self, operation_id: str) -> Task:
