@@ -98,9 +98,7 @@ async def test_bisection_cap_stops_the_run_with_the_count_quarantined(tmp_path: 
         wrong_model = devices_of(sim, "GM-10", 4)
         fleet = good + wrong_model
         random.Random(5).shuffle(fleet)
-        plan = write_plan(
-            tmp_path, sim, fleet, execution="max_bisect_share = 16\nconcurrency = 1"
-        )
+        plan = write_plan(tmp_path, sim, fleet, execution="max_bisect_share = 16\nconcurrency = 1")
         journal = tmp_path / "j.sqlite"
         with pytest.raises(RunAborted, match="bisection has spent 32 creates") as stopped:
             await execute(load_plan(plan), RunOptions(journal=journal))
