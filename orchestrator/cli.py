@@ -36,7 +36,7 @@ from rich.table import Table
 
 from . import __version__
 from .census import UnknownTasks
-from .engine import RunOptions, execute, journal_path, refresh
+from .engine import RunOptions, execute, journal_path, preview_groups, refresh
 from .engine import watch as watch_run
 from .errors import (
     DuplicatesFound,
@@ -406,13 +406,33 @@ def plan_command(plan: Path, as_json: bool) -> None:
         "policy": p.policy.wire(),
         "waves": [{"name": w.name, "targets": len(w.members)} for w in loaded.waves],
     }
+    if loaded.fleet.kind == "groups":
+        # the offline checks passed; learning the groups' members takes calls (shown)
+        if not p.platform.is_simulator:
+            loaded.secret()
+        groups, spent = anyio.run(preview_groups, loaded)
+        members = {name: len(group.devices) for name, group in groups.items()}
+        preview["group_members"] = members
+        preview["devices_in_groups"] = len({d for g in groups.values() for d in g.devices})
+        for wave, shown in zip(loaded.waves, preview["waves"], strict=True):
+            shown["devices_in_groups"] = len(
+                {d for name in wave.members for d in groups[name].devices}
+            )
+        preview["calls_made_to_resolve_groups"] = spent
     if as_json:
         click.echo(json.dumps(preview, indent=2))
         return
-    table = Table(title=f"plan {p.name}: checked, nothing sent", show_header=False)
+    sent = "group members read, nothing created" if "group_members" in preview else "nothing sent"
+    table = Table(title=f"plan {p.name}: checked, {sent}", show_header=False)
     for key, value in preview.items():
         if key == "waves":
-            value = ", ".join(f"{w['name']} {w['targets']}" for w in preview["waves"])
+            value = ", ".join(
+                f"{w['name']} {w['targets']}"
+                + (f" ({w['devices_in_groups']} devices)" if "devices_in_groups" in w else "")
+                for w in preview["waves"]
+            )
+        elif key in ("group_members", "calls_made_to_resolve_groups"):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
         elif key == "eta_seconds":
             key, value = "ETA of submission", f"{value:.0f} s at {p.platform.rate_limit}"
         table.add_row(key, str(value))
@@ -669,12 +689,16 @@ def _print_status(status: dict[str, Any]) -> None:
         columns = ("wave", "targets", "in tasks", "upgraded", "failed", "current", "gate", "reason")
         for column in columns:
             waves.add_column(column)
+        groups = status["target_kind"] == "groups"
         for w in status["waves"]:
             gate = w["gate"] + (" (approved)" if w["approved"] else "")
+            in_tasks = (
+                f"{w['in_tasks']} groups, {w['devices']} devices" if groups else w["in_tasks"]
+            )
             waves.add_row(
                 w["name"],
                 str(w["targets"]),
-                str(w["in_tasks"]),
+                str(in_tasks),
                 str(w["succeeded"]),
                 str(w["failed"]),
                 str(w["already_current"]),

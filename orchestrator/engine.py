@@ -29,6 +29,7 @@ from .errors import (
     RunHalted,
 )
 from .gates import Verdict, evaluate
+from .groups import ResolvedGroup, find_overlaps, refuse_overlaps, resolve_groups
 from .journal import (
     ABORTED,
     CENSUS,
@@ -136,6 +137,26 @@ async def platform_client(loaded: LoadedPlan) -> AsyncIterator[NorthboundClient]
     config = _client_config(platform, platform.url, loaded.secret(), tls)
     async with NorthboundClient(config) as client:
         yield client
+
+
+async def check_groups(loaded: LoadedPlan, client: NorthboundClient) -> dict[str, ResolvedGroup]:
+    """A group fleet's members, resolved through the member API; raises InputError (exit 2,
+    nothing created) when the plan names an unknown group or puts groups that share devices
+    in different tasks (`groups.py`)."""
+    assert loaded.plan.fleet.groups is not None
+    source = str(loaded.path)
+    groups = await resolve_groups(client, loaded.plan.fleet.groups, source)
+    chunks = list(plan_chunks(loaded.fleet, loaded.waves))
+    refuse_overlaps(find_overlaps(chunks, groups, {w.index: w.name for w in loaded.waves}), source)
+    return groups
+
+
+async def preview_groups(loaded: LoadedPlan) -> tuple[dict[str, ResolvedGroup], dict[str, int]]:
+    """`rollout plan` for a group fleet: the groups' members and the calls it took to learn
+    them (a login, a list call per group, the member pages)."""
+    async with platform_client(loaded) as client:
+        groups = await check_groups(loaded, client)
+        return groups, client.take_call_counts()
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -443,7 +464,14 @@ async def execute(
                 check_times(
                     loaded.plan, str(loaded.path), datetime.fromtimestamp(client.clock.now(), UTC)
                 )
+                groups = await check_groups(loaded, client) if loaded.fleet.kind == "groups" else {}
                 run_id = start_run(journal, loaded)
+                if groups:
+                    journal.event(
+                        run_id,
+                        "groups-resolved",
+                        {name: len(group.devices) for name, group in groups.items()},
+                    )
             journal.set_package(run_id, package.file_id, package.version)
             journal.set_status(run_id, RUNNING)
             requeued = journal.requeue_failed(run_id)

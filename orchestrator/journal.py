@@ -164,6 +164,7 @@ CREATE TABLE IF NOT EXISTS device_results (
     outcome TEXT,
     PRIMARY KEY (run_id, device_id, operation_id)
 );
+CREATE INDEX IF NOT EXISTS device_results_task ON device_results(run_id, operation_id);
 CREATE TABLE IF NOT EXISTS already_current (
     run_id INTEGER NOT NULL,
     device_id TEXT NOT NULL,
@@ -924,13 +925,20 @@ class Journal:
         return bool(row and row[0] is not None)
 
     def record_device_results(
-        self, run_id: int, operation_id: str, results: Iterable[SubOperation], version: str
+        self,
+        run_id: int,
+        operation_id: str,
+        results: Iterable[SubOperation],
+        version: str,
+        *,
+        keep_upgraded: bool = False,
     ) -> dict[Outcome, int]:
         """Every subtask of a finished task, fetched once: each is classified
         (`outcomes.classify`) against the package's `version`; the rows of devices not
         upgraded are kept, the upgraded are counted on the task (`verified`: their reported
-        version is the package's; `unreported`: none reported). Returns the count per
-        outcome."""
+        version is the package's; `unreported`: none reported) — and kept too with
+        `keep_upgraded` (a group fleet: the journal knows its devices only from here).
+        Returns the count per outcome."""
         tally: dict[Outcome, int] = {}
         verified = unreported = 0
         rows = []
@@ -941,7 +949,8 @@ class Journal:
             if outcome is Outcome.UPGRADED:
                 verified += reported is not None
                 unreported += reported is None
-                continue
+                if not keep_upgraded:
+                    continue
             rows.append(self._result_row(run_id, operation_id, r, outcome))
         with self._tx() as db:
             db.executemany(self._RESULT_INSERT, rows)

@@ -135,7 +135,11 @@ class Monitor:
         """Every subtask of a finished task, once: each device's outcome, versions checked."""
         results = await self.session.client.sub_operations(operation_id)
         self.session.journal.record_device_results(
-            self.session.run_id, operation_id, results, self.session.package.version
+            self.session.run_id,
+            operation_id,
+            results,
+            self.session.package.version,
+            keep_upgraded=self.session.loaded.fleet.kind == "groups",
         )
 
     async def learn_failures(self, wave: int) -> int:

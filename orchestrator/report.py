@@ -105,10 +105,6 @@ def collect(path: Path, plan_name: str) -> ReportData:
             r["operation_id"]: dict(r)
             for r in db.execute("SELECT * FROM tasks WHERE run_id=? ORDER BY chunk_id", (run_id,))
         }
-        results: dict[tuple[str, str], sqlite3.Row] = {
-            (r["operation_id"], r["device_id"]): r
-            for r in db.execute("SELECT * FROM device_results WHERE run_id=?", (run_id,))
-        }
         quarantine = {
             r["device_id"]: dict(r)
             for r in db.execute(
@@ -121,9 +117,7 @@ def collect(path: Path, plan_name: str) -> ReportData:
             reader = Journal.open_readonly(path)
             reader.row_factory = sqlite3.Row
             try:
-                yield from _device_rows(
-                    reader, run_id, wave_names, tasks, results, quarantine, version
-                )
+                yield from _device_rows(reader, run_id, wave_names, tasks, quarantine, version)
                 if left_out:
                     yield from _left_out_rows(reader, run_id)
             finally:
@@ -259,12 +253,15 @@ def _device_rows(
     run_id: int,
     wave_names: dict[int, str],
     tasks: dict[str, dict[str, Any]],
-    results: dict[tuple[str, str], sqlite3.Row],
     quarantine: dict[str, dict[str, Any]],
     version: str,
 ) -> Iterator[DeviceRow]:
+    """One row per device, chunk by chunk; the subtask rows the journal kept are read one
+    task at a time (a million of them never sit in memory). A group chunk lists its groups
+    until its task is read, then the task's devices."""
+    results_of = db.cursor()
     for chunk in db.execute(
-        "SELECT chunk_id, wave, members, state, operation_id, adopted FROM chunks"
+        "SELECT chunk_id, wave, kind, members, state, operation_id, adopted FROM chunks"
         " WHERE run_id=? AND state != 'split' ORDER BY chunk_id",
         (run_id,),
     ):
@@ -311,8 +308,21 @@ def _device_rows(
             default, checked = ("in-progress", Outcome.IN_PROGRESS.value, ""), ""
         task_status = task["status"]
         created, finished = task["create_time"] or "", task["stop_time"] or ""
-        for device in chunk["members"].split("\n"):
-            result = results.get((op, device))
+        results = {
+            r["device_id"]: r
+            for r in results_of.execute(
+                "SELECT * FROM device_results WHERE run_id=? AND operation_id=?", (run_id, op)
+            )
+        }
+        members = chunk["members"].split("\n")
+        if chunk["kind"] == "groups":
+            if task["final"] and task["details_fetched"]:
+                members = list(results)  # the platform's own expansion of the groups
+            else:
+                groups = f"device groups {', '.join(members)}: devices listed once read"
+                default = (default[0], default[1], groups)
+        for device in members:
+            result = results.get(device)
             if result is None:
                 status, outcome, detail = default
                 yield DeviceRow(

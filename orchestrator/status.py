@@ -104,10 +104,11 @@ def read_status(path: Path, plan_name: str) -> dict[str, Any]:
             " approved_at FROM waves WHERE run_id=? ORDER BY wave",
             (run_id,),
         ).fetchall():
-            in_tasks, w_succeeded, w_failed = db.execute(
+            in_tasks, w_succeeded, w_failed, w_devices = db.execute(
                 "SELECT (SELECT COALESCE(SUM(member_count), 0) FROM chunks WHERE run_id=?1"
                 " AND wave=?2 AND state='submitted'), COALESCE(SUM(succeeded), 0),"
-                " COALESCE(SUM(failed + stopped), 0) FROM tasks WHERE run_id=?1 AND wave=?2",
+                " COALESCE(SUM(failed + stopped), 0), COALESCE(SUM(total), 0) FROM tasks"
+                " WHERE run_id=?1 AND wave=?2",
                 (run_id, wave),
             ).fetchone()
             current, mismatched = outcomes.get(wave, (0, 0))
@@ -116,7 +117,8 @@ def read_status(path: Path, plan_name: str) -> dict[str, Any]:
                     "wave": wave,
                     "name": name,
                     "targets": targets,
-                    "in_tasks": in_tasks,
+                    "in_tasks": in_tasks,  # targets: devices, or groups for a group fleet
+                    "devices": w_devices,  # in the wave's tasks (staResult.total)
                     "succeeded": w_succeeded - mismatched,
                     "failed": max(0, w_failed - current) + mismatched,
                     "already_current": current,
