@@ -635,10 +635,23 @@ def watch(plan: Path, journal: Path | None) -> None:
 )
 @exits_cleanly
 def approve(plan: Path, journal: Path | None, wave: str | None, by: str) -> None:
-    """Approve a wave's gate: it passes (even a failed one) when the run resumes."""
+    """Approve the gate of a wave that waits for a decision (failed, or passed and awaiting
+    approval): it passes when the run resumes — a failed gate only while its failure share
+    is no worse than the one approved."""
     loaded = _load(plan)
-    name = approve_wave(journal_path(loaded, journal), loaded.plan.name, wave, by)
-    stderr.print(f"wave {name!r} approved by {by}; `rollout resume` goes on")
+    approval = approve_wave(
+        journal_path(loaded, journal), loaded.plan.name, wave, by, source=str(loaded.path)
+    )
+    if approval.state == "failed":
+        what = (
+            f"its failed gate ({approval.reason}); a failure share worse than "
+            f"{approval.failed} of {approval.finished} halts it again"
+        )
+    else:
+        what = f"its gate, passed and awaiting approval ({approval.reason})"
+    click.echo(
+        f"approved wave {approval.wave!r} by {by}: {what}. `rollout resume` goes on.",
+    )
 
 
 IN_TASK_BY = {

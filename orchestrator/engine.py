@@ -385,47 +385,54 @@ class Rollout:
         seen = self.session.journal.wave_counts(self.session.run_id, wave)
         if seen.tasks == 0 or seen.final_tasks < seen.tasks:
             await self.monitor.sleep(interval)  # tasks created a moment ago cannot be done
+        journal, run_id = self.session.journal, self.session.run_id
         while True:
             await self.monitor.poll()
-            verdict, reason, _ = await self._judge(wave, gate)
-            row = next(r for r in self.session.journal.waves(self.session.run_id) if r.wave == wave)
-            approved = self.session.journal.approved(self.session.run_id, wave)
+            verdict, reason, counts = await self._judge(wave, gate)
+            numbers = {"finished": counts.finished, "failed": counts.real_failed}
+            row = next(r for r in journal.waves(run_id) if r.wave == wave)
+            approval = journal.approval(run_id, wave)
             if verdict is Verdict.FAIL:
-                if approved:
-                    self.session.journal.set_gate(
-                        self.session.run_id,
+                if approval is not None and approval.covers(False, **numbers):
+                    journal.set_gate(
+                        run_id,
                         wave,
                         "passed",
-                        f"failed gate overridden by approval: {reason}",
+                        f"failed gate overridden by {approval.by}'s approval (at "
+                        f"{approval.failed} of {approval.finished} failed): {reason}",
+                        **numbers,
                     )
                     return
-                self.session.journal.set_gate(self.session.run_id, wave, "failed", reason)
+                journal.set_gate(run_id, wave, "failed", reason, **numbers)
+                again = (
+                    f" — worse than what {approval.by} approved ({approval.failed} of "
+                    f"{approval.finished} failed)"
+                    if approval is not None and approval.state == "failed"
+                    else ""
+                )
                 raise RunHalted(
-                    f"wave {name!r} failed its gate: {reason}. Nothing more was submitted. "
-                    f"To go on anyway: rollout approve PLAN --wave {name}, then rollout resume"
+                    f"wave {name!r} failed its gate: {reason}{again}. Nothing more was "
+                    f"submitted. To go on anyway: rollout approve PLAN --wave {name}, then "
+                    "rollout resume"
                 )
             if verdict is Verdict.WAIT:
-                self.session.journal.set_gate(self.session.run_id, wave, "waiting", reason)
+                journal.set_gate(run_id, wave, "waiting", reason, **numbers)
                 await self.monitor.sleep(interval)
                 interval = min(self.session.plan.monitor.max_poll_interval, interval * 1.5)
                 continue
             if gate.soak > 0:
                 soak_until = row.soak_until or time.time() + gate.soak
                 if time.time() < soak_until:
-                    self.session.journal.set_gate(
-                        self.session.run_id, wave, "soaking", reason, soak_until
-                    )
+                    journal.set_gate(run_id, wave, "soaking", reason, soak_until, **numbers)
                     await self.monitor.sleep(min(interval, max(0.0, soak_until - time.time())))
                     continue
-            if gate.approval and not approved:
-                self.session.journal.set_gate(
-                    self.session.run_id, wave, "awaiting-approval", reason
-                )
+            if gate.approval and approval is None:
+                journal.set_gate(run_id, wave, "awaiting-approval", reason, **numbers)
                 raise RunHalted(
                     f"wave {name!r} passed its gate ({reason}) and waits for approval: "
                     f"rollout approve PLAN --wave {name}, then rollout resume"
                 )
-            self.session.journal.set_gate(self.session.run_id, wave, "passed", reason)
+            journal.set_gate(run_id, wave, "passed", reason, **numbers)
             log.info("gate passed", wave=name, reason=reason)
             return
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import sqlite3
 import time
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import JournalError
+from .errors import InputError, JournalError
 from .northbound import SubOperation, Task
 from .outcomes import Outcome, classify
 from .planner import Chunk, Wave
@@ -301,6 +302,47 @@ class WaveCounts:
         """Devices whose outcome the gate judges: all but the already current."""
         devices = self.devices
         return None if devices is None else max(0, devices - self.already_current)
+
+
+WAITING_FOR_DECISION = ("failed", "awaiting-approval")  # the gate states an approval is for
+
+
+@dataclass(frozen=True)
+class Approval:
+    """An operator's approval of a wave's gate, scoped to the verdict it was given for: a
+    failed gate with `failed` of `finished` devices failed, or a passed gate awaiting it."""
+
+    wave: str
+    state: str  # the gate state approved: failed | awaiting-approval
+    reason: str  # the gate's reason then
+    finished: int
+    failed: int
+    by: str
+
+    @property
+    def failed_share(self) -> float:
+        return self.failed / self.finished if self.finished else 0.0
+
+    @property
+    def tolerance(self) -> float:
+        """How far the failure share may drift above the approved one by chance: two standard
+        errors of the approved sample, 2·√(p(1−p)/n) — the approved 60 % of 50 devices
+        covers up to 73.9 %, of 250 devices up to 66.2 %."""
+        if not self.finished:
+            return 0.0
+        p = self.failed_share
+        return float(2 * math.sqrt(p * (1 - p) / self.finished))
+
+    def covers(self, passing: bool, finished: int, failed: int) -> bool:
+        """Whether this approval lets a verdict through: a passing gate that awaits approval
+        always; a failing one only when the approval was for a failed gate and the failure
+        share now is not worse than the approved one beyond chance (`tolerance`)."""
+        if passing:
+            return True
+        if self.state != "failed":
+            return False
+        share = failed / finished if finished else 0.0
+        return share <= self.failed_share + self.tolerance
 
 
 def default_journal_path(plan_name: str, plan_dir: Path) -> Path:
@@ -918,11 +960,16 @@ class Journal:
                 ),
             )
 
-    def approved(self, run_id: int, wave: int) -> bool:
+    def approval(self, run_id: int, wave: int) -> Approval | None:
+        """The operator's approval of the wave's gate and the verdict it was given for."""
         row = self._db.execute(
-            "SELECT approved_at FROM waves WHERE run_id=? AND wave=?", (run_id, wave)
+            "SELECT name, approved_state, gate_reason, approved_finished, approved_failed,"
+            " approved_by, approved_at FROM waves WHERE run_id=? AND wave=?",
+            (run_id, wave),
         ).fetchone()
-        return bool(row and row[0] is not None)
+        if row is None or row[6] is None:
+            return None
+        return Approval(row[0], row[1] or FAILED, "", int(row[3] or 0), int(row[4] or 0), row[5])
 
     def record_device_results(
         self,
@@ -1089,12 +1136,17 @@ class Journal:
         state: str,
         reason: str | None = None,
         soak_until: float | None = None,
+        *,
+        finished: int | None = None,
+        failed: int | None = None,
     ) -> None:
+        """The gate's state and reason, with the devices it judged (finished, failed): an
+        approval is given for exactly these numbers."""
         with self._tx() as db:
             db.execute(
                 "UPDATE waves SET gate_state=?, gate_reason=?, soak_until=COALESCE(?, soak_until),"
-                " updated_at=? WHERE run_id=? AND wave=?",
-                (state, reason, soak_until, time.time(), run_id, wave),
+                " gate_finished=?, gate_failed=?, updated_at=? WHERE run_id=? AND wave=?",
+                (state, reason, soak_until, finished, failed, time.time(), run_id, wave),
             )
             self._event(db, run_id, f"gate-{state}", {"wave": wave, "reason": reason})
 
@@ -1114,10 +1166,15 @@ def has_run(path: Path, plan_name: str) -> bool:
         return False
 
 
-def approve_wave(path: Path, plan_name: str, wave_name: str | None, by: str) -> str:
-    """Record an operator's approval of a wave's gate (the first gate not yet passed when no
-    name is given). It writes beside a running process: the lock is for drivers, and an
-    approval is one row that the driver reads."""
+def approve_wave(
+    path: Path, plan_name: str, wave_name: str | None, by: str, *, source: str | None = None
+) -> Approval:
+    """Record an operator's approval of a wave's gate that waits for a decision (failed, or
+    passed and awaiting approval) — the first such wave when no name is given. The approval
+    holds for that verdict: a later, worse failure share halts again (`Approval.covers`).
+    Raises InputError (exit 2, naming the valid waves; `source`, the plan file, in the message)
+    for a wave that does not exist or does not wait. It writes beside a running process: the
+    lock is for drivers, and an approval is one row that the driver reads."""
     if not path.exists():
         raise JournalError(f"{path}: no journal here (has this plan been run?)")
     db = sqlite3.connect(path, timeout=30, isolation_level=None)
@@ -1127,28 +1184,37 @@ def approve_wave(path: Path, plan_name: str, wave_name: str | None, by: str) -> 
         ).fetchone()
         if run is None:
             raise JournalError(f"{path}: no run of plan {plan_name!r}")
-        if wave_name is None:
-            row = db.execute(
-                "SELECT wave, name FROM waves WHERE run_id=? AND gate_state!="
-                "'passed' ORDER BY wave LIMIT 1",
-                (run[0],),
-            ).fetchone()
-        else:
-            row = db.execute(
-                "SELECT wave, name FROM waves WHERE run_id=? AND name=?", (run[0], wave_name)
-            ).fetchone()
+        waves = db.execute(
+            "SELECT wave, name, gate_state, gate_reason, gate_finished, gate_failed FROM waves"
+            " WHERE run_id=? ORDER BY wave",
+            (run[0],),
+        ).fetchall()
+        waiting = [w for w in waves if w[2] in WAITING_FOR_DECISION]
+        where = source or str(path)
+        if wave_name is not None and all(w[1] != wave_name for w in waves):
+            names = ", ".join(w[1] for w in waves)
+            raise InputError(where, "--wave", f"run {run[0]} has no wave {wave_name!r} ({names})")
+        row = next((w for w in waiting if wave_name in (None, w[1])), None)
         if row is None:
-            raise JournalError(f"{path}: no wave {wave_name or 'waiting for a decision'}")
+            states = ", ".join(f"{w[1]} ({w[2]})" for w in waves)
+            ask = f"wave {wave_name!r} does not" if wave_name else "no wave does"
+            raise InputError(
+                where, "--wave", f"{ask} wait for a decision in run {run[0]}: {states}"
+            )
+        wave, name, state, reason, finished, failed = row
+        now = time.time()
         db.execute("BEGIN IMMEDIATE")
         db.execute(
-            "UPDATE waves SET approved_at=?, approved_by=? WHERE run_id=? AND wave=?",
-            (time.time(), by, run[0], row[0]),
+            "UPDATE waves SET approved_at=?, approved_by=?, approved_state=?,"
+            " approved_finished=?, approved_failed=? WHERE run_id=? AND wave=?",
+            (now, by, state, finished, failed, run[0], wave),
         )
+        detail = {"wave": wave, "by": by, "state": state, "reason": reason}
         db.execute(
             "INSERT INTO events (run_id, at, kind, detail) VALUES (?,?,?,?)",
-            (run[0], time.time(), "gate-approved", json.dumps({"wave": row[0], "by": by})),
+            (run[0], now, "gate-approved", json.dumps(detail, sort_keys=True)),
         )
         db.execute("COMMIT")
-        return str(row[1])
+        return Approval(name, state, reason or "", int(finished or 0), int(failed or 0), by)
     finally:
         db.close()

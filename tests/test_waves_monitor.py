@@ -97,7 +97,7 @@ async def test_approval_overrides_a_failed_gate_on_resume(tmp_path: Path) -> Non
         journal = tmp_path / "j.sqlite"
         with pytest.raises(RunHalted):
             await execute(load_plan(plan), RunOptions(journal=journal))
-        assert approve_wave(journal, "test-plan", "canary", "tester") == "canary"
+        assert approve_wave(journal, "test-plan", "canary", "tester").wave == "canary"
         with pytest.raises(RunHalted, match="quarter"):  # the next gate fails on its own
             await execute(load_plan(plan), RunOptions(journal=journal, resume_only=True))
         approve_wave(journal, "test-plan", "quarter", "tester")
