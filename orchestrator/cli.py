@@ -36,7 +36,16 @@ from rich.table import Table
 
 from . import __version__
 from .census import UnknownTasks
-from .engine import RunOptions, execute, journal_path, preview_groups, refresh
+from .engine import (
+    RETRY_CHOICES,
+    RetryOptions,
+    RunOptions,
+    execute,
+    journal_path,
+    preview_groups,
+    refresh,
+    retry,
+)
 from .engine import watch as watch_run
 from .errors import (
     DuplicatesFound,
@@ -463,7 +472,7 @@ def _progress_bar(total: int) -> tuple[Progress, Callable[[RunProgress], None]]:
             bar.start()
         elapsed = max(1e-6, time.monotonic() - progress.started)
         rate = f"{progress.creates / elapsed * 60:.0f} creates/min"
-        bar.update(task, completed=progress.done_targets, rate=rate)
+        bar.update(task, total=progress.total_targets, completed=progress.done_targets, rate=rate)
 
     return bar, update
 
@@ -612,6 +621,59 @@ def resume(
     _drive(plan, journal, False, True, follow, unknown_tasks, ignore_census)
 
 
+def _retry_states(_ctx: click.Context, _param: click.Parameter, value: str) -> frozenset[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in RETRY_CHOICES]
+    if not names or unknown:
+        raise click.BadParameter(
+            f"a comma list of {', '.join(RETRY_CHOICES)}"
+            + (f" (not {', '.join(unknown)})" if unknown else "")
+        )
+    return frozenset(value for name in names for value in RETRY_CHOICES[name])
+
+
+@main.command("retry")
+@plan_argument
+@journal_option
+@click.option(
+    "--states",
+    default=",".join(RETRY_CHOICES),
+    show_default=True,
+    callback=_retry_states,
+    help="Which devices get another task, by how their subtask ended in their latest pass: "
+    "fail (failed after starting, or succeeded reporting another version), timeout (never "
+    "came online in time), stop (stopped), never-started (timed out, or stopped before "
+    "starting).",
+)
+@follow_option
+@unknown_tasks_option
+@exits_cleanly
+def retry_command(
+    plan: Path,
+    journal: Path | None,
+    states: frozenset[str],
+    follow: bool | None,
+    unknown_tasks: str,
+) -> None:
+    """A retry pass: new tasks for the devices of PLAN's finished run whose latest outcome is
+    one of --states — exactly once per pass, journaled, judged by the plan's last gate. An
+    unfinished pass is finished first."""
+    loaded = _load(plan)
+    options = RetryOptions(
+        journal=journal, states=states, follow=follow, unknown_tasks=UnknownTasks(unknown_tasks)
+    )
+    bar, update = _progress_bar(len(loaded.fleet.members))
+    result = _interruptible(lambda: retry(loaded, options, update), bar)
+    if result.pass_no is None:
+        click.echo(
+            f"nothing to retry: no device of run {result.run_id} ended as asked "
+            f"({', '.join(sorted(states))})"
+        )
+        return
+    click.echo(f"retry pass {result.pass_no} of run {result.run_id}: {result.targets} devices")
+    _show_status(read_status(result.journal, loaded.plan.name))
+
+
 @main.command()
 @plan_argument
 @journal_option
@@ -719,6 +781,21 @@ def _print_status(status: dict[str, Any]) -> None:
                 w["gate_reason"] or "",
             )
         stderr.print(waves)
+    if status.get("passes"):
+        passes = Table(title="retry passes")
+        for column in ("pass", "retried", "devices", "upgraded", "failed", "current", "status"):
+            passes.add_column(column)
+        for r in status["passes"]:
+            passes.add_row(
+                str(r["pass"]),
+                ", ".join(r["states"]),
+                str(r["targets"]),
+                str(r["succeeded"]),
+                str(r["failed"]),
+                str(r["already_current"]),
+                f"{r['pass_status']} (gate {r['gate']})",
+            )
+        stderr.print(passes)
     if status["calls"]:
         stderr.print("calls spent: " + ", ".join(f"{k} {v}" for k, v in status["calls"].items()))
     for row in status["quarantined"][:20]:

@@ -16,6 +16,12 @@ submitted chunk got its task: 0 our create's reply, 1 reconciled after an ambigu
 2 found by the census (whatever process, folder or run created it), 3 a second claim on an
 operationId that already belongs to another chunk (an anomaly, also in `anomalies`).
 
+A run's first pass is its waves; `rollout retry` adds a *retry pass* (`passes`): the devices
+whose latest outcome was a chosen failure, in chunks `p<NN>-<index>` of a wave row of its own
+(`retry-<N>`, after the plan's waves), so intents, attempts, settling, adoption and
+monitoring work for a pass exactly as for a wave. A device thus has one chunk per pass that
+holds it; its final outcome is its latest pass's.
+
 The default journal lives beside the plan file (`<plan dir>/.rollout/<name>.journal.sqlite`),
 so the same plan run from another working directory finds its journal.
 """
@@ -166,6 +172,19 @@ CREATE TABLE IF NOT EXISTS device_results (
     PRIMARY KEY (run_id, device_id, operation_id)
 );
 CREATE INDEX IF NOT EXISTS device_results_task ON device_results(run_id, operation_id);
+CREATE TABLE IF NOT EXISTS passes (
+    run_id INTEGER NOT NULL,
+    pass_no INTEGER NOT NULL,
+    wave INTEGER NOT NULL,
+    states TEXT NOT NULL,
+    targets INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    platform_start REAL NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (run_id, pass_no)
+);
 CREATE TABLE IF NOT EXISTS already_current (
     run_id INTEGER NOT NULL,
     device_id TEXT NOT NULL,
@@ -252,6 +271,20 @@ class WaveRow:
     gate_reason: str | None
     soak_until: float | None
     approved_at: float | None
+
+
+@dataclass(frozen=True)
+class PassRow:
+    """A retry pass of a run (pass 1 is the run's own waves, not a row)."""
+
+    pass_no: int
+    wave: int  # its wave row: its chunks, tasks and gate
+    states: list[str]  # the outcomes it retries (outcomes.Outcome values)
+    targets: int
+    started_at: float  # local time
+    platform_start: float  # the platform's time when it started (its census ignores older tasks)
+    status: str
+    reason: str | None
 
 
 @dataclass(frozen=True)
@@ -900,11 +933,13 @@ class Journal:
             )
 
     # ---- summaries ---------------------------------------------------------------------------
-    def counts(self, run_id: int) -> dict[str, int]:
-        rows = self._db.execute(
-            "SELECT state, COUNT(*), SUM(member_count) FROM chunks WHERE run_id=? GROUP BY state",
-            (run_id,),
-        ).fetchall()
+    def counts(self, run_id: int, wave: int | None = None) -> dict[str, int]:
+        """Chunks and targets by state (of one wave, or of the whole run)."""
+        query = "SELECT state, COUNT(*), SUM(member_count) FROM chunks WHERE run_id=?"
+        params: tuple[int, ...] = (run_id,)
+        if wave is not None:
+            query, params = query + " AND wave=?", (run_id, wave)
+        rows = self._db.execute(query + " GROUP BY state", params).fetchall()
         result = {f"chunks_{state}": int(n) for state, n, _ in rows}
         result.update({f"targets_{state}": int(m or 0) for state, _, m in rows})
         return result
@@ -1150,6 +1185,149 @@ class Journal:
             )
             self._event(db, run_id, f"gate-{state}", {"wave": wave, "reason": reason})
 
+    # ---- retry passes ------------------------------------------------------------------------
+    def passes(self, run_id: int) -> list[PassRow]:
+        rows = self._db.execute(
+            "SELECT pass_no, wave, states, targets, started_at, platform_start, status, reason"
+            " FROM passes WHERE run_id=? ORDER BY pass_no",
+            (run_id,),
+        ).fetchall()
+        return [PassRow(r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows]
+
+    def create_pass(
+        self, run_id: int, states: Iterable[str], devices: list[str], platform_start: float
+    ) -> PassRow:
+        """A new retry pass: its wave row, its chunks (≤ 256 devices each), its row — in one
+        transaction, so a pass exists whole or not at all."""
+        now = time.time()
+        wanted = sorted(set(states))
+        with self._tx() as db:
+            last = db.execute(
+                "SELECT COALESCE(MAX(pass_no), 1) FROM passes WHERE run_id=?", (run_id,)
+            ).fetchone()[0]
+            wave = db.execute(
+                "SELECT COALESCE(MAX(wave), -1) + 1 FROM waves WHERE run_id=?", (run_id,)
+            ).fetchone()[0]
+            pass_no = int(last) + 1
+            db.execute(
+                "INSERT INTO waves (run_id, wave, name, target_count, updated_at)"
+                " VALUES (?,?,?,?,?)",
+                (run_id, wave, f"retry-{pass_no}", len(devices), now),
+            )
+            chunks = [
+                Chunk(pass_chunk_id(pass_no, index), "devices", devices[start : start + 256], wave)
+                for index, start in enumerate(range(0, len(devices), 256))
+            ]
+            self._insert_chunks(db, run_id, chunks, now)
+            db.execute(
+                "INSERT INTO passes VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    run_id,
+                    pass_no,
+                    wave,
+                    json.dumps(wanted),
+                    len(devices),
+                    now,
+                    platform_start,
+                    RUNNING,
+                    None,
+                    now,
+                ),
+            )
+            self._event(
+                db,
+                run_id,
+                "pass-created",
+                {"pass": pass_no, "states": wanted, "targets": len(devices)},
+            )
+        return PassRow(pass_no, wave, wanted, len(devices), now, platform_start, RUNNING, None)
+
+    def set_pass_status(
+        self, run_id: int, pass_no: int, status: str, reason: str | None = None
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE passes SET status=?, reason=?, updated_at=? WHERE run_id=? AND pass_no=?",
+                (status, reason, time.time(), run_id, pass_no),
+            )
+            self._event(db, run_id, f"pass-{status}", {"pass": pass_no, "reason": reason})
+
+    def pass_waves(self, run_id: int) -> dict[int, int]:
+        """wave index → pass number, of the run's retry passes."""
+        rows = self._db.execute(
+            "SELECT wave, pass_no FROM passes WHERE run_id=?", (run_id,)
+        ).fetchall()
+        return {int(wave): int(pass_no) for wave, pass_no in rows}
+
+    def operations_outside(self, run_id: int, wave: int) -> frozenset[str]:
+        """operationIds the run's chunks hold outside one wave (a pass's census ignores them:
+        they are the tasks of earlier passes)."""
+        rows = self._db.execute(
+            "SELECT DISTINCT operation_id FROM chunks WHERE run_id=? AND wave != ?"
+            " AND operation_id IS NOT NULL",
+            (run_id, wave),
+        ).fetchall()
+        return frozenset(str(row[0]) for row in rows)
+
+    def retry_operations(self) -> frozenset[str]:
+        """operationIds of tasks that retry passes created or adopted (every run): a device
+        in one of these and in an earlier task was sent again on purpose."""
+        rows = self._db.execute(
+            "SELECT DISTINCT c.operation_id FROM chunks c JOIN passes p"
+            " ON p.run_id=c.run_id AND p.wave=c.wave WHERE c.operation_id IS NOT NULL"
+        ).fetchall()
+        return frozenset(str(row[0]) for row in rows)
+
+    def unread_tasks(self, run_id: int) -> int:
+        """Tasks of the run whose devices' outcomes are not all known yet (not final, not
+        read, or not observed at all)."""
+        row = self._db.execute(
+            "SELECT COUNT(DISTINCT c.operation_id) FROM chunks c LEFT JOIN tasks t"
+            " ON t.run_id=c.run_id AND t.operation_id=c.operation_id WHERE c.run_id=?"
+            " AND c.state='submitted' AND NOT (COALESCE(t.final, 0) AND"
+            " COALESCE(t.details_fetched, 0))",
+            (run_id,),
+        ).fetchone()
+        return int(row[0])
+
+    def latest_outcomes(self, run_id: int, wanted: set[str]) -> list[str]:
+        """Devices whose latest outcome — in the newest pass that holds them — is one of
+        `wanted` (outcomes.Outcome values, plus `never-started`: timed out, or stopped before
+        starting), in the order of their first chunk. Only kept subtask rows can qualify: an
+        upgraded device of a read task has none."""
+        latest: dict[str, str] = {}  # device → operationId of its newest pass
+        for members, operation_id in self._db.execute(
+            "SELECT c.members, c.operation_id FROM chunks c JOIN passes p"
+            " ON p.run_id=c.run_id AND p.wave=c.wave WHERE c.run_id=? AND c.state='submitted'"
+            " ORDER BY p.pass_no",
+            (run_id,),
+        ):
+            for device in members.split("\n"):
+                latest[device] = operation_id
+        chosen: list[str] = []
+        for device, operation_id, outcome, start in self._db.execute(
+            "SELECT d.device_id, d.operation_id, d.outcome, d.start_time FROM device_results d"
+            " JOIN chunks c ON c.run_id=d.run_id AND c.operation_id=d.operation_id"
+            " WHERE d.run_id=? AND c.state='submitted' GROUP BY d.device_id, d.operation_id"
+            " ORDER BY MIN(c.chunk_id)",
+            (run_id,),
+        ):
+            if latest.get(device, operation_id) != operation_id:
+                continue  # a newer pass holds it
+            never_started = outcome == Outcome.TIMED_OUT or (
+                outcome == Outcome.STOPPED and not start
+            )
+            if outcome in wanted or (never_started and NEVER_STARTED in wanted):
+                chosen.append(device)
+        return list(dict.fromkeys(chosen))
+
+
+NEVER_STARTED = "never-started"  # a retry selection: timed out, or stopped before starting
+
+
+def pass_chunk_id(pass_no: int, index: int) -> str:
+    return f"p{pass_no:02d}-{index:06d}"
+
 
 def has_run(path: Path, plan_name: str) -> bool:
     """Whether the journal at `path` holds a run of the plan (read only; False when absent)."""
@@ -1184,9 +1362,14 @@ def approve_wave(
         ).fetchone()
         if run is None:
             raise JournalError(f"{path}: no run of plan {plan_name!r}")
-        waves = db.execute(
+        retry_waves = (
+            "SELECT wave FROM passes WHERE run_id=?1"
+            if db.execute("SELECT 1 FROM sqlite_master WHERE name='passes'").fetchone()
+            else "SELECT NULL"
+        )
+        waves = db.execute(  # the plan's waves: a retry pass's verdict is not approved
             "SELECT wave, name, gate_state, gate_reason, gate_finished, gate_failed FROM waves"
-            " WHERE run_id=? ORDER BY wave",
+            f" WHERE run_id=?1 AND wave NOT IN ({retry_waves}) ORDER BY wave",
             (run[0],),
         ).fetchall()
         waiting = [w for w in waves if w[2] in WAITING_FOR_DECISION]

@@ -168,6 +168,7 @@ def _device_table(data: ReportData) -> str:
         "task_finished",
         "in task by",
         "outcome",
+        "passes",
     ]
     rows = [
         [
@@ -183,10 +184,47 @@ def _device_table(data: ReportData) -> str:
             d.task_finished,
             d.in_task_by,
             d.outcome,
+            d.pass_outcomes,
         ]
         for d in shown
     ]
     return note + _table(columns, rows, "devices")
+
+
+def _passes(data: ReportData) -> str:
+    if not data.passes:
+        return ""
+    rows = [
+        [
+            r["pass"],
+            r["states"],
+            r["targets"],
+            r["upgraded"],
+            r["failed"],
+            r["already_current"],
+            r["in_progress"],
+            r["quarantined"],
+            r["status"],
+            r["gate_reason"],
+        ]
+        for r in data.passes
+    ]
+    columns = [
+        "pass",
+        "retried",
+        "devices",
+        "upgraded",
+        "failed",
+        "already current",
+        "in progress",
+        "quarantined",
+        "status",
+        "gate",
+    ]
+    return (
+        '<h2>Retry passes</h2><p class="note">Each device is counted once above, by its final '
+        "outcome; here by its outcome in each retry pass.</p>" + _table(columns, rows, "passes")
+    )
 
 
 def render(data: ReportData) -> str:
@@ -270,6 +308,7 @@ def render(data: ReportData) -> str:
             "waves",
         )
     }
+{_passes(data)}
 <h2>Failure reasons</h2><div class="panel">{reasons_chart(data.failure_reasons)}</div>
 <h2>Quarantined devices</h2>
 {

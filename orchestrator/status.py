@@ -79,11 +79,8 @@ def read_status(path: Path, plan_name: str) -> dict[str, Any]:
             if schema_2
             else 0
         )
-        submitted = chunks.get("submitted", {"targets": 0})["targets"]
-        succeeded, failed, tasks_final, tasks_known = db.execute(
-            "SELECT COALESCE(SUM(succeeded), 0), COALESCE(SUM(failed + stopped), 0),"
-            " COALESCE(SUM(final), 0), COUNT(*) FROM tasks WHERE run_id=?",
-            (run_id,),
+        tasks_final, tasks_known = db.execute(
+            "SELECT COALESCE(SUM(final), 0), COUNT(*) FROM tasks WHERE run_id=?", (run_id,)
         ).fetchone()
         schema_3 = _has_column(db, "device_results", "outcome")
         outcomes = _outcomes(db, run_id) if schema_3 else {}
@@ -98,7 +95,20 @@ def read_status(path: Path, plan_name: str) -> dict[str, Any]:
         if _has_table(db, "already_current"):
             query = "SELECT COUNT(*) FROM already_current WHERE run_id=?"
             left_out = db.execute(query, (run_id,)).fetchone()[0]
-        waves = []
+        retry_passes = (
+            {
+                int(wave): (pass_no, json.loads(states), status, targets, reason)
+                for pass_no, wave, states, status, targets, reason in db.execute(
+                    "SELECT pass_no, wave, states, status, targets, reason FROM passes"
+                    " WHERE run_id=? ORDER BY pass_no",
+                    (run_id,),
+                )
+            }
+            if _has_table(db, "passes")
+            else {}
+        )
+        waves: list[dict[str, Any]] = []
+        passes: list[dict[str, Any]] = []
         for wave, name, targets, gate, reason, soak_until, approved_at in db.execute(
             "SELECT wave, name, target_count, gate_state, gate_reason, soak_until,"
             " approved_at FROM waves WHERE run_id=? ORDER BY wave",
@@ -112,7 +122,8 @@ def read_status(path: Path, plan_name: str) -> dict[str, Any]:
                 (run_id, wave),
             ).fetchone()
             current, mismatched = outcomes.get(wave, (0, 0))
-            waves.append(
+            retry = retry_passes.get(wave)
+            (waves if retry is None else passes).append(
                 {
                     "wave": wave,
                     "name": name,
@@ -127,7 +138,38 @@ def read_status(path: Path, plan_name: str) -> dict[str, Any]:
                     "soak_until": soak_until,
                     "approved": approved_at is not None,
                 }
+                | (
+                    {}
+                    if retry is None
+                    else {
+                        "pass": retry[0],
+                        "states": retry[1],
+                        "pass_status": retry[2],
+                        "stop_reason": retry[4],
+                    }
+                )
             )
+        # devices by final outcome (outcomes.py), across passes: each pass's devices were
+        # failures of an earlier pass, so they leave the failed of the pass before
+        final_upgraded = sum(w["succeeded"] for w in waves + passes)
+        final_failed = sum(w["failed"] for w in waves + passes) - sum(w["targets"] for w in passes)
+        final_current = sum(w["already_current"] for w in waves + passes)
+        plan_waves = [w["wave"] for w in waves]
+        submitted = _plan_count(
+            db,
+            run_id,
+            plan_waves,
+            "SELECT COALESCE(SUM(member_count), 0) FROM chunks"
+            " WHERE run_id=? AND state='submitted'",
+        )
+        in_plan_quarantine = _plan_count(
+            db,
+            run_id,
+            plan_waves,
+            "SELECT COUNT(*) FROM quarantine q JOIN chunks c ON c.run_id=q.run_id"
+            " AND c.chunk_id=q.chunk_id WHERE q.run_id=?",
+            "c.wave",
+        )
         calls = dict(
             db.execute(
                 "SELECT api, calls FROM api_calls WHERE run_id=? ORDER BY api", (run_id,)
@@ -143,19 +185,20 @@ def read_status(path: Path, plan_name: str) -> dict[str, Any]:
             "targets": run[3],
             "target_kind": run[7],
             "targets_in_tasks": submitted,
-            "targets_quarantined": len(quarantined),
-            "targets_remaining": run[3] - submitted - len(quarantined),
-            # devices by outcome (outcomes.py): upgraded (the counters' successes, less those
-            # reporting another version), failed (less the already current), already current
-            "devices_succeeded": succeeded - sum(m for _, m in outcomes.values()),
+            "targets_quarantined": in_plan_quarantine,
+            "targets_remaining": run[3] - submitted - in_plan_quarantine,
+            # devices by final outcome: upgraded (succeeded and reporting the package's
+            # version), failed (less the already current, plus version mismatches), already
+            # current (the platform's word, or left out by the fleet file)
+            "devices_succeeded": final_upgraded,
             "devices_version_verified": verified,
-            "devices_failed": max(0, failed - sum(c for c, _ in outcomes.values()))
-            + sum(m for _, m in outcomes.values()),
-            "devices_already_current": sum(c for c, _ in outcomes.values()) + left_out,
+            "devices_failed": max(0, final_failed),
+            "devices_already_current": final_current + left_out,
             "devices_left_out_already_current": left_out,
             "tasks_final": tasks_final,
             "tasks_observed": tasks_known,
             "waves": waves,
+            "passes": passes,
             "chunks": chunks,
             "attempts": attempts,
             "quarantined": quarantined,
@@ -184,6 +227,15 @@ def _outcomes(db: sqlite3.Connection, run_id: int) -> dict[int, tuple[int, int]]
             (run_id,),
         )
     }
+
+
+def _plan_count(
+    db: sqlite3.Connection, run_id: int, waves: list[int], query: str, column: str = "wave"
+) -> int:
+    """A count over the chunks of the plan's waves (not those of retry passes)."""
+    marks = ",".join("?" * len(waves)) or "NULL"
+    row = db.execute(f"{query} AND {column} IN ({marks})", (run_id, *waves)).fetchone()
+    return int(row[0])
 
 
 def _has_column(db: sqlite3.Connection, table: str, column: str) -> bool:

@@ -166,9 +166,13 @@ class Submitter:
         shared_progress: Progress | None = None,
         census: CensusView | None = None,
         sleep: Sleep = asyncio.sleep,
+        progress_of_wave: bool = False,
     ) -> None:
+        """`progress_of_wave`: the progress counts this wave's targets only (a retry pass),
+        not the whole run's."""
         self.session = session
         self.wave = wave
+        self._progress_wave = wave if progress_of_wave else None
         self._progress_hook = progress
         self.progress = shared_progress or Progress(total_targets=len(session.loaded.fleet.members))
         self._queue: asyncio.Queue[Chunk] = asyncio.Queue()
@@ -188,7 +192,7 @@ class Submitter:
 
     # ---- the run -----------------------------------------------------------------------------
     async def run(self) -> None:
-        counts = self.session.journal.counts(self.session.run_id)
+        counts = self.session.journal.counts(self.session.run_id, self._progress_wave)
         self.progress.done_targets = counts.get("targets_submitted", 0) + counts.get(
             "targets_quarantined", 0
         )
