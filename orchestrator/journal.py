@@ -1380,10 +1380,8 @@ def approve_wave(
         row = next((w for w in waiting if wave_name in (None, w[1])), None)
         if row is None:
             states = ", ".join(f"{w[1]} ({w[2]})" for w in waves)
-            ask = f"wave {wave_name!r} does not" if wave_name else "no wave does"
-            raise InputError(
-                where, "--wave", f"{ask} wait for a decision in run {run[0]}: {states}"
-            )
+            ask = f"wave {wave_name!r} does not wait" if wave_name else "no wave waits"
+            raise InputError(where, "--wave", f"{ask} for a decision in run {run[0]}: {states}")
         wave, name, state, reason, finished, failed = row
         now = time.time()
         db.execute("BEGIN IMMEDIATE")

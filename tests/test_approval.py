@@ -125,5 +125,5 @@ async def test_approve_without_a_waiting_wave_is_bad_input(tmp_path: Path) -> No
         plan = write_plan(tmp_path, sim, devices_of(sim, "WM-200", 300))
         journal = tmp_path / "j.sqlite"
         await execute(load_plan(plan), RunOptions(journal=journal))
-    with pytest.raises(InputError, match=r"no wave does wait for a decision .* all \(none\)"):
+    with pytest.raises(InputError, match=r"no wave waits for a decision .* all \(none\)"):
         approve_wave(journal, "test-plan", None, "alice")
