@@ -1357,6 +1357,11 @@ def approve_wave(
         raise JournalError(f"{path}: no journal here (has this plan been run?)")
     db = sqlite3.connect(path, timeout=30, isolation_level=None)
     try:
+        # a journal last driven by an older rollout (a driver running now has migrated it)
+        found = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if found is not None and int(found[0]) < SCHEMA_VERSION:
+            db.executescript(SCHEMA)
+            _migrate(db, int(found[0]), path)
         run = db.execute(
             "SELECT run_id FROM runs WHERE plan_name=? ORDER BY run_id DESC LIMIT 1", (plan_name,)
         ).fetchone()

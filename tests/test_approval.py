@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,9 @@ from click.testing import CliRunner
 from orchestrator.cli import main
 from orchestrator.engine import RunOptions, execute
 from orchestrator.errors import InputError, RunHalted
-from orchestrator.journal import Approval, approve_wave
+from orchestrator.journal import ADDED_COLUMNS, Approval, approve_wave
 from orchestrator.plan import load_plan
+from orchestrator.report import collect
 from orchestrator.simulator import FaultConfig, SimulatorConfig, SimulatorServer
 from orchestrator.status import read_status
 
@@ -127,3 +129,45 @@ async def test_approve_without_a_waiting_wave_is_bad_input(tmp_path: Path) -> No
         await execute(load_plan(plan), RunOptions(journal=journal))
     with pytest.raises(InputError, match=r"no wave waits for a decision .* all \(none\)"):
         approve_wave(journal, "test-plan", None, "alice")
+
+
+def _downgrade_to_schema_2(journal: Path) -> None:
+    """Make a journal look as the previous rollout left it: no outcome, verification,
+    approval-scope or pass columns and tables."""
+    with sqlite3.connect(journal) as db:
+        for table, column, _ in ADDED_COLUMNS[2:]:
+            db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+        db.execute("DROP INDEX device_results_task")
+        db.execute("DROP TABLE passes")
+        db.execute("DROP TABLE already_current")
+        db.execute("UPDATE meta SET value='2' WHERE key='schema'")
+
+
+async def test_a_journal_of_the_previous_schema_is_read_approved_and_resumed(
+    tmp_path: Path,
+) -> None:
+    """A journal halted at a gate by the previous rollout (schema 2): status and reports read
+    it as it is, `approve` migrates it, and `resume` finishes the run."""
+    config = SimulatorConfig(tls=False, devices=4000, seed=9, speed=36000, rate_limit=(5000, 1.0))
+    async with SimulatorServer(config) as sim:
+        plan = write_plan(
+            tmp_path,
+            sim,
+            devices_of(sim, "WM-200", 400),
+            monitor="follow = true\npoll_interval = 0.05\nmax_poll_interval = 0.1",
+            waves=MANUAL_GATE,
+        )
+        journal = tmp_path / "j.sqlite"
+        with pytest.raises(RunHalted, match="waits for approval"):
+            await execute(load_plan(plan), RunOptions(journal=journal))
+        _downgrade_to_schema_2(journal)
+        status = read_status(journal, "test-plan")
+        assert status["waves"][0]["gate"] == "awaiting-approval"
+        assert status["passes"] == [] and status["devices_version_verified"] == 0
+        assert len(list(collect(journal, "test-plan").devices())) == 400
+        assert approve_wave(journal, "test-plan", None, "alice").wave == "canary"
+        await execute(load_plan(plan), RunOptions(journal=journal, resume_only=True))
+        assert sim.platform.stats.tasks_created == 2
+    with sqlite3.connect(journal) as db:
+        assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == "3"
+    assert read_status(journal, "test-plan")["targets_in_tasks"] == 400
