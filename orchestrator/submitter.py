@@ -531,19 +531,18 @@ class Submitter:
                     priority=Priority.SUBMIT,
                 )
             for task in page.items:
-                if await self._matches(task, members, first_intent):
+                if await self._matches(task, chunk.kind, members, first_intent):
                     matches.append((task.create_time, task.operation_id))
             if not page.items or (page_no + 1) * (page.page_size or 1) >= page.total:
                 break
             page_no += 1
         return [operation_id for _, operation_id in sorted(matches)]
 
-    async def _matches(self, task: Task, members: set[str], first_intent: float | None) -> bool:
-        targets = (
-            task.targets.devices
-            if self.session.plan.fleet.groups is None
-            else task.targets.device_groups
-        )
+    async def _matches(
+        self, task: Task, kind: str, members: set[str], first_intent: float | None
+    ) -> bool:
+        # the chunk's kind, not the fleet's: a retry pass of a group fleet sends devices
+        targets = task.targets.devices if kind == "devices" else task.targets.device_groups
         if targets is None or len(targets) != len(members) or set(targets) != members:
             return False
         verdict = await self._census.judge.judge(task)

@@ -22,7 +22,7 @@ from orchestrator.status import read_status
 
 from .conftest import SECRET
 from .enginehelpers import SECRET_ENV, device_sets, write_plan
-from .simhelpers import devices_of
+from .simhelpers import devices_of, newest_package
 
 FAST_MONITOR = "follow = true\npoll_interval = 0.05\nmax_poll_interval = 0.2"
 
@@ -215,3 +215,43 @@ def test_retry_states_option_is_checked(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert "not lost" in result.output
+
+
+async def test_retry_of_a_group_fleet_sends_devices_and_settles_by_them(tmp_path: Path) -> None:
+    """A group fleet's retry pass targets the failed devices themselves; its ambiguous create
+    (committed, answered 500) is found by those devices and adopted, not sent twice."""
+    async with _sim(failure_rate=0.2) as sim:
+        package = newest_package(sim)
+        plan = tmp_path / "plan.toml"
+        plan.write_text(f"""
+name = "groups"
+[platform]
+url = "{sim.url}"
+secret_env = "{SECRET_ENV}"
+rate_limit = "5000/1"
+request_timeout = 1
+[firmware]
+file_id = "{package.file_id}"
+[fleet]
+groups = ["north", "south"]
+device_type = "WaterMeter"
+model = "WM-200"
+manufacturer = "Aqualis"
+[execution]
+settle = 0.2
+[monitor]
+{FAST_MONITOR}
+""")
+        journal = tmp_path / "j.sqlite"
+        await execute(load_plan(plan), RunOptions(journal=journal))
+        failed = {d for d, s in _final_status(sim).items() if s == ["fail"]}
+        sim.platform.faults.update({"create_ambiguous_rate": 1.0, "ambiguous_kinds": ["500"]})
+        result = await retry(load_plan(plan), RetryOptions(journal=journal))
+        assert result.targets == len(failed) > 0
+        truth = sim.platform.truth()
+        assert truth[-1]["devices"] == sorted(failed, key=truth[-1]["devices"].index)
+        assert "deviceGroups" not in truth[-1]
+        counts = device_sets(truth)
+        assert {d for d, n in counts.items() if n == 2} == failed
+    status = read_status(journal, "groups")
+    assert status["duplicates"] == 0 and status["passes"][0]["pass_status"] == "completed"
