@@ -237,9 +237,10 @@ class PolicySection(_Section):
 class GateSection(_Section):
     """When the next wave may start (all optional; the default gate passes at once)."""
 
-    min_finished: float = Field(default=0.0, ge=0, le=1)  # share of the wave's targets final
-    max_failed: float | None = Field(default=None, ge=0, le=1)  # share of the finished
-    min_sample: int = Field(default=0, ge=0)  # finished targets before max_failed is judged
+    # shares of the wave's devices (gates.py: devices, never groups; already current left out)
+    min_finished: float = Field(default=0.0, ge=0, le=1)  # with a real outcome
+    max_failed: float | None = Field(default=None, ge=0, le=1)  # of the finished
+    min_sample: int = Field(default=0, ge=0)  # finished devices before max_failed is judged
     soak: float = Field(default=0.0, ge=0, le=7 * 86400)  # seconds to watch after passing
     approval: bool = False  # an operator must run `rollout approve`
 
