@@ -36,16 +36,7 @@ from rich.table import Table
 
 from . import __version__
 from .census import UnknownTasks
-from .engine import (
-    RETRY_CHOICES,
-    RetryOptions,
-    RunOptions,
-    execute,
-    journal_path,
-    preview_groups,
-    refresh,
-    retry,
-)
+from .engine import RunOptions, execute, journal_path, preview_groups, refresh
 from .engine import watch as watch_run
 from .errors import (
     DuplicatesFound,
@@ -55,8 +46,9 @@ from .errors import (
     RunAborted,
     RunHalted,
 )
-from .journal import approve_wave, has_run
+from .journal import approve_wave, has_run, unfinished_pass
 from .logs import configure_logging
+from .passes import RETRY_CHOICES, RetryOptions, retry
 from .plan import LoadedPlan, check_times, load_plan
 from .planner import chunk_count
 from .report import WRITERS, collect
@@ -487,11 +479,18 @@ def _drive(
     ignore_census: bool,
 ) -> None:
     loaded = _load(plan)
-    if not resume_only and (
-        new_run or not has_run(journal_path(loaded, journal), loaded.plan.name)
-    ):
+    path = journal_path(loaded, journal)
+    if not resume_only and (new_run or not has_run(path, loaded.plan.name)):
         check_times(loaded.plan, str(loaded.path))  # a first run refuses a passed start
     bar, update = _progress_bar(len(loaded.fleet.members))
+    if resume_only and unfinished_pass(path, loaded.plan.name) is not None:
+        # resuming means finishing what was under way: here a retry pass
+        again = RetryOptions(
+            journal=journal, follow=follow, unknown_tasks=UnknownTasks(unknown_tasks)
+        )
+        done = _interruptible(lambda: retry(loaded, again, update), bar)
+        _show_status(read_status(done.journal, loaded.plan.name))
+        return
     options = RunOptions(
         journal=journal,
         new_run=new_run,

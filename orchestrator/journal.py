@@ -1344,6 +1344,27 @@ def has_run(path: Path, plan_name: str) -> bool:
         return False
 
 
+def unfinished_pass(path: Path, plan_name: str) -> int | None:
+    """The number of the latest run's retry pass when it is not finished (read only)."""
+    if not path.exists():
+        return None
+    try:
+        db = Journal.open_readonly(path)
+        try:
+            row = db.execute(
+                "SELECT pass_no, status FROM passes WHERE run_id=(SELECT MAX(run_id) FROM runs"
+                " WHERE plan_name=?) ORDER BY pass_no DESC LIMIT 1",
+                (plan_name,),
+            ).fetchone()
+        finally:
+            db.close()
+    except sqlite3.DatabaseError:  # no journal of this plan, or one without passes
+        return None
+    if row is None or row[1] in (COMPLETED, "submitted"):
+        return None
+    return int(row[0])
+
+
 def approve_wave(
     path: Path, plan_name: str, wave_name: str | None, by: str, *, source: str | None = None
 ) -> Approval:

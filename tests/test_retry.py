@@ -13,8 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from orchestrator.cli import main
-from orchestrator.engine import RETRY_CHOICES, RetryOptions, RunOptions, execute, retry
+from orchestrator.engine import RunOptions, execute
 from orchestrator.errors import RunAborted, RunHalted
+from orchestrator.journal import unfinished_pass
+from orchestrator.passes import RETRY_CHOICES, RetryOptions, retry
 from orchestrator.plan import load_plan
 from orchestrator.report import collect, render_to_string
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
@@ -135,8 +137,9 @@ async def test_a_second_retry_takes_the_latest_failures_only(tmp_path: Path) -> 
 
 
 async def test_an_interrupted_pass_is_finished_without_sending_twice(tmp_path: Path) -> None:
-    """A pass whose last create's outcome was lost is finished by `retry` (or `resume`):
-    its census adopts the pass's own task — no second create, no new pass."""
+    """A pass whose last create's outcome was lost is finished by the next `retry` (which
+    `rollout resume` runs): its census adopts the pass's own task — no second create, no new
+    pass; `run` does not mistake the pass's chunks for the run's."""
     async with _sim() as sim:
         devices = devices_of(sim, "WM-200", 800)
         plan = write_plan(tmp_path, sim, devices, monitor=FAST_MONITOR, settle=0)
@@ -151,7 +154,12 @@ async def test_an_interrupted_pass_is_finished_without_sending_twice(tmp_path: P
                 "UPDATE chunks SET state='intent', operation_id=NULL WHERE chunk_id='p02-000000'"
             )
             db.execute("UPDATE attempts SET outcome=NULL WHERE chunk_id='p02-000000'")
-        await execute(load_plan(plan), RunOptions(journal=journal, resume_only=True))
+        assert unfinished_pass(journal, "test-plan") == 2  # `rollout resume` retries
+        with pytest.raises(RunAborted, match="retry pass 2 of run 1 is interrupted"):
+            await execute(load_plan(plan), RunOptions(journal=journal))
+        finished = await retry(load_plan(plan), RetryOptions(journal=journal))
+        assert finished.pass_no == 2
+        assert unfinished_pass(journal, "test-plan") is None
         assert sim.platform.stats.calls["createTask"] == creates
         assert device_sets(sim.platform.truth()) == truth
     status = read_status(journal, "test-plan")
