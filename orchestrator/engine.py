@@ -36,6 +36,7 @@ from .journal import (
     COMPLETED,
     INTENT,
     INTERRUPTED,
+    PASS_UNFINISHED,
     PENDING,
     RUNNING,
     SPLIT,
@@ -476,7 +477,7 @@ async def execute(
         if existing is not None and continuing:
             check_same_inputs(loaded, existing, path, journal)
             passes = journal.passes(existing.run_id)
-            if passes and passes[-1].status not in (COMPLETED, SUBMITTED_ALL):
+            if passes and passes[-1].status in PASS_UNFINISHED:
                 # its chunks have a census of their own (passes.py): `rollout resume` routes
                 # to `rollout retry`, which finishes the pass
                 raise RunAborted(

@@ -224,6 +224,9 @@ PENDING, INTENT, SUBMITTED, SPLIT, QUARANTINED, FAILED = (
 )
 FINAL_STATES = frozenset({SUBMITTED, SPLIT, QUARANTINED})
 RUNNING, INTERRUPTED, COMPLETED, ABORTED = "running", "interrupted", "completed", "aborted"
+# a retry pass still to finish (`rollout retry` or `resume` go on with it); completed,
+# submitted (not followed) and halted (its gate failed) passes are over
+PASS_UNFINISHED = frozenset({RUNNING, INTERRUPTED, ABORTED})
 SENT, RECONCILED, CENSUS, SECOND_CLAIM = 0, 1, 2, 3  # chunks.adopted
 UNIQUE_CLAIMS = (
     "CREATE UNIQUE INDEX IF NOT EXISTS chunks_operation ON chunks(run_id, operation_id)"
@@ -1360,7 +1363,7 @@ def unfinished_pass(path: Path, plan_name: str) -> int | None:
             db.close()
     except sqlite3.DatabaseError:  # no journal of this plan, or one without passes
         return None
-    if row is None or row[1] in (COMPLETED, "submitted"):
+    if row is None or row[1] not in PASS_UNFINISHED:
         return None
     return int(row[0])
 

@@ -37,6 +37,7 @@ from .journal import (
     INTENT,
     INTERRUPTED,
     NEVER_STARTED,
+    PASS_UNFINISHED,
     PENDING,
     RUNNING,
     Journal,
@@ -59,7 +60,7 @@ RETRY_CHOICES = {
     "never-started": frozenset({NEVER_STARTED}),
 }
 RETRY_STATES = frozenset(value for values in RETRY_CHOICES.values() for value in values)
-PASS_DONE = frozenset({COMPLETED, SUBMITTED_ALL})
+RUN_DONE = frozenset({COMPLETED, SUBMITTED_ALL})  # a run a pass may follow
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ async def retry(
         run_id = run.run_id
         check_same_inputs(loaded, run, path, journal)
         passes = journal.passes(run_id)
-        current = passes[-1] if passes and passes[-1].status not in PASS_DONE else None
+        current = passes[-1] if passes and passes[-1].status in PASS_UNFINISHED else None
         if current is None:
             _check_retryable(journal, run)
         async with platform_client(loaded) as client:
@@ -167,7 +168,7 @@ async def retry(
 def _check_retryable(journal: Journal, run: RunRow) -> None:
     """A new pass needs a finished run: every wave submitted (its last gate passed) and every
     task's devices read, so each device's latest outcome is known."""
-    if run.status not in PASS_DONE:
+    if run.status not in RUN_DONE:
         raise RunAborted(
             f"run {run.run_id} is {run.status}: a retry pass follows a run that submitted "
             "every wave (`rollout resume` first)"

@@ -186,7 +186,8 @@ async def test_retry_waits_for_a_finished_run_and_is_judged_by_the_last_gate(
     tmp_path: Path,
 ) -> None:
     """`retry` refuses a run whose tasks are not all read; a pass failing the plan's last
-    gate (the gate of the wave before the last) halts with exit 4's error."""
+    gate (the gate of the wave before the last) halts with exit 4's error, and is over: the
+    next `retry` makes a new pass."""
     waves = """
 [[waves]]
 name = "canary"
@@ -211,7 +212,11 @@ name = "rest"
         plan.write_text(strict)  # a gate is not pinned: the pass is judged by the new one
         with pytest.raises(RunHalted, match="retry pass 2 failed the plan's last gate"):
             await retry(load_plan(plan), RetryOptions(journal=journal, follow=True))
+        assert unfinished_pass(journal, "test-plan") is None  # halted: over, not resumed
+        with pytest.raises(RunHalted, match="retry pass 3 failed"):  # a new, deliberate pass
+            await retry(load_plan(plan), RetryOptions(journal=journal, follow=True))
     status = read_status(journal, "test-plan")
+    assert [p["pass"] for p in status["passes"]] == [2, 3]
     assert status["passes"][0]["gate"] == "failed"
     assert status["passes"][0]["pass_status"] == "halted"
 
