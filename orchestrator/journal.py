@@ -1126,7 +1126,8 @@ class Journal:
             "   AND state='quarantined'),"
             " (SELECT COUNT(DISTINCT operation_id) FROM chunks WHERE run_id=?1 AND wave=?2"
             "   AND state='submitted'),"
-            " (SELECT fleet_kind FROM runs WHERE run_id=?1)",
+            # the wave's own kind: a retry pass of a group fleet sends devices
+            " (SELECT kind FROM chunks WHERE run_id=?1 AND wave=?2 LIMIT 1)",
             (run_id, wave),
         ).fetchone()
         tasks, final, succeeded, failed, devices = self._db.execute(

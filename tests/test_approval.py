@@ -69,7 +69,7 @@ async def test_approved_gate_halts_again_on_a_worse_verdict(tmp_path: Path) -> N
         tls=False,
         devices=6000,
         seed=9,
-        speed=600,
+        speed=300,  # the canary's 20 % → 100 % takes ~5 s: the gate passes well before
         rate_limit=(5000, 1.0),
         failure_rate=0.0,
         faults=FaultConfig(rollback_rate=0.3),
@@ -104,8 +104,8 @@ async def test_approved_gate_halts_again_on_a_worse_verdict(tmp_path: Path) -> N
         )
 
         canary = sim.platform.tasks[0]  # looked at by the gate: its devices' fates are known
-        # by the resume, every device of the canary finished (600 simulated s a real second)
-        await asyncio.sleep(max(0.0, canary.final_time - sim.platform.now()) / 600 + 0.2)
+        # by the resume, every device of the canary finished (300 simulated s a real second)
+        await asyncio.sleep(max(0.0, canary.final_time - sim.platform.now()) / 300 + 0.2)
         assert canary.status_at(sim.platform.now()) in ("success", "failed")
         with pytest.raises(RunHalted, match="failed its gate"):
             await execute(load_plan(plan), RunOptions(journal=journal, resume_only=True))
