@@ -379,9 +379,16 @@ def simulator(
 @main.command("plan")
 @plan_argument
 @click.option("--json", "as_json", is_flag=True, help="Print the preview as JSON on stdout.")
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="Make no call at all: a group fleet's members are then not read, nor its groups "
+    "checked for shared devices (a new run still checks them before any create).",
+)
 @exits_cleanly
-def plan_command(plan: Path, as_json: bool) -> None:
-    """Check PLAN offline and preview it: chunks, calls, ETA. Nothing is sent."""
+def plan_command(plan: Path, as_json: bool, offline: bool) -> None:
+    """Check PLAN offline and preview it: chunks, calls, ETA. Nothing is created; for a group
+    fleet, the groups' members are then read from the platform (the calls are shown)."""
     loaded = load_plan(plan, check_start=True)
     p = loaded.plan
     calls_per_window, window = p.platform.rate
@@ -407,7 +414,7 @@ def plan_command(plan: Path, as_json: bool) -> None:
         "policy": p.policy.wire(),
         "waves": [{"name": w.name, "targets": len(w.members)} for w in loaded.waves],
     }
-    if loaded.fleet.kind == "groups":
+    if loaded.fleet.kind == "groups" and not offline:
         # the offline checks passed; learning the groups' members takes calls (shown)
         if not p.platform.is_simulator:
             loaded.secret()

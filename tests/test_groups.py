@@ -15,7 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from orchestrator.cli import main
 from orchestrator.engine import RunOptions, execute
 from orchestrator.errors import InputError
 from orchestrator.plan import load_plan
@@ -237,3 +239,13 @@ def _package_of(url: str) -> str:
     )
     with urllib.request.urlopen(request, timeout=10) as reply:
         return str(json.load(reply)["data"][0]["fileId"])
+
+
+def test_rollout_plan_offline_makes_no_call(tmp_path: Path) -> None:
+    """`rollout plan --offline` checks a group plan without reading its groups (no platform
+    listens here), and says nothing about their members."""
+    plan = _group_plan(tmp_path, "http://127.0.0.1:9", "0" * 24, ["north", "south"], GROUP_WAVES)
+    result = CliRunner().invoke(main, ["plan", "--offline", "--json", str(plan)])
+    assert result.exit_code == 0, result.output
+    preview = json.loads(result.stdout)
+    assert preview["targets"] == 2 and "group_members" not in preview
