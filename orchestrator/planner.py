@@ -145,7 +145,7 @@ def bisection_bound(size: int, bad: int) -> int:
     most two creates; at depth l of the halving tree at most min(bad, 2^l) parts hold one,
     and a part of one target is not split (depth ⌈log2 size⌉). Hence
     2 · Σ_{l < ⌈log2 size⌉} min(bad, 2^l) ≤ 2 · bad · ⌈log2 size⌉ — 16 for one bad target in
-    256 (12 on average: a left half that is accepted spares its right half's create)."""
+    256 (12.5 on average: a left half that is accepted spares its right half's create)."""
     if bad <= 0 or size < 2:
         return 0
     depth = math.ceil(math.log2(size))

@@ -31,7 +31,7 @@ quarantined with the platform's code; a single target is always sent itself, so 
 quarantine rests on the platform's own refusal of that target. The cost, beyond the chunk's
 own create, is at most two creates per refused part that is split:
 `planner.bisection_bound(n, b) = 2 · Σ_{l < ⌈log2 n⌉} min(b, 2^l) ≤ 2 · b · log2(256)` for b
-offending targets among n — 12 on average and 16 at most for one bad target in 256, fewer
+offending targets among n — 12.5 on average and 16 at most for one bad target in 256, fewer
 per target when bad targets crowd a chunk. `execution.max_bisect_share` caps the creates
 spent bisecting at that multiple of the run's planned creates (one per chunk); past it the
 run stops (exit 1) with the reason and the count quarantined so far.

@@ -114,3 +114,20 @@ async def test_bisection_cap_stops_the_run_with_the_count_quarantined(tmp_path: 
     assert set(counts) == set(good) and set(counts.values()) == {1}
     status = read_status(journal, "test-plan")
     assert {row["target"] for row in status["quarantined"]} == set(wrong_model)
+
+
+@pytest.mark.parametrize(("position", "extra"), [(0, 16), (255, 9)])
+async def test_one_bad_target_costs_between_nine_and_sixteen_creates(
+    tmp_path: Path, position: int, extra: int
+) -> None:
+    """One unknown ID among 256: 16 creates when it sits in every left half, 9 when in every
+    right half (an accepted left half spares its sibling's create); never more than the bound."""
+    config = SimulatorConfig(tls=False, devices=2000, seed=5, rate_limit=(5000, 1.0))
+    async with SimulatorServer(config) as sim:
+        fleet = devices_of(sim, "WM-200", 255)
+        fleet.insert(position, _unknown(1, seed=9)[0])
+        plan = write_plan(tmp_path, sim, fleet)
+        await execute(load_plan(plan), RunOptions(journal=tmp_path / "j.sqlite"))
+        creates = sim.platform.stats.calls["createTask"]
+        assert len(device_sets(sim.platform.truth())) == 255
+    assert creates - 1 == extra <= bisection_bound(256, 1)
