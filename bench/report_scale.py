@@ -58,13 +58,35 @@ def _build(directory: Path, devices: int) -> Path:
             failed = ids[::50]
             db.execute(
                 "INSERT INTO tasks (run_id, operation_id, chunk_id, wave, status, total,"
-                " succeeded, failed, final, details_fetched) VALUES (?,?,?,?,?,?,?,?,1,1)",
-                (run_id, op, chunk_id, 0, "failed", len(ids), len(ids) - len(failed), len(failed)),
+                " succeeded, failed, final, details_fetched, verified) VALUES"
+                " (?,?,?,?,?,?,?,?,1,1,?)",
+                (
+                    run_id,
+                    op,
+                    chunk_id,
+                    0,
+                    "failed",
+                    len(ids),
+                    len(ids) - len(failed),
+                    len(failed),
+                    len(ids) - len(failed),
+                ),
             )
             db.executemany(
-                "INSERT INTO device_results VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT INTO device_results (run_id, device_id, operation_id, status, detail,"
+                " version, start_time, stop_time, outcome) VALUES (?,?,?,?,?,?,?,?,?)",
                 (
-                    (run_id, d, op, "failed", "Download package timeout.", "1.8.0", "", "")
+                    (
+                        run_id,
+                        d,
+                        op,
+                        "failed",
+                        "Download package timeout.",
+                        "1.8.0",
+                        "T",
+                        "T",
+                        "failed",
+                    )
                     for d in failed
                 ),
             )

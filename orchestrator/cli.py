@@ -36,7 +36,7 @@ from rich.table import Table
 
 from . import __version__
 from .census import UnknownTasks
-from .engine import RunOptions, execute, journal_path, refresh
+from .engine import RunOptions, execute, journal_path, preview_groups, refresh
 from .engine import watch as watch_run
 from .errors import (
     DuplicatesFound,
@@ -46,8 +46,9 @@ from .errors import (
     RunAborted,
     RunHalted,
 )
-from .journal import approve_wave, has_run
+from .journal import approve_wave, has_run, unfinished_pass
 from .logs import configure_logging
+from .passes import RETRY_CHOICES, RetryOptions, retry
 from .plan import LoadedPlan, check_times, load_plan
 from .planner import chunk_count
 from .report import WRITERS, collect
@@ -269,6 +270,13 @@ def main(ctx: click.Context, log_format: str, log_level: str) -> None:
     type=click.IntRange(400, 599),
     help="HTTP status of those refusals: 400 with a platform error body, else a gateway reply.",
 )
+@click.option(
+    "--rollback-rate",
+    default=0.0,
+    type=click.FloatRange(0, 1),
+    help="Share of upgrades reported as succeeded whose device rolled back (the subtask "
+    "reports the old version).",
+)
 def simulator(
     host: str,
     port: int,
@@ -298,6 +306,7 @@ def simulator(
     omit_extend_para: bool,
     reject_next_creates: int,
     reject_status: int,
+    rollback_rate: float,
     failure_rate: float | None,
 ) -> None:
     """Serve the simulated platform (the northbound API of platform-api.md) on loopback.
@@ -342,6 +351,7 @@ def simulator(
             omit_extend_para=omit_extend_para,
             reject_next_creates=reject_next_creates,
             reject_status=reject_status,
+            rollback_rate=rollback_rate,
         ),
     )
 
@@ -370,9 +380,16 @@ def simulator(
 @main.command("plan")
 @plan_argument
 @click.option("--json", "as_json", is_flag=True, help="Print the preview as JSON on stdout.")
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="Make no call at all: a group fleet's members are then not read, nor its groups "
+    "checked for shared devices (a new run still checks them before any create).",
+)
 @exits_cleanly
-def plan_command(plan: Path, as_json: bool) -> None:
-    """Check PLAN offline and preview it: chunks, calls, ETA. Nothing is sent."""
+def plan_command(plan: Path, as_json: bool, offline: bool) -> None:
+    """Check PLAN offline and preview it: chunks, calls, ETA. Nothing is created; for a group
+    fleet, the groups' members are then read from the platform (the calls are shown)."""
     loaded = load_plan(plan, check_start=True)
     p = loaded.plan
     calls_per_window, window = p.platform.rate
@@ -388,6 +405,8 @@ def plan_command(plan: Path, as_json: bool) -> None:
         "platform": p.platform.url,
         "targets": len(loaded.fleet.members),
         "target_kind": loaded.fleet.kind,
+        # devices the fleet file says already run the target version (fleet.version_column)
+        "left_out_already_current": len(loaded.already_current),
         "chunks": chunks,
         "calls": calls,
         "census_calls": census_calls,
@@ -396,13 +415,33 @@ def plan_command(plan: Path, as_json: bool) -> None:
         "policy": p.policy.wire(),
         "waves": [{"name": w.name, "targets": len(w.members)} for w in loaded.waves],
     }
+    if loaded.fleet.kind == "groups" and not offline:
+        # the offline checks passed; learning the groups' members takes calls (shown)
+        if not p.platform.is_simulator:
+            loaded.secret()
+        groups, spent = anyio.run(preview_groups, loaded)
+        members = {name: len(group.devices) for name, group in groups.items()}
+        preview["group_members"] = members
+        preview["devices_in_groups"] = len({d for g in groups.values() for d in g.devices})
+        for wave, shown in zip(loaded.waves, preview["waves"], strict=True):
+            shown["devices_in_groups"] = len(
+                {d for name in wave.members for d in groups[name].devices}
+            )
+        preview["calls_made_to_resolve_groups"] = spent
     if as_json:
         click.echo(json.dumps(preview, indent=2))
         return
-    table = Table(title=f"plan {p.name}: checked, nothing sent", show_header=False)
+    sent = "group members read, nothing created" if "group_members" in preview else "nothing sent"
+    table = Table(title=f"plan {p.name}: checked, {sent}", show_header=False)
     for key, value in preview.items():
         if key == "waves":
-            value = ", ".join(f"{w['name']} {w['targets']}" for w in preview["waves"])
+            value = ", ".join(
+                f"{w['name']} {w['targets']}"
+                + (f" ({w['devices_in_groups']} devices)" if "devices_in_groups" in w else "")
+                for w in preview["waves"]
+            )
+        elif key in ("group_members", "calls_made_to_resolve_groups"):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
         elif key == "eta_seconds":
             key, value = "ETA of submission", f"{value:.0f} s at {p.platform.rate_limit}"
         table.add_row(key, str(value))
@@ -433,7 +472,7 @@ def _progress_bar(total: int) -> tuple[Progress, Callable[[RunProgress], None]]:
             bar.start()
         elapsed = max(1e-6, time.monotonic() - progress.started)
         rate = f"{progress.creates / elapsed * 60:.0f} creates/min"
-        bar.update(task, completed=progress.done_targets, rate=rate)
+        bar.update(task, total=progress.total_targets, completed=progress.done_targets, rate=rate)
 
     return bar, update
 
@@ -448,11 +487,18 @@ def _drive(
     ignore_census: bool,
 ) -> None:
     loaded = _load(plan)
-    if not resume_only and (
-        new_run or not has_run(journal_path(loaded, journal), loaded.plan.name)
-    ):
+    path = journal_path(loaded, journal)
+    if not resume_only and (new_run or not has_run(path, loaded.plan.name)):
         check_times(loaded.plan, str(loaded.path))  # a first run refuses a passed start
     bar, update = _progress_bar(len(loaded.fleet.members))
+    if resume_only and unfinished_pass(path, loaded.plan.name) is not None:
+        # resuming means finishing what was under way: here a retry pass
+        again = RetryOptions(
+            journal=journal, follow=follow, unknown_tasks=UnknownTasks(unknown_tasks)
+        )
+        done = _interruptible(lambda: retry(loaded, again, update), bar)
+        _show_status(read_status(done.journal, loaded.plan.name))
+        return
     options = RunOptions(
         journal=journal,
         new_run=new_run,
@@ -512,6 +558,7 @@ def _show_status(status: dict[str, Any]) -> None:
             "targets_quarantined",
             "devices_succeeded",
             "devices_failed",
+            "devices_already_current",
             "calls",
         )
         structlog.get_logger("orchestrator.cli").info(
@@ -581,6 +628,59 @@ def resume(
     _drive(plan, journal, False, True, follow, unknown_tasks, ignore_census)
 
 
+def _retry_states(_ctx: click.Context, _param: click.Parameter, value: str) -> frozenset[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in RETRY_CHOICES]
+    if not names or unknown:
+        raise click.BadParameter(
+            f"a comma list of {', '.join(RETRY_CHOICES)}"
+            + (f" (not {', '.join(unknown)})" if unknown else "")
+        )
+    return frozenset(value for name in names for value in RETRY_CHOICES[name])
+
+
+@main.command("retry")
+@plan_argument
+@journal_option
+@click.option(
+    "--states",
+    default=",".join(RETRY_CHOICES),
+    show_default=True,
+    callback=_retry_states,
+    help="Which devices get another task, by how their subtask ended in their latest pass: "
+    "fail (failed after starting, or succeeded reporting another version), timeout (never "
+    "came online in time), stop (stopped), never-started (timed out, or stopped before "
+    "starting).",
+)
+@follow_option
+@unknown_tasks_option
+@exits_cleanly
+def retry_command(
+    plan: Path,
+    journal: Path | None,
+    states: frozenset[str],
+    follow: bool | None,
+    unknown_tasks: str,
+) -> None:
+    """A retry pass: new tasks for the devices of PLAN's finished run whose latest outcome is
+    one of --states — exactly once per pass, journaled, judged by the plan's last gate. An
+    unfinished pass is finished first."""
+    loaded = _load(plan)
+    options = RetryOptions(
+        journal=journal, states=states, follow=follow, unknown_tasks=UnknownTasks(unknown_tasks)
+    )
+    bar, update = _progress_bar(len(loaded.fleet.members))
+    result = _interruptible(lambda: retry(loaded, options, update), bar)
+    if result.pass_no is None:
+        click.echo(
+            f"nothing to retry: no device of run {result.run_id} ended as asked "
+            f"({', '.join(sorted(states))})"
+        )
+        return
+    click.echo(f"retry pass {result.pass_no} of run {result.run_id}: {result.targets} devices")
+    _show_status(read_status(result.journal, loaded.plan.name))
+
+
 @main.command()
 @plan_argument
 @journal_option
@@ -604,10 +704,23 @@ def watch(plan: Path, journal: Path | None) -> None:
 )
 @exits_cleanly
 def approve(plan: Path, journal: Path | None, wave: str | None, by: str) -> None:
-    """Approve a wave's gate: it passes (even a failed one) when the run resumes."""
+    """Approve the gate of a wave that waits for a decision (failed, or passed and awaiting
+    approval): it passes when the run resumes — a failed gate only while its failure share
+    is no worse than the one approved."""
     loaded = _load(plan)
-    name = approve_wave(journal_path(loaded, journal), loaded.plan.name, wave, by)
-    stderr.print(f"wave {name!r} approved by {by}; `rollout resume` goes on")
+    approval = approve_wave(
+        journal_path(loaded, journal), loaded.plan.name, wave, by, source=str(loaded.path)
+    )
+    if approval.state == "failed":
+        what = (
+            f"its failed gate ({approval.reason}); a failure share worse than "
+            f"{approval.failed} of {approval.finished} halts it again"
+        )
+    else:
+        what = f"its gate, passed and awaiting approval ({approval.reason})"
+    click.echo(
+        f"approved wave {approval.wave!r} by {by}: {what}. `rollout resume` goes on.",
+    )
 
 
 IN_TASK_BY = {
@@ -630,7 +743,16 @@ def _print_status(status: dict[str, Any]) -> None:
     table.add_row("quarantined", str(status["targets_quarantined"]))
     table.add_row("remaining", str(status["targets_remaining"]))
     table.add_row("devices upgraded", str(status["devices_succeeded"]))
+    table.add_row("  version verified", str(status["devices_version_verified"]))
     table.add_row("devices failed", str(status["devices_failed"]))
+    current, left_out = (
+        status["devices_already_current"],
+        status["devices_left_out_already_current"],
+    )
+    table.add_row(
+        "devices already current",
+        f"{current} ({left_out} left out by the fleet file)" if left_out else str(current),
+    )
     table.add_row("tasks final / observed", f"{status['tasks_final']} / {status['tasks_observed']}")
     for state, values in sorted(status["chunks"].items()):
         table.add_row(f"chunks {state}", str(values["chunks"]))
@@ -647,20 +769,41 @@ def _print_status(status: dict[str, Any]) -> None:
     stderr.print(table)
     if len(status["waves"]) > 1 or (status["waves"] and status["waves"][0]["name"] != "all"):
         waves = Table(title="waves")
-        for column in ("wave", "targets", "in tasks", "upgraded", "failed", "gate", "reason"):
+        columns = ("wave", "targets", "in tasks", "upgraded", "failed", "current", "gate", "reason")
+        for column in columns:
             waves.add_column(column)
+        groups = status["target_kind"] == "groups"
         for w in status["waves"]:
             gate = w["gate"] + (" (approved)" if w["approved"] else "")
+            in_tasks = (
+                f"{w['in_tasks']} groups, {w['devices']} devices" if groups else w["in_tasks"]
+            )
             waves.add_row(
                 w["name"],
                 str(w["targets"]),
-                str(w["in_tasks"]),
+                str(in_tasks),
                 str(w["succeeded"]),
                 str(w["failed"]),
+                str(w["already_current"]),
                 gate,
                 w["gate_reason"] or "",
             )
         stderr.print(waves)
+    if status.get("passes"):
+        passes = Table(title="retry passes")
+        for column in ("pass", "retried", "devices", "upgraded", "failed", "current", "status"):
+            passes.add_column(column)
+        for r in status["passes"]:
+            passes.add_row(
+                str(r["pass"]),
+                ", ".join(r["states"]),
+                str(r["targets"]),
+                str(r["succeeded"]),
+                str(r["failed"]),
+                str(r["already_current"]),
+                f"{r['pass_status']} (gate {r['gate']})",
+            )
+        stderr.print(passes)
     if status["calls"]:
         stderr.print("calls spent: " + ", ".join(f"{k} {v}" for k, v in status["calls"].items()))
     for row in status["quarantined"][:20]:

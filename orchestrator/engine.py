@@ -30,22 +30,35 @@ from .errors import (
     RunHalted,
 )
 from .gates import Verdict, evaluate
+from .groups import ResolvedGroup, find_overlaps, refuse_overlaps, resolve_groups
 from .journal import (
     ABORTED,
     CENSUS,
     COMPLETED,
     INTENT,
     INTERRUPTED,
+    PASS_UNFINISHED,
     PENDING,
     RUNNING,
+    SPLIT,
     UNCONFIRMED,
+    ChunkRow,
     Journal,
+    PassRow,
     RunRow,
+    WaveCounts,
     default_journal_path,
 )
 from .monitor import Monitor, Sleep
 from .northbound import ClientConfig, NorthboundClient, TLSConfig
-from .plan import PLATFORM_TIME_FORMAT, LoadedPlan, PlatformSection, WaveSection, check_times
+from .plan import (
+    PLATFORM_TIME_FORMAT,
+    GateSection,
+    LoadedPlan,
+    PlatformSection,
+    WaveSection,
+    check_times,
+)
 from .planner import plan_chunks
 from .session import RunSession
 from .simulator import DEFAULT_SECRET, SimulatorConfig, SimulatorServer
@@ -132,6 +145,26 @@ async def platform_client(loaded: LoadedPlan) -> AsyncIterator[NorthboundClient]
         yield client
 
 
+async def check_groups(loaded: LoadedPlan, client: NorthboundClient) -> dict[str, ResolvedGroup]:
+    """A group fleet's members, resolved through the member API; raises InputError (exit 2,
+    nothing created) when the plan names an unknown group or puts groups that share devices
+    in different tasks (`groups.py`)."""
+    assert loaded.plan.fleet.groups is not None
+    source = str(loaded.path)
+    groups = await resolve_groups(client, loaded.plan.fleet.groups, source)
+    chunks = list(plan_chunks(loaded.fleet, loaded.waves))
+    refuse_overlaps(find_overlaps(chunks, groups, {w.index: w.name for w in loaded.waves}), source)
+    return groups
+
+
+async def preview_groups(loaded: LoadedPlan) -> tuple[dict[str, ResolvedGroup], dict[str, int]]:
+    """`rollout plan` for a group fleet: the groups' members and the calls it took to learn
+    them (a login, a list call per group, the member pages)."""
+    async with platform_client(loaded) as client:
+        groups = await check_groups(loaded, client)
+        return groups, client.take_call_counts()
+
+
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(value, dict):
         flat: dict[str, Any] = {}
@@ -141,7 +174,7 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
-def _check_same_inputs(loaded: LoadedPlan, run: RunRow, path: Path, journal: Journal) -> None:
+def check_same_inputs(loaded: LoadedPlan, run: RunRow, path: Path, journal: Journal) -> None:
     """Refuse a resume whose targets or package would differ from the run's; allow (and log)
     every other edit of the plan file."""
     if run.fingerprint is None:  # a run started by a journal of schema 1: the file's bytes
@@ -174,7 +207,7 @@ def _check_same_inputs(loaded: LoadedPlan, run: RunRow, path: Path, journal: Jou
     journal.set_settings(run.run_id, loaded.plan_sha, settings)
 
 
-def _wave_policy(
+def wave_policy(
     loaded: LoadedPlan, section: WaveSection | None, platform_now: float
 ) -> dict[str, Any]:
     policy = loaded.plan.policy.wire()
@@ -202,6 +235,7 @@ def start_run(journal: Journal, loaded: LoadedPlan) -> int:
         waves=loaded.waves,
         fingerprint=loaded.fingerprint,
         settings=loaded.settings(),
+        already_current=loaded.already_current,
     )
 
 
@@ -253,7 +287,10 @@ async def open_census(
     targets = {member: member for member in session.loaded.fleet.members}
     horizon = session.plan.platform.request_timeout + session.plan.execution.settle
     clock = session.client.clock
-    census = await take_census(judge, session.operation, session.loaded.fleet.kind, targets)
+    retried = journal.retry_operations()  # retry passes sent their devices again on purpose
+    census = await take_census(
+        judge, session.operation, session.loaded.fleet.kind, targets, ignore=retried
+    )
     for _ in range(FOREIGN_ROUNDS):
         taken = clock.now()
         fresh = census.newest_foreign
@@ -265,7 +302,9 @@ async def open_census(
             seconds=round(horizon, 1),
         )
         await sleep(horizon)
-        census = await take_census(judge, session.operation, session.loaded.fleet.kind, targets)
+        census = await take_census(
+            judge, session.operation, session.loaded.fleet.kind, targets, ignore=retried
+        )
         if census.newest_foreign == fresh:
             break
     else:
@@ -280,14 +319,22 @@ async def open_census(
             "targets already in tasks of another package of this model (sent anyway)",
             targets=census.other_package,
         )
-    rows = journal.chunks(run_id, [PENDING, INTENT])
-    if options.unknown_tasks is UnknownTasks.STOP:
+    plan_waves = len(session.loaded.waves)  # a retry pass's chunks have a census of their own
+    rows = [row for row in journal.chunks(run_id, [PENDING, INTENT]) if row.wave < plan_waves]
+    adopt_found(journal, run_id, census, rows, options.unknown_tasks)
+    return CensusView(census, judge, options.unknown_tasks)
+
+
+def adopt_found(
+    journal: Journal, run_id: int, census: Census, rows: list[ChunkRow], unknown: UnknownTasks
+) -> None:
+    """Journal as adopted every part of these chunks (pending, or in intent) that the census
+    found in a task: whole chunks, or parts with the rest left to send."""
+    if unknown is UnknownTasks.STOP:
         _refuse_undecided(census, [row.members for row in rows if row.state == PENDING])
     adopted = 0
     for row in rows:
-        adoption = plan_adoption(
-            row.as_chunk(), census, options.unknown_tasks, exact_only=row.state == INTENT
-        )
+        adoption = plan_adoption(row.as_chunk(), census, unknown, exact_only=row.state == INTENT)
         if adoption is None:
             continue
         if adoption.whole:
@@ -299,7 +346,6 @@ async def open_census(
         adopted += adoption.targets
     if adopted:
         log.info("census: targets already in a task are not sent again", adopted=adopted)
-    return CensusView(census, judge, options.unknown_tasks)
 
 
 def _record_duplicates(journal: Journal, run_id: int, census: Census, options: RunOptions) -> None:
@@ -360,7 +406,7 @@ class Rollout:
                 self.session,
                 self.hook,
                 wave=wave.index,
-                policy=_wave_policy(self.session.loaded, section, self.session.client.clock.now()),
+                policy=wave_policy(self.session.loaded, section, self.session.client.clock.now()),
                 shared_progress=self.progress,
                 census=self.census,
                 sleep=self.monitor.sleep,
@@ -378,12 +424,14 @@ class Rollout:
         if follow:
             await self.monitor.follow(first_wait=self.session.plan.monitor.poll_interval)
 
-    async def closing_census(self) -> None:
-        """After the run's last create, once the platform has surely finished with it
-        (`request_timeout + settle`: a lagging list shows it, a late commit has landed), any
-        target in two tasks of this package is recorded — never silent."""
+    async def closing_census(self, retry_pass: PassRow | None = None) -> None:
+        """After the run's (or a retry pass's) last create, once the platform has surely
+        finished with it (`request_timeout + settle`: a lagging list shows it, a late commit
+        has landed), any target in two tasks of this package is recorded — never silent.
+        Tasks of retry passes sent their devices again on purpose: the run's census ignores
+        them, and a pass's census looks only at its own."""
         journal, run_id = self.session.journal, self.session.run_id
-        if not journal.needs_closing_census(run_id):
+        if retry_pass is None and not journal.needs_closing_census(run_id):
             return
         await _until_settled(
             self.session, journal.latest_send(run_id, unsettled_only=False), self.monitor.sleep
@@ -395,14 +443,32 @@ class Rollout:
         else:
             judge = PackageJudge(self.session.client, self.session.package, known)
         judge.created_windows = journal.created_windows()
+        if retry_pass is None:
+            kind = self.session.loaded.fleet.kind
+            targets = {member: member for member in self.session.loaded.fleet.members}
+            since, ignore = None, journal.retry_operations()
+        else:
+            kind, targets = "devices", pass_targets(journal, run_id, retry_pass)
+            since = retry_pass.platform_start
+            ignore = journal.operations_outside(run_id, retry_pass.wave)
         census = await take_census(
-            judge,
-            self.session.operation,
-            self.session.loaded.fleet.kind,
-            {member: member for member in self.session.loaded.fleet.members},
+            judge, self.session.operation, kind, targets, since=since, ignore=ignore
         )
-        journal.record_census(run_id, "closing", census.summary())
+        summary = census.summary() | ({"pass": retry_pass.pass_no} if retry_pass else {})
+        journal.record_census(run_id, "closing", summary)
         _record_duplicates(journal, run_id, census, self.options)
+
+    async def _judge(self, wave: int, gate: GateSection) -> tuple[Verdict, str, WaveCounts]:
+        """The gate's verdict on the journal's counts. A verdict that would decide while
+        failed devices of the wave are not all known is judged again once they are: an
+        already-current device is counted as failed by the platform's counters."""
+        journal, run_id = self.session.journal, self.session.run_id
+        counts = journal.wave_counts(run_id, wave)
+        verdict, reason = evaluate(gate, counts)
+        if verdict is not Verdict.WAIT and await self.monitor.learn_failures(wave):
+            counts = journal.wave_counts(run_id, wave)
+            verdict, reason = evaluate(gate, counts)
+        return verdict, reason, counts
 
     async def _gate(self, wave: int, name: str, section: WaveSection) -> None:
         gate = section.gate
@@ -410,48 +476,54 @@ class Rollout:
         seen = self.session.journal.wave_counts(self.session.run_id, wave)
         if seen.tasks == 0 or seen.final_tasks < seen.tasks:
             await self.monitor.sleep(interval)  # tasks created a moment ago cannot be done
+        journal, run_id = self.session.journal, self.session.run_id
         while True:
             await self.monitor.poll()
-            counts = self.session.journal.wave_counts(self.session.run_id, wave)
-            verdict, reason = evaluate(gate, counts)
-            row = next(r for r in self.session.journal.waves(self.session.run_id) if r.wave == wave)
-            approved = self.session.journal.approved(self.session.run_id, wave)
+            verdict, reason, counts = await self._judge(wave, gate)
+            numbers = {"finished": counts.finished, "failed": counts.real_failed}
+            row = next(r for r in journal.waves(run_id) if r.wave == wave)
+            approval = journal.approval(run_id, wave)
             if verdict is Verdict.FAIL:
-                if approved:
-                    self.session.journal.set_gate(
-                        self.session.run_id,
+                if approval is not None and approval.covers(False, **numbers):
+                    journal.set_gate(
+                        run_id,
                         wave,
                         "passed",
-                        f"failed gate overridden by approval: {reason}",
+                        f"failed gate overridden by {approval.by}'s approval (at "
+                        f"{approval.failed} of {approval.finished} failed): {reason}",
+                        **numbers,
                     )
                     return
-                self.session.journal.set_gate(self.session.run_id, wave, "failed", reason)
+                journal.set_gate(run_id, wave, "failed", reason, **numbers)
+                again = (
+                    f" — worse than what {approval.by} approved ({approval.failed} of "
+                    f"{approval.finished} failed)"
+                    if approval is not None and approval.state == "failed"
+                    else ""
+                )
                 raise RunHalted(
-                    f"wave {name!r} failed its gate: {reason}. Nothing more was submitted. "
-                    f"To go on anyway: rollout approve PLAN --wave {name}, then rollout resume"
+                    f"wave {name!r} failed its gate: {reason}{again}. Nothing more was "
+                    f"submitted. To go on anyway: rollout approve PLAN --wave {name}, then "
+                    "rollout resume"
                 )
             if verdict is Verdict.WAIT:
-                self.session.journal.set_gate(self.session.run_id, wave, "waiting", reason)
+                journal.set_gate(run_id, wave, "waiting", reason, **numbers)
                 await self.monitor.sleep(interval)
                 interval = min(self.session.plan.monitor.max_poll_interval, interval * 1.5)
                 continue
             if gate.soak > 0:
                 soak_until = row.soak_until or time.time() + gate.soak
                 if time.time() < soak_until:
-                    self.session.journal.set_gate(
-                        self.session.run_id, wave, "soaking", reason, soak_until
-                    )
+                    journal.set_gate(run_id, wave, "soaking", reason, soak_until, **numbers)
                     await self.monitor.sleep(min(interval, max(0.0, soak_until - time.time())))
                     continue
-            if gate.approval and not approved:
-                self.session.journal.set_gate(
-                    self.session.run_id, wave, "awaiting-approval", reason
-                )
+            if gate.approval and approval is None:
+                journal.set_gate(run_id, wave, "awaiting-approval", reason, **numbers)
                 raise RunHalted(
                     f"wave {name!r} passed its gate ({reason}) and waits for approval: "
                     f"rollout approve PLAN --wave {name}, then rollout resume"
                 )
-            self.session.journal.set_gate(self.session.run_id, wave, "passed", reason)
+            journal.set_gate(run_id, wave, "passed", reason, **numbers)
             log.info("gate passed", wave=name, reason=reason)
             return
 
@@ -475,7 +547,15 @@ async def execute(
             raise JournalError(f"{path}: no run of plan {loaded.plan.name!r} to resume")
         continuing = existing is not None and not options.new_run
         if existing is not None and continuing:
-            _check_same_inputs(loaded, existing, path, journal)
+            check_same_inputs(loaded, existing, path, journal)
+            passes = journal.passes(existing.run_id)
+            if passes and passes[-1].status in PASS_UNFINISHED:
+                # its chunks have a census of their own (passes.py): `rollout resume` routes
+                # to `rollout retry`, which finishes the pass
+                raise RunAborted(
+                    f"retry pass {passes[-1].pass_no} of run {existing.run_id} is "
+                    f"{passes[-1].status}: `rollout retry PLAN` finishes it"
+                )
         async with platform_client(loaded) as client:
             package = await resolve_package(loaded, client)
             if existing is not None and continuing:
@@ -490,7 +570,14 @@ async def execute(
                 check_times(
                     loaded.plan, str(loaded.path), datetime.fromtimestamp(client.clock.now(), UTC)
                 )
+                groups = await check_groups(loaded, client) if loaded.fleet.kind == "groups" else {}
                 run_id = start_run(journal, loaded)
+                if groups:
+                    journal.event(
+                        run_id,
+                        "groups-resolved",
+                        {name: len(group.devices) for name, group in groups.items()},
+                    )
             journal.set_package(run_id, package.file_id, package.version)
             journal.set_status(run_id, RUNNING)
             requeued = journal.requeue_failed(run_id)
@@ -579,3 +666,13 @@ async def refresh(loaded: LoadedPlan, journal_file: Path | None) -> None:
     """One monitor poll, so a report shows the platform's latest word (costs calls)."""
     async with _existing_run(loaded, journal_file) as (_, _, rollout):
         await rollout.monitor.poll()
+
+
+def pass_targets(journal: Journal, run_id: int, retry_pass: PassRow) -> dict[str, str]:
+    """A retry pass's devices, each mapped to itself (the census index keys)."""
+    return {
+        device: device
+        for row in journal.chunks(run_id, wave=retry_pass.wave)
+        if row.state != SPLIT
+        for device in row.members
+    }

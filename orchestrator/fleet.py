@@ -29,6 +29,17 @@ class Fleet:
     source: str
     attributes: dict[str, list[str]] = field(default_factory=dict)  # CSV columns asked for
 
+    def without(self, left_out: set[str]) -> Fleet:
+        """The same fleet file without some targets (its fingerprint stays the file's)."""
+        keep = [index for index, member in enumerate(self.members) if member not in left_out]
+        return Fleet(
+            self.kind,
+            [self.members[index] for index in keep],
+            self.sha256,
+            self.source,
+            {name: [values[index] for index in keep] for name, values in self.attributes.items()},
+        )
+
     @classmethod
     def of_groups(cls, groups: list[str]) -> Fleet:
         digest = hashlib.sha256("\n".join(groups).encode()).hexdigest()
@@ -62,7 +73,7 @@ def read_fleet_file(path: Path, columns: Sequence[str] = ()) -> Fleet:
     if is_csv:
         ids, attributes = _csv_ids(text, source, columns)
     elif columns:
-        raise InputError(source, columns[0], "a column to stratify by needs a CSV fleet file")
+        raise InputError(source, columns[0], "a column named by the plan needs a CSV fleet file")
     else:
         ids = [line.strip() for line in lines if line.strip()]
     del lines, text
@@ -110,7 +121,7 @@ def _csv_ids(
     column = names.index(ID_COLUMN)
     for wanted in columns:
         if wanted not in names:
-            raise InputError(source, "header", f"no column {wanted!r} to stratify by")
+            raise InputError(source, "header", f"no column {wanted!r} (the plan names it)")
     extra = {name: names.index(name) for name in columns}
     attributes: dict[str, list[str]] = {name: [] for name in columns}
     ids: list[str] = []

@@ -1,7 +1,10 @@
 """Wave gates: may the next wave start?
 
-A gate looks at the targets of its wave that are in upgrade tasks (quarantined targets never
-reached the platform and say nothing about the image):
+A gate looks at the *devices* of its wave that are in upgrade tasks — for a group fleet the
+tasks' own device counts (`staResult.total`), never the number of groups — and judges only
+real outcomes (`outcomes`): a device already on the package's version is neither failed nor
+upgraded and leaves the base; a device whose subtask succeeded but reports another version is
+failed. Quarantined targets never reached the platform and say nothing about the image.
 
 - it **fails** once the failure share of the finished devices exceeds `max_failed`, judged
   only when at least `min_sample` devices have finished (or the whole wave has): AWS IoT
@@ -28,19 +31,30 @@ class Verdict(StrEnum):
 
 
 def evaluate(gate: GateSection, counts: WaveCounts) -> tuple[Verdict, str]:
-    base = counts.submitted
-    finished, failed = counts.finished, counts.failed
+    """The verdict on a wave and its reason (one line, with the devices counted)."""
+    base = counts.base
+    if base is None:
+        return Verdict.WAIT, (
+            f"{counts.tasks} of the {counts.submitted_tasks} tasks of {counts.submitted} "
+            "groups observed: their device count is not known yet"
+        )
+    finished, failed = counts.finished, counts.real_failed
     all_final = counts.tasks > 0 and counts.final_tasks == counts.tasks
     sample_ok = finished >= gate.min_sample or all_final or base == 0
+    current = f", {counts.already_current} already current" if counts.already_current else ""
     if gate.max_failed is not None and finished and sample_ok:
         share = failed / finished
         if share > gate.max_failed:
             return Verdict.FAIL, (
                 f"{failed} of {finished} finished devices failed "
-                f"({share:.1%} > max_failed {gate.max_failed:.1%})"
+                f"({share:.1%} > max_failed {gate.max_failed:.1%}){current}"
             )
     finished_share = finished / base if base else 1.0
-    summary = f"{finished} of {base} finished ({finished_share:.1%}), {failed} failed"
+    groups = f" in {counts.submitted} groups" if counts.kind == "groups" else ""
+    summary = (
+        f"{finished} of {base} devices{groups} finished ({finished_share:.1%}), "
+        f"{failed} failed{current}"
+    )
     if finished_share >= gate.min_finished and (gate.max_failed is None or sample_ok):
         return Verdict.PASS, summary
     return Verdict.WAIT, summary

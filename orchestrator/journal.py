@@ -20,6 +20,12 @@ by the census in a task whose package the platform did not tell, on the operator
 platform's measured clock (`sent_platform`): settling compares platform times, which a step
 of the local clock between two processes does not move.
 
+A run's first pass is its waves; `rollout retry` adds a *retry pass* (`passes`): the devices
+whose latest outcome was a chosen failure, in chunks `p<NN>-<index>` of a wave row of its own
+(`retry-<N>`, after the plan's waves), so intents, attempts, settling, adoption and
+monitoring work for a pass exactly as for a wave. A device thus has one chunk per pass that
+holds it; its final outcome is its latest pass's.
+
 The default journal lives beside the plan file (`<plan dir>/.rollout/<name>.journal.sqlite`),
 so the same plan run from another working directory finds its journal.
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import sqlite3
 import time
@@ -37,11 +44,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import JournalError
+from .errors import InputError, JournalError
 from .northbound import SubOperation, Task
+from .outcomes import Outcome, classify
 from .planner import Chunk, Wave
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
@@ -125,6 +133,11 @@ CREATE TABLE IF NOT EXISTS waves (
     approved_at REAL,
     approved_by TEXT,
     updated_at REAL NOT NULL,
+    gate_finished INTEGER,
+    gate_failed INTEGER,
+    approved_state TEXT,
+    approved_finished INTEGER,
+    approved_failed INTEGER,
     PRIMARY KEY (run_id, wave)
 );
 CREATE TABLE IF NOT EXISTS tasks (
@@ -146,6 +159,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     final INTEGER NOT NULL DEFAULT 0,
     details_fetched INTEGER NOT NULL DEFAULT 0,
     observed_at REAL,
+    verified INTEGER NOT NULL DEFAULT 0,
+    unreported INTEGER NOT NULL DEFAULT 0,
+    fails_seen INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (run_id, operation_id)
 );
 CREATE TABLE IF NOT EXISTS device_results (
@@ -157,7 +173,28 @@ CREATE TABLE IF NOT EXISTS device_results (
     version TEXT,
     start_time TEXT,
     stop_time TEXT,
+    outcome TEXT,
     PRIMARY KEY (run_id, device_id, operation_id)
+);
+CREATE INDEX IF NOT EXISTS device_results_task ON device_results(run_id, operation_id);
+CREATE TABLE IF NOT EXISTS passes (
+    run_id INTEGER NOT NULL,
+    pass_no INTEGER NOT NULL,
+    wave INTEGER NOT NULL,
+    states TEXT NOT NULL,
+    targets INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    platform_start REAL NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (run_id, pass_no)
+);
+CREATE TABLE IF NOT EXISTS already_current (
+    run_id INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    version TEXT NOT NULL,
+    PRIMARY KEY (run_id, device_id)
 );
 CREATE TABLE IF NOT EXISTS api_calls (
     run_id INTEGER NOT NULL,
@@ -192,6 +229,9 @@ PENDING, INTENT, SUBMITTED, SPLIT, QUARANTINED, FAILED = (
 )
 FINAL_STATES = frozenset({SUBMITTED, SPLIT, QUARANTINED})
 RUNNING, INTERRUPTED, COMPLETED, ABORTED = "running", "interrupted", "completed", "aborted"
+# a retry pass still to finish (`rollout retry` or `resume` go on with it); completed,
+# submitted (not followed) and halted (its gate failed) passes are over
+PASS_UNFINISHED = frozenset({RUNNING, INTERRUPTED, ABORTED})
 SENT, RECONCILED, CENSUS, SECOND_CLAIM, UNCONFIRMED = 0, 1, 2, 3, 4  # chunks.adopted
 UNIQUE_CLAIMS = (
     "CREATE UNIQUE INDEX IF NOT EXISTS chunks_operation ON chunks(run_id, operation_id)"
@@ -242,25 +282,130 @@ class WaveRow:
 
 
 @dataclass(frozen=True)
-class WaveCounts:
-    """Targets of a wave by where they stand, from the journal."""
+class PassRow:
+    """A retry pass of a run (pass 1 is the run's own waves, not a row)."""
 
+    pass_no: int
+    wave: int  # its wave row: its chunks, tasks and gate
+    states: list[str]  # the outcomes it retries (outcomes.Outcome values)
     targets: int
-    submitted: int
+    started_at: float  # local time
+    platform_start: float  # the platform's time when it started (its census ignores older tasks)
+    status: str
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class WaveCounts:
+    """A wave by where its targets and their devices stand, from the journal.
+
+    Device counts come from the tasks' `staResult` (devices, whatever the targets are),
+    corrected by what the monitor learned of single subtasks: `already_current` of the
+    `failed` found the device on the package's version (neither failed nor upgraded), and
+    `mismatched` of the `succeeded` report another version (failed)."""
+
+    targets: int  # the wave's targets: devices, or groups for a group fleet
+    submitted: int  # targets in submitted chunks
     quarantined: int
-    tasks: int
+    tasks: int  # tasks observed
     final_tasks: int
-    succeeded: int
-    failed: int
+    succeeded: int  # devices, staResult success
+    failed: int  # devices, staResult fail + stop
+    already_current: int = 0
+    mismatched: int = 0
+    kind: str = "devices"
+    task_devices: int = 0  # Σ staResult.total of the observed tasks
+    submitted_tasks: int = 0  # tasks the submitted chunks are in
+
+    @property
+    def devices(self) -> int | None:
+        """Devices in the wave's tasks: the submitted targets of a device fleet; for a group
+        fleet the tasks' totals, known once every task was observed (None before)."""
+        if self.kind == "devices":
+            return self.submitted
+        return self.task_devices if self.tasks >= self.submitted_tasks else None
+
+    @property
+    def upgraded(self) -> int:
+        return self.succeeded - self.mismatched
+
+    @property
+    def real_failed(self) -> int:
+        return max(0, self.failed - self.already_current) + self.mismatched
 
     @property
     def finished(self) -> int:
-        return self.succeeded + self.failed
+        """Devices with a real outcome (upgraded or failed; not already current)."""
+        return self.upgraded + self.real_failed
+
+    @property
+    def base(self) -> int | None:
+        """Devices whose outcome the gate judges: all but the already current."""
+        devices = self.devices
+        return None if devices is None else max(0, devices - self.already_current)
+
+
+WAITING_FOR_DECISION = ("failed", "awaiting-approval")  # the gate states an approval is for
+
+
+@dataclass(frozen=True)
+class Approval:
+    """An operator's approval of a wave's gate, scoped to the verdict it was given for: a
+    failed gate with `failed` of `finished` devices failed, or a passed gate awaiting it."""
+
+    wave: str
+    state: str  # the gate state approved: failed | awaiting-approval
+    reason: str  # the gate's reason then
+    finished: int
+    failed: int
+    by: str
+
+    @property
+    def failed_share(self) -> float:
+        return self.failed / self.finished if self.finished else 0.0
+
+    @property
+    def tolerance(self) -> float:
+        """How far the failure share may drift above the approved one by chance: two standard
+        errors of the approved sample, 2·√(p(1−p)/n) — the approved 60 % of 50 devices
+        covers up to 73.9 %, of 250 devices up to 66.2 %."""
+        if not self.finished:
+            return 0.0
+        p = self.failed_share
+        return float(2 * math.sqrt(p * (1 - p) / self.finished))
+
+    def covers(self, passing: bool, finished: int, failed: int) -> bool:
+        """Whether this approval lets a verdict through: a passing gate that awaits approval
+        always; a failing one only when the approval was for a failed gate and the failure
+        share now is not worse than the approved one beyond chance (`tolerance`)."""
+        if passing:
+            return True
+        if self.state != "failed":
+            return False
+        share = failed / finished if finished else 0.0
+        return share <= self.failed_share + self.tolerance
 
 
 def default_journal_path(plan_name: str, plan_dir: Path) -> Path:
     """`<plan dir>/.rollout/<name>.journal.sqlite`: beside the plan, whatever the cwd."""
     return plan_dir.absolute() / ".rollout" / f"{plan_name}.journal.sqlite"
+
+
+# columns added after schema 1, in the order they came (ALTER TABLE appends them)
+ADDED_COLUMNS = (
+    ("runs", "fingerprint", "TEXT"),  # 2
+    ("runs", "settings", "TEXT"),
+    ("attempts", "sent_platform", "REAL"),
+    ("waves", "gate_finished", "INTEGER"),  # 3: the verdict's numbers, and what was approved
+    ("waves", "gate_failed", "INTEGER"),
+    ("waves", "approved_state", "TEXT"),
+    ("waves", "approved_finished", "INTEGER"),
+    ("waves", "approved_failed", "INTEGER"),
+    ("tasks", "verified", "INTEGER NOT NULL DEFAULT 0"),  # 3: versions checked
+    ("tasks", "unreported", "INTEGER NOT NULL DEFAULT 0"),
+    ("tasks", "fails_seen", "INTEGER NOT NULL DEFAULT 0"),
+    ("device_results", "outcome", "TEXT"),  # 3: outcomes.Outcome
+)
 
 
 def _migrate(connection: sqlite3.Connection, found: int, path: Path) -> None:
@@ -270,15 +415,10 @@ def _migrate(connection: sqlite3.Connection, found: int, path: Path) -> None:
             f"{path}: journal schema {found} is newer than this rollout ({SCHEMA_VERSION})"
         )
     connection.execute("BEGIN IMMEDIATE")
-    if found < 2:
-        for table, column, kind in (
-            ("runs", "fingerprint", "TEXT"),
-            ("runs", "settings", "TEXT"),
-            ("attempts", "sent_platform", "REAL"),
-        ):
-            columns = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
-            if column not in columns:
-                connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+    for table, column, declaration in ADDED_COLUMNS:
+        columns = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
+        if column not in columns:
+            connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
     connection.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
     connection.execute("COMMIT")
 
@@ -371,7 +511,10 @@ class Journal:
         waves: Iterable[Wave],
         fingerprint: str | None = None,
         settings: str | None = None,
+        already_current: Iterable[tuple[str, str]] = (),
     ) -> int:
+        """A new run: its chunks, its waves, and the devices left out because the fleet file
+        says they already run the package's version (device, version)."""
         now = time.time()
         with self._tx() as db:
             cursor = db.execute(
@@ -400,7 +543,16 @@ class Journal:
                 " VALUES (?,?,?,?,?)",
                 ((run_id, w.index, w.name, len(w.members), now) for w in waves),
             )
-            self._event(db, run_id, "run-created", {"targets": target_count})
+            cursor = db.executemany(
+                "INSERT INTO already_current VALUES (?,?,?)",
+                ((run_id, device, version) for device, version in already_current),
+            )
+            self._event(
+                db,
+                run_id,
+                "run-created",
+                {"targets": target_count, "left_out_already_current": cursor.rowcount},
+            )
         return run_id
 
     @staticmethod
@@ -787,11 +939,24 @@ class Journal:
         ).fetchone()
         return int(row[0])
 
-    def split(self, run_id: int, parent: str, children: Iterable[Chunk]) -> None:
+    def split(
+        self, run_id: int, parent: str, children: Iterable[Chunk], *, inferred: bool = False
+    ) -> None:
+        """A refused chunk becomes `split` and its halves pending. `inferred`: the chunk was
+        not sent itself — its sibling was accepted, so its parent's refusal lies in it."""
         now = time.time()
         with self._tx() as db:
             self._set_chunk(db, run_id, parent, SPLIT)
             self._insert_chunks(db, run_id, children, now)
+            if inferred:
+                self._event(db, run_id, "bisect-inferred", {"chunk": parent})
+
+    def bisect_creates(self, run_id: int) -> int:
+        """Creates sent for halves of bisected chunks (chunk IDs ending in .0 or .1)."""
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM attempts WHERE run_id=? AND chunk_id GLOB '*.[01]'", (run_id,)
+        ).fetchone()
+        return int(row[0])
 
     def quarantine(
         self, run_id: int, chunk_id: str, device_id: str, error_code: str, reason: str
@@ -804,11 +969,13 @@ class Journal:
             )
 
     # ---- summaries ---------------------------------------------------------------------------
-    def counts(self, run_id: int) -> dict[str, int]:
-        rows = self._db.execute(
-            "SELECT state, COUNT(*), SUM(member_count) FROM chunks WHERE run_id=? GROUP BY state",
-            (run_id,),
-        ).fetchall()
+    def counts(self, run_id: int, wave: int | None = None) -> dict[str, int]:
+        """Chunks and targets by state (of one wave, or of the whole run)."""
+        query = "SELECT state, COUNT(*), SUM(member_count) FROM chunks WHERE run_id=?"
+        params: tuple[int, ...] = (run_id,)
+        if wave is not None:
+            query, params = query + " AND wave=?", (run_id, wave)
+        rows = self._db.execute(query + " GROUP BY state", params).fetchall()
         result = {f"chunks_{state}": int(n) for state, n, _ in rows}
         result.update({f"targets_{state}": int(m or 0) for state, _, m in rows})
         return result
@@ -864,44 +1031,96 @@ class Journal:
                 ),
             )
 
-    def task_failures(self, run_id: int, operation_id: str) -> tuple[int, int]:
+    def approval(self, run_id: int, wave: int) -> Approval | None:
+        """The operator's approval of the wave's gate and the verdict it was given for."""
         row = self._db.execute(
-            "SELECT failed, stopped FROM tasks WHERE run_id=? AND operation_id=?",
-            (run_id, operation_id),
+            "SELECT name, approved_state, gate_reason, approved_finished, approved_failed,"
+            " approved_by, approved_at FROM waves WHERE run_id=? AND wave=?",
+            (run_id, wave),
         ).fetchone()
-        return (int(row[0]), int(row[1])) if row else (0, 0)
-
-    def approved(self, run_id: int, wave: int) -> bool:
-        row = self._db.execute(
-            "SELECT approved_at FROM waves WHERE run_id=? AND wave=?", (run_id, wave)
-        ).fetchone()
-        return bool(row and row[0] is not None)
+        if row is None or row[6] is None:
+            return None
+        return Approval(row[0], row[1] or FAILED, "", int(row[3] or 0), int(row[4] or 0), row[5])
 
     def record_device_results(
-        self, run_id: int, operation_id: str, results: Iterable[SubOperation]
-    ) -> None:
-        """The non-success subtasks of a finished task, fetched once and kept."""
+        self,
+        run_id: int,
+        operation_id: str,
+        results: Iterable[SubOperation],
+        version: str,
+        *,
+        keep_upgraded: bool = False,
+    ) -> dict[Outcome, int]:
+        """Every subtask of a finished task, fetched once: each is classified
+        (`outcomes.classify`) against the package's `version`; the rows of devices not
+        upgraded are kept, the upgraded are counted on the task (`verified`: their reported
+        version is the package's; `unreported`: none reported) — and kept too with
+        `keep_upgraded` (a group fleet: the journal knows its devices only from here).
+        Returns the count per outcome."""
+        tally: dict[Outcome, int] = {}
+        verified = unreported = 0
+        rows = []
+        for r in results:
+            reported = r.reported_version
+            outcome = classify(r.status, r.detail, reported, bool(r.start_time), version)
+            tally[outcome] = tally.get(outcome, 0) + 1
+            if outcome is Outcome.UPGRADED:
+                verified += reported is not None
+                unreported += reported is None
+                if not keep_upgraded:
+                    continue
+            rows.append(self._result_row(run_id, operation_id, r, outcome))
         with self._tx() as db:
-            db.executemany(
-                "INSERT OR REPLACE INTO device_results VALUES (?,?,?,?,?,?,?,?)",
-                (
-                    (
-                        run_id,
-                        r.device_id,
-                        operation_id,
-                        r.status.value,
-                        r.detail,
-                        r.reported_version,
-                        r.start_time,
-                        r.stop_time,
-                    )
-                    for r in results
-                ),
-            )
+            db.executemany(self._RESULT_INSERT, rows)
             db.execute(
-                "UPDATE tasks SET details_fetched=1 WHERE run_id=? AND operation_id=?",
-                (run_id, operation_id),
+                "UPDATE tasks SET details_fetched=1, verified=?, unreported=? WHERE run_id=?"
+                " AND operation_id=?",
+                (verified, unreported, run_id, operation_id),
             )
+        return tally
+
+    def record_failures(
+        self, run_id: int, operation_id: str, results: list[SubOperation], version: str
+    ) -> int:
+        """The failed subtasks of a task still running (a gate needs to tell the already
+        current from the failed). Returns how many are already current."""
+        rows = [
+            self._result_row(
+                run_id,
+                operation_id,
+                r,
+                classify(r.status, r.detail, r.reported_version, bool(r.start_time), version),
+            )
+            for r in results
+        ]
+        with self._tx() as db:
+            db.executemany(self._RESULT_INSERT, rows)
+            db.execute(
+                "UPDATE tasks SET fails_seen=? WHERE run_id=? AND operation_id=?",
+                (len(results), run_id, operation_id),
+            )
+        return sum(1 for row in rows if row[-1] == Outcome.ALREADY_CURRENT.value)
+
+    _RESULT_INSERT = (
+        "INSERT OR REPLACE INTO device_results (run_id, device_id, operation_id, status,"
+        " detail, version, start_time, stop_time, outcome) VALUES (?,?,?,?,?,?,?,?,?)"
+    )
+
+    @staticmethod
+    def _result_row(
+        run_id: int, operation_id: str, r: SubOperation, outcome: Outcome
+    ) -> tuple[Any, ...]:
+        return (
+            run_id,
+            r.device_id,
+            operation_id,
+            r.status.value,
+            r.detail,
+            r.reported_version,
+            r.start_time,
+            r.stop_time,
+            outcome.value,
+        )
 
     def add_calls(self, run_id: int, calls: dict[str, int]) -> None:
         with self._tx() as db:
@@ -932,17 +1151,29 @@ class Journal:
         return [WaveRow(*row) for row in rows]
 
     def wave_counts(self, run_id: int, wave: int) -> WaveCounts:
-        targets, submitted, quarantined = self._db.execute(
+        targets, submitted, quarantined, submitted_tasks, kind = self._db.execute(
             "SELECT (SELECT target_count FROM waves WHERE run_id=?1 AND wave=?2),"
             " (SELECT COALESCE(SUM(member_count), 0) FROM chunks"
             "   WHERE run_id=?1 AND wave=?2 AND state='submitted'),"
             " (SELECT COUNT(*) FROM chunks WHERE run_id=?1 AND wave=?2"
-            "   AND state='quarantined')",
+            "   AND state='quarantined'),"
+            " (SELECT COUNT(DISTINCT operation_id) FROM chunks WHERE run_id=?1 AND wave=?2"
+            "   AND state='submitted'),"
+            # the wave's own kind: a retry pass of a group fleet sends devices
+            " (SELECT kind FROM chunks WHERE run_id=?1 AND wave=?2 LIMIT 1)",
             (run_id, wave),
         ).fetchone()
-        tasks, final, succeeded, failed = self._db.execute(
+        tasks, final, succeeded, failed, devices = self._db.execute(
             "SELECT COUNT(*), COALESCE(SUM(final), 0), COALESCE(SUM(succeeded), 0),"
-            " COALESCE(SUM(failed + stopped), 0) FROM tasks WHERE run_id=? AND wave=?",
+            " COALESCE(SUM(failed + stopped), 0), COALESCE(SUM(total), 0) FROM tasks"
+            " WHERE run_id=? AND wave=?",
+            (run_id, wave),
+        ).fetchone()
+        already, mismatched = self._db.execute(
+            "SELECT COALESCE(SUM(d.outcome='already-current'), 0),"
+            " COALESCE(SUM(d.outcome='version-mismatch'), 0) FROM device_results d"
+            " JOIN tasks t ON t.run_id=d.run_id AND t.operation_id=d.operation_id"
+            " WHERE d.run_id=? AND t.wave=?",
             (run_id, wave),
         ).fetchone()
         return WaveCounts(
@@ -953,7 +1184,22 @@ class Journal:
             int(final),
             int(succeeded),
             int(failed),
+            already_current=int(already),
+            mismatched=int(mismatched),
+            kind=str(kind or "devices"),
+            task_devices=int(devices),
+            submitted_tasks=int(submitted_tasks),
         )
+
+    def unseen_failures(self, run_id: int, wave: int) -> list[str]:
+        """operationIds of the wave's tasks whose failed devices are not all known yet (the
+        counters show more than were fetched): the gate asks for these subtasks."""
+        rows = self._db.execute(
+            "SELECT operation_id FROM tasks WHERE run_id=? AND wave=? AND details_fetched=0"
+            " AND failed > fails_seen ORDER BY chunk_id",
+            (run_id, wave),
+        ).fetchall()
+        return [str(row[0]) for row in rows]
 
     def set_gate(
         self,
@@ -962,14 +1208,162 @@ class Journal:
         state: str,
         reason: str | None = None,
         soak_until: float | None = None,
+        *,
+        finished: int | None = None,
+        failed: int | None = None,
     ) -> None:
+        """The gate's state and reason, with the devices it judged (finished, failed): an
+        approval is given for exactly these numbers."""
         with self._tx() as db:
             db.execute(
                 "UPDATE waves SET gate_state=?, gate_reason=?, soak_until=COALESCE(?, soak_until),"
-                " updated_at=? WHERE run_id=? AND wave=?",
-                (state, reason, soak_until, time.time(), run_id, wave),
+                " gate_finished=?, gate_failed=?, updated_at=? WHERE run_id=? AND wave=?",
+                (state, reason, soak_until, finished, failed, time.time(), run_id, wave),
             )
             self._event(db, run_id, f"gate-{state}", {"wave": wave, "reason": reason})
+
+    # ---- retry passes ------------------------------------------------------------------------
+    def passes(self, run_id: int) -> list[PassRow]:
+        rows = self._db.execute(
+            "SELECT pass_no, wave, states, targets, started_at, platform_start, status, reason"
+            " FROM passes WHERE run_id=? ORDER BY pass_no",
+            (run_id,),
+        ).fetchall()
+        return [PassRow(r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows]
+
+    def create_pass(
+        self, run_id: int, states: Iterable[str], devices: list[str], platform_start: float
+    ) -> PassRow:
+        """A new retry pass: its wave row, its chunks (≤ 256 devices each), its row — in one
+        transaction, so a pass exists whole or not at all."""
+        now = time.time()
+        wanted = sorted(set(states))
+        with self._tx() as db:
+            last = db.execute(
+                "SELECT COALESCE(MAX(pass_no), 1) FROM passes WHERE run_id=?", (run_id,)
+            ).fetchone()[0]
+            wave = db.execute(
+                "SELECT COALESCE(MAX(wave), -1) + 1 FROM waves WHERE run_id=?", (run_id,)
+            ).fetchone()[0]
+            pass_no = int(last) + 1
+            db.execute(
+                "INSERT INTO waves (run_id, wave, name, target_count, updated_at)"
+                " VALUES (?,?,?,?,?)",
+                (run_id, wave, f"retry-{pass_no}", len(devices), now),
+            )
+            chunks = [
+                Chunk(pass_chunk_id(pass_no, index), "devices", devices[start : start + 256], wave)
+                for index, start in enumerate(range(0, len(devices), 256))
+            ]
+            self._insert_chunks(db, run_id, chunks, now)
+            db.execute(
+                "INSERT INTO passes VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    run_id,
+                    pass_no,
+                    wave,
+                    json.dumps(wanted),
+                    len(devices),
+                    now,
+                    platform_start,
+                    RUNNING,
+                    None,
+                    now,
+                ),
+            )
+            self._event(
+                db,
+                run_id,
+                "pass-created",
+                {"pass": pass_no, "states": wanted, "targets": len(devices)},
+            )
+        return PassRow(pass_no, wave, wanted, len(devices), now, platform_start, RUNNING, None)
+
+    def set_pass_status(
+        self, run_id: int, pass_no: int, status: str, reason: str | None = None
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE passes SET status=?, reason=?, updated_at=? WHERE run_id=? AND pass_no=?",
+                (status, reason, time.time(), run_id, pass_no),
+            )
+            self._event(db, run_id, f"pass-{status}", {"pass": pass_no, "reason": reason})
+
+    def pass_waves(self, run_id: int) -> dict[int, int]:
+        """wave index → pass number, of the run's retry passes."""
+        rows = self._db.execute(
+            "SELECT wave, pass_no FROM passes WHERE run_id=?", (run_id,)
+        ).fetchall()
+        return {int(wave): int(pass_no) for wave, pass_no in rows}
+
+    def operations_outside(self, run_id: int, wave: int) -> frozenset[str]:
+        """operationIds the run's chunks hold outside one wave (a pass's census ignores them:
+        they are the tasks of earlier passes)."""
+        rows = self._db.execute(
+            "SELECT DISTINCT operation_id FROM chunks WHERE run_id=? AND wave != ?"
+            " AND operation_id IS NOT NULL",
+            (run_id, wave),
+        ).fetchall()
+        return frozenset(str(row[0]) for row in rows)
+
+    def retry_operations(self) -> frozenset[str]:
+        """operationIds of tasks that retry passes created or adopted (every run): a device
+        in one of these and in an earlier task was sent again on purpose."""
+        rows = self._db.execute(
+            "SELECT DISTINCT c.operation_id FROM chunks c JOIN passes p"
+            " ON p.run_id=c.run_id AND p.wave=c.wave WHERE c.operation_id IS NOT NULL"
+        ).fetchall()
+        return frozenset(str(row[0]) for row in rows)
+
+    def unread_tasks(self, run_id: int) -> int:
+        """Tasks of the run whose devices' outcomes are not all known yet (not final, not
+        read, or not observed at all)."""
+        row = self._db.execute(
+            "SELECT COUNT(DISTINCT c.operation_id) FROM chunks c LEFT JOIN tasks t"
+            " ON t.run_id=c.run_id AND t.operation_id=c.operation_id WHERE c.run_id=?"
+            " AND c.state='submitted' AND NOT (COALESCE(t.final, 0) AND"
+            " COALESCE(t.details_fetched, 0))",
+            (run_id,),
+        ).fetchone()
+        return int(row[0])
+
+    def latest_outcomes(self, run_id: int, wanted: set[str]) -> list[str]:
+        """Devices whose latest outcome — in the newest pass that holds them — is one of
+        `wanted` (outcomes.Outcome values, plus `never-started`: timed out, or stopped before
+        starting), in the order of their first chunk. Only kept subtask rows can qualify: an
+        upgraded device of a read task has none."""
+        latest: dict[str, str] = {}  # device → operationId of its newest pass
+        for members, operation_id in self._db.execute(
+            "SELECT c.members, c.operation_id FROM chunks c JOIN passes p"
+            " ON p.run_id=c.run_id AND p.wave=c.wave WHERE c.run_id=? AND c.state='submitted'"
+            " ORDER BY p.pass_no",
+            (run_id,),
+        ):
+            for device in members.split("\n"):
+                latest[device] = operation_id
+        chosen: list[str] = []
+        for device, operation_id, outcome, start in self._db.execute(
+            "SELECT d.device_id, d.operation_id, d.outcome, d.start_time FROM device_results d"
+            " JOIN chunks c ON c.run_id=d.run_id AND c.operation_id=d.operation_id"
+            " WHERE d.run_id=? AND c.state='submitted' GROUP BY d.device_id, d.operation_id"
+            " ORDER BY MIN(c.chunk_id)",
+            (run_id,),
+        ):
+            if latest.get(device, operation_id) != operation_id:
+                continue  # a newer pass holds it
+            never_started = outcome == Outcome.TIMED_OUT or (
+                outcome == Outcome.STOPPED and not start
+            )
+            if outcome in wanted or (never_started and NEVER_STARTED in wanted):
+                chosen.append(device)
+        return list(dict.fromkeys(chosen))
+
+
+NEVER_STARTED = "never-started"  # a retry selection: timed out, or stopped before starting
+
+
+def pass_chunk_id(pass_no: int, index: int) -> str:
+    return f"p{pass_no:02d}-{index:06d}"
 
 
 def has_run(path: Path, plan_name: str) -> bool:
@@ -987,41 +1381,84 @@ def has_run(path: Path, plan_name: str) -> bool:
         return False
 
 
-def approve_wave(path: Path, plan_name: str, wave_name: str | None, by: str) -> str:
-    """Record an operator's approval of a wave's gate (the first gate not yet passed when no
-    name is given). It writes beside a running process: the lock is for drivers, and an
-    approval is one row that the driver reads."""
+def unfinished_pass(path: Path, plan_name: str) -> int | None:
+    """The number of the latest run's retry pass when it is not finished (read only)."""
+    if not path.exists():
+        return None
+    try:
+        db = Journal.open_readonly(path)
+        try:
+            row = db.execute(
+                "SELECT pass_no, status FROM passes WHERE run_id=(SELECT MAX(run_id) FROM runs"
+                " WHERE plan_name=?) ORDER BY pass_no DESC LIMIT 1",
+                (plan_name,),
+            ).fetchone()
+        finally:
+            db.close()
+    except sqlite3.DatabaseError:  # no journal of this plan, or one without passes
+        return None
+    if row is None or row[1] not in PASS_UNFINISHED:
+        return None
+    return int(row[0])
+
+
+def approve_wave(
+    path: Path, plan_name: str, wave_name: str | None, by: str, *, source: str | None = None
+) -> Approval:
+    """Record an operator's approval of a wave's gate that waits for a decision (failed, or
+    passed and awaiting approval) — the first such wave when no name is given. The approval
+    holds for that verdict: a later, worse failure share halts again (`Approval.covers`).
+    Raises InputError (exit 2, naming the valid waves; `source`, the plan file, in the message)
+    for a wave that does not exist or does not wait. It writes beside a running process: the
+    lock is for drivers, and an approval is one row that the driver reads."""
     if not path.exists():
         raise JournalError(f"{path}: no journal here (has this plan been run?)")
     db = sqlite3.connect(path, timeout=30, isolation_level=None)
     try:
+        # a journal last driven by an older rollout (a driver running now has migrated it)
+        found = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if found is not None and int(found[0]) < SCHEMA_VERSION:
+            db.executescript(SCHEMA)
+            _migrate(db, int(found[0]), path)
         run = db.execute(
             "SELECT run_id FROM runs WHERE plan_name=? ORDER BY run_id DESC LIMIT 1", (plan_name,)
         ).fetchone()
         if run is None:
             raise JournalError(f"{path}: no run of plan {plan_name!r}")
-        if wave_name is None:
-            row = db.execute(
-                "SELECT wave, name FROM waves WHERE run_id=? AND gate_state!="
-                "'passed' ORDER BY wave LIMIT 1",
-                (run[0],),
-            ).fetchone()
-        else:
-            row = db.execute(
-                "SELECT wave, name FROM waves WHERE run_id=? AND name=?", (run[0], wave_name)
-            ).fetchone()
+        retry_waves = (
+            "SELECT wave FROM passes WHERE run_id=?1"
+            if db.execute("SELECT 1 FROM sqlite_master WHERE name='passes'").fetchone()
+            else "SELECT NULL"
+        )
+        waves = db.execute(  # the plan's waves: a retry pass's verdict is not approved
+            "SELECT wave, name, gate_state, gate_reason, gate_finished, gate_failed FROM waves"
+            f" WHERE run_id=?1 AND wave NOT IN ({retry_waves}) ORDER BY wave",
+            (run[0],),
+        ).fetchall()
+        waiting = [w for w in waves if w[2] in WAITING_FOR_DECISION]
+        where = source or str(path)
+        if wave_name is not None and all(w[1] != wave_name for w in waves):
+            names = ", ".join(w[1] for w in waves)
+            raise InputError(where, "--wave", f"run {run[0]} has no wave {wave_name!r} ({names})")
+        row = next((w for w in waiting if wave_name in (None, w[1])), None)
         if row is None:
-            raise JournalError(f"{path}: no wave {wave_name or 'waiting for a decision'}")
+            states = ", ".join(f"{w[1]} ({w[2]})" for w in waves)
+            ask = f"wave {wave_name!r} does not wait" if wave_name else "no wave waits"
+            raise InputError(where, "--wave", f"{ask} for a decision in run {run[0]}: {states}")
+        wave, name, state, reason, finished, failed = row
+        now = time.time()
         db.execute("BEGIN IMMEDIATE")
         db.execute(
-            "UPDATE waves SET approved_at=?, approved_by=? WHERE run_id=? AND wave=?",
-            (time.time(), by, run[0], row[0]),
+            "UPDATE waves SET approved_at=?, approved_by=?, approved_state=?,"
+            " approved_finished=?, approved_failed=? WHERE run_id=? AND wave=?",
+            (now, by, state, finished, failed, run[0], wave),
         )
+        detail = {"wave": wave, "by": by, "state": state, "reason": reason}
         db.execute(
             "INSERT INTO events (run_id, at, kind, detail) VALUES (?,?,?,?)",
-            (run[0], time.time(), "gate-approved", json.dumps({"wave": row[0], "by": by})),
+            (run[0], now, "gate-approved", json.dumps(detail, sort_keys=True)),
         )
         db.execute("COMMIT")
-        return str(row[1])
+        return Approval(name, state, reason or "", int(finished or 0), int(failed or 0), by)
     finally:
         db.close()

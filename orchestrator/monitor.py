@@ -1,17 +1,30 @@
 """The monitor: task statuses and device results in the journal, for as few calls as the API allows.
 
-Knowing where a rollout stands needs, at the least, every task's final status and the detail
-of every device that did not succeed. The cheapest way the API offers:
+Knowing where a rollout stands needs, at the least, every task's final status and every
+finished device's outcome (`outcomes.classify`): a device counts as upgraded only when its
+subtask succeeded *and* the version it reports is the package's, so the subtasks that
+succeeded must be read too, not only the failed. The cheapest way the API offers:
 
 - statuses from task-list pages (up to 100 tasks a call, filtered to the package's
   type/model/manufacturer), never one call per task. The list is in creation order and tasks
   are only appended, so pages holding nothing of ours but finished tasks are not read again:
   a cursor remembers the first page that still holds an unfinished task of ours;
-- device results only for finished tasks, only for their non-success subtasks
-  (`subOperationStatus=fail`, and `stop` when counted), fetched once and kept; a task whose
-  counters show no failure costs no device call at all;
+- device results once per finished task: every subtask, unfiltered, 100 a page — ⌈nᵢ/100⌉
+  calls for a task of nᵢ devices (3 for 256). Filtering by status cannot do better: the
+  pages of success, fail and stop cost ⌈s/100⌉ + ⌈f/100⌉ + ⌈t/100⌉ ≥ ⌈nᵢ/100⌉. The rows of
+  devices not upgraded are kept; the upgraded are counted on the task;
+- a gate that is about to pass or fail while tasks of its wave still run asks for their
+  failed subtasks (`learn_failures`) — only then, only for tasks whose failure counter grew
+  since, because an already-current device counts as failed in the counters but is neither
+  failed nor upgraded. (Learning more already-current devices only lowers the failure share
+  and the finished share, so a gate that waits would still wait: asking then is useless.);
 - polls back off: the first after `poll_interval`, each next one 1.5× later, up to
   `max_poll_interval` — devices that sleep for hours do not finish faster when asked often.
+
+The bound (`bench/monitor_calls.py`): seeing T final statuses takes ⌈T/100⌉ list calls, and
+reading every device of task i takes ⌈nᵢ/100⌉ subtask calls, so the least any client can
+spend is `⌈T/100⌉ + Σᵢ ⌈nᵢ/100⌉` (about 3 calls per 256-device task); the monitor adds the
+polls that found tasks still running and the gate's failed-subtask pages.
 
 All of it at `Priority.MONITOR`, so submission goes first in the shared pacing.
 """
@@ -119,13 +132,28 @@ class Monitor:
         return finished, changed
 
     async def _fetch_details(self, operation_id: str) -> None:
-        failed, stopped = self.session.journal.task_failures(self.session.run_id, operation_id)
-        results = []
-        if failed:
-            results += await self.session.client.sub_operations(operation_id, Status.FAILED)
-        if stopped:
-            results += await self.session.client.sub_operations(operation_id, Status.STOPPED)
-        self.session.journal.record_device_results(self.session.run_id, operation_id, results)
+        """Every subtask of a finished task, once: each device's outcome, versions checked."""
+        results = await self.session.client.sub_operations(operation_id)
+        self.session.journal.record_device_results(
+            self.session.run_id,
+            operation_id,
+            results,
+            self.session.package.version,
+            keep_upgraded=self.session.loaded.fleet.kind == "groups",
+        )
+
+    async def learn_failures(self, wave: int) -> int:
+        """The failed subtasks of the wave's tasks whose failure counter grew since they were
+        last read (a gate about to decide needs the already current told apart). Returns
+        the tasks read."""
+        journal, run_id = self.session.journal, self.session.run_id
+        operations = journal.unseen_failures(run_id, wave)
+        for operation_id in operations:
+            results = await self.session.client.sub_operations(operation_id, Status.FAILED)
+            journal.record_failures(run_id, operation_id, results, self.session.package.version)
+        if operations:
+            journal.add_calls(run_id, self.session.client.take_call_counts())
+        return len(operations)
 
     async def follow(
         self, done: Callable[[PollResult], bool] | None = None, *, first_wait: float = 0.0

@@ -140,6 +140,9 @@ class FirmwareSection(_Section):
 
 class FleetSection(_Section):
     devices_file: Path | None = None
+    # a CSV column with each device's current version: devices already on the package's
+    # version (firmware.version) are left out before any create
+    version_column: str | None = Field(default=None, min_length=1, max_length=100)
     groups: list[str] | None = None
     device_type: str | None = Field(default=None, min_length=1, max_length=256)
     model: str | None = Field(default=None, min_length=1, max_length=256)
@@ -163,6 +166,8 @@ class FleetSection(_Section):
     def _mode(self) -> FleetSection:
         if (self.devices_file is None) == (self.groups is None):
             raise ValueError("give devices_file or groups, not both and not neither")
+        if self.version_column is not None and self.devices_file is None:
+            raise ValueError("version_column goes with devices_file (a CSV column)")
         if self.groups is not None:
             for name in ("device_type", "model", "manufacturer"):
                 if getattr(self, name) is None:
@@ -232,9 +237,10 @@ class PolicySection(_Section):
 class GateSection(_Section):
     """When the next wave may start (all optional; the default gate passes at once)."""
 
-    min_finished: float = Field(default=0.0, ge=0, le=1)  # share of the wave's targets final
-    max_failed: float | None = Field(default=None, ge=0, le=1)  # share of the finished
-    min_sample: int = Field(default=0, ge=0)  # finished targets before max_failed is judged
+    # shares of the wave's devices (gates.py: devices, never groups; already current left out)
+    min_finished: float = Field(default=0.0, ge=0, le=1)  # with a real outcome
+    max_failed: float | None = Field(default=None, ge=0, le=1)  # of the finished
+    min_sample: int = Field(default=0, ge=0)  # finished devices before max_failed is judged
     soak: float = Field(default=0.0, ge=0, le=7 * 86400)  # seconds to watch after passing
     approval: bool = False  # an operator must run `rollout approve`
 
@@ -306,6 +312,10 @@ class MonitorSection(_Section):
 class ExecutionSection(_Section):
     concurrency: int = Field(default=4, ge=1, le=64)
     stop_after_identical_failures: int = Field(default=8, ge=1, le=1000)
+    # creates spent bisecting refused chunks, as a multiple of the run's planned creates (one
+    # per chunk); past it the run stops. 0: the first device-level refusal stops the run.
+    # Isolating b bad targets costs at most 2·b·log2(256) creates (planner.bisection_bound).
+    max_bisect_share: float = Field(default=256.0, ge=0, le=1024)
     # an ambiguous create is looked up once request_timeout + settle after it left, and is
     # "absent" only when a second look, settle later, agrees (docs/resume-and-reconciliation.md)
     settle: float = Field(default=15.0, ge=0, le=3600)
@@ -344,6 +354,15 @@ class Plan(_Section):
             raise ValueError("group fleets support only ordered waves")
         return self
 
+    @model_validator(mode="after")
+    def _version_column(self) -> Plan:
+        if self.fleet.version_column is not None and self.firmware.version is None:
+            raise ValueError(
+                "fleet.version_column needs firmware.version: the target version to compare "
+                "offline (give version, device_type, model and manufacturer)"
+            )
+        return self
+
 
 class LoadedPlan:
     """A validated plan, its fleet, and the fingerprints the journal pins.
@@ -358,8 +377,26 @@ class LoadedPlan:
     def __init__(self, path: Path, plan: Plan, fleet: Fleet, plan_sha: str) -> None:
         self.path = path
         self.plan = plan
-        self.fleet = fleet
         self.plan_sha = plan_sha
+        # devices the fleet file says already run the target version: left out, never sent
+        self.already_current: list[tuple[str, str]] = []
+        column, target = plan.fleet.version_column, plan.firmware.version
+        if column is not None and target is not None:
+            versions = fleet.attributes[column]
+            self.already_current = [
+                (member, version)
+                for member, version in zip(fleet.members, versions, strict=True)
+                if version == target
+            ]
+            if self.already_current:
+                fleet = fleet.without({member for member, _ in self.already_current})
+            if not fleet.members:
+                raise InputError(
+                    str(path),
+                    "fleet.version_column",
+                    f"every device of the fleet file already runs {target}: nothing to send",
+                )
+        self.fleet = fleet
         self.waves = assign_waves(plan, fleet, str(path))
 
     @property
@@ -396,6 +433,12 @@ class LoadedPlan:
                 plan.fleet.model,
                 plan.fleet.manufacturer,
             ],
+            # only when set: fingerprints of runs before the key existed stay the same
+            **(
+                {"fleet version_column": plan.fleet.version_column}
+                if plan.fleet.version_column
+                else {}
+            ),
             "waves (names, sizes, selection)": [
                 w.model_dump(
                     mode="json", include={"name", "count", "share", "selection", "stratify_by"}
@@ -490,8 +533,10 @@ def load_plan(path: Path, now: datetime | None = None, *, check_start: bool = Fa
             raise InputError(
                 source, "fleet.devices_file", f"{plan.fleet.devices_file} is not an existing file"
             )
-        columns = sorted({w.stratify_by for w in plan.waves if w.stratify_by})
-        fleet = read_fleet_file(fleet_path, columns)
+        named = {w.stratify_by for w in plan.waves if w.stratify_by}
+        if plan.fleet.version_column:
+            named.add(plan.fleet.version_column)
+        fleet = read_fleet_file(fleet_path, sorted(named))
     else:
         assert plan.fleet.groups is not None
         fleet = Fleet.of_groups(plan.fleet.groups)

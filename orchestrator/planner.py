@@ -10,7 +10,9 @@ and `<parent>.1`, which keeps the sort order of IDs equal to submission order.
 
 from __future__ import annotations
 
+import math
 import random
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -23,6 +25,7 @@ if TYPE_CHECKING:  # the plan module loads fleets into waves with this one
 
 CHUNK_SIZE = 256
 DEFAULT_WAVE = "all"
+BISECTION_PART = re.compile(r"\.[01]$")
 
 
 @dataclass(frozen=True)
@@ -127,3 +130,23 @@ def bisect(chunk: Chunk) -> tuple[Chunk, Chunk]:
         Chunk(f"{chunk.chunk_id}.0", chunk.kind, chunk.members[:middle], chunk.wave),
         Chunk(f"{chunk.chunk_id}.1", chunk.kind, chunk.members[middle:], chunk.wave),
     )
+
+
+def is_bisection_part(chunk_id: str) -> bool:
+    """Whether the chunk is a half made by `bisect` (its create is the bisection's cost)."""
+    return BISECTION_PART.search(chunk_id) is not None
+
+
+def bisection_bound(size: int, bad: int) -> int:
+    """The most creates that isolating `bad` refused targets in a chunk of `size` costs
+    beyond the chunk's own create.
+
+    Every part that holds a refused target is refused and split, and its two halves cost at
+    most two creates; at depth l of the halving tree at most min(bad, 2^l) parts hold one,
+    and a part of one target is not split (depth ⌈log2 size⌉). Hence
+    2 · Σ_{l < ⌈log2 size⌉} min(bad, 2^l) ≤ 2 · bad · ⌈log2 size⌉ — 16 for one bad target in
+    256 (12.5 on average: a left half that is accepted spares its right half's create)."""
+    if bad <= 0 or size < 2:
+        return 0
+    depth = math.ceil(math.log2(size))
+    return 2 * sum(min(bad, 1 << level) for level in range(depth))

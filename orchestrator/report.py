@@ -1,13 +1,15 @@
 """Rollout reports — CSV, JSON and a self-contained HTML page — from the journal alone.
 
 One row per device (deviceId, wave, chunk, operationId, task status, subtask status,
-upgraded, detail, version, timestamps), per-task and per-wave summaries, the quarantined
-devices with their reason, the failure reasons, and the call budget spent per API.
+upgraded, detail, version, timestamps, outcome), per-task and per-wave summaries, the
+quarantined devices with their reason, the failure reasons, and the call budget spent per API.
 
-What a device row can say is what the monitor learned at the least cost: a device of a
-finished task that is not among its fetched non-success subtasks succeeded; a device of a
-task still running is `in-progress`. A device counts as upgraded when its subtask succeeded
-and the version it reports (when the platform gives one) is the package's.
+What a device row can say is what the monitor learned: every subtask of a finished task is
+read once and classified (`outcomes.py`); the journal keeps the rows of devices not upgraded,
+so a device of a finished, read task without a row was upgraded — its subtask succeeded and
+the version it reported is the package's. A device of a task still running is
+`in-progress`. `already-current` devices (the platform found them on the package's version,
+or the fleet file said so and they were never sent) are neither failed nor upgraded.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import json
 import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
 from .errors import JournalError
 from .journal import Journal
+from .northbound import Status
+from .outcomes import FAILURES, Outcome, classify
 from .report_html import render
 
 
@@ -43,12 +47,22 @@ class DeviceRow(NamedTuple):
     device_started: str
     device_finished: str
     in_task_by: str  # created|reconciled|census|census-unconfirmed|second-claim ("": no task)
+    outcome: str  # outcomes.Outcome, or quarantined | not-submitted | unknown
+    passes: int = 1  # the run's own pass, plus each retry pass that held the device
+    pass_outcomes: str = ""  # "1:failed 2:upgraded": the outcome in each pass, oldest first
 
 
 DEVICE_COLUMNS = DeviceRow._fields
-FAILED_STATES = frozenset({"failed", "stopped"})
-WAVE_COUNTS = ("upgraded", "failed", "in_progress", "quarantined", "not_submitted")
-IN_PROGRESS_STATES = frozenset({"waiting", "processing", "in-progress", "unknown"})
+FAILED_OUTCOMES = frozenset(outcome.value for outcome in FAILURES)
+WAVE_COUNTS = (
+    "upgraded",
+    "failed",
+    "already_current",
+    "in_progress",
+    "quarantined",
+    "not_submitted",
+)
+IN_PROGRESS_OUTCOMES = frozenset({Outcome.IN_PROGRESS.value, "unknown"})
 IN_TASK_BY = {
     0: "created",
     1: "reconciled",
@@ -73,6 +87,7 @@ class ReportData:
     totals: dict[str, int]
     failure_reasons: list[tuple[str, int]]
     devices: Callable[[], Iterator[DeviceRow]]  # a fresh pass over the journal each call
+    passes: list[dict[str, Any]] = field(default_factory=list)  # retry passes, by outcome
 
 
 def _iso(epoch: float | None) -> str:
@@ -99,26 +114,44 @@ def collect(path: Path, plan_name: str) -> ReportData:
             r["operation_id"]: dict(r)
             for r in db.execute("SELECT * FROM tasks WHERE run_id=? ORDER BY chunk_id", (run_id,))
         }
-        results: dict[tuple[str, str], sqlite3.Row] = {
-            (r["operation_id"], r["device_id"]): r
-            for r in db.execute("SELECT * FROM device_results WHERE run_id=?", (run_id,))
-        }
         quarantine = {
             r["device_id"]: dict(r)
             for r in db.execute(
                 "SELECT * FROM quarantine WHERE run_id=? ORDER BY chunk_id", (run_id,)
             )
         }
+        left_out = _has_table(db, "already_current")
+        retry_passes = (
+            [dict(r) for r in db.execute("SELECT * FROM passes WHERE run_id=?", (run_id,))]
+            if _has_table(db, "passes")
+            else []
+        )
+        scope = _Scope(run_id, wave_names, tasks, quarantine, version, _pass_waves(retry_passes))
 
         def rows() -> Iterator[DeviceRow]:
             reader = Journal.open_readonly(path)
             reader.row_factory = sqlite3.Row
             try:
-                yield from _device_rows(
-                    reader, run_id, wave_names, tasks, results, quarantine, version
-                )
+                yield from _device_rows(reader, scope)
+                if left_out:
+                    yield from _left_out_rows(reader, run_id)
             finally:
                 reader.close()
+
+        pass_counts: dict[int, Counter[str]] = {}
+        for pass_no, device in _pass_rows(db, scope):
+            pass_counts.setdefault(pass_no, Counter())[_bucket(device.outcome)] += 1
+        passes = [
+            {
+                "pass": r["pass_no"],
+                "states": ", ".join(json.loads(r["states"])),
+                "status": r["status"],
+                "targets": r["targets"],
+                **{key: pass_counts.get(r["pass_no"], Counter())[key] for key in WAVE_COUNTS},
+                "gate_reason": "",
+            }
+            for r in sorted(retry_passes, key=lambda r: int(r["pass_no"]))
+        ]
 
         per_wave: dict[str, Counter[str]] = {}
         reasons: Counter[str] = Counter()
@@ -130,18 +163,17 @@ def collect(path: Path, plan_name: str) -> ReportData:
             counts["upgraded"] += device.upgraded
             if device.in_task_by:
                 counts[f"in_task_by_{device.in_task_by}"] += 1
-            status = device.subtask_status
-            if status in FAILED_STATES:
-                counts["failed"] += 1
-                reasons[device.detail or status] += 1
-            elif status in IN_PROGRESS_STATES:
-                counts["in_progress"] += 1
-            elif status == "quarantined":
-                counts["quarantined"] += 1
-            elif status == "not-submitted":
-                counts["not_submitted"] += 1
+            bucket = _bucket(device.outcome)
+            if bucket != "upgraded":
+                counts[bucket] += 1
+            if bucket == "failed":
+                reasons[device.detail or device.outcome] += 1
         waves = []
+        gates = {}
         for w in db.execute("SELECT * FROM waves WHERE run_id=? ORDER BY wave", (run_id,)):
+            if w["wave"] in scope.pass_waves:
+                gates[scope.pass_waves[w["wave"]]] = w["gate_reason"] or w["gate_state"]
+                continue
             counts = per_wave.get(w["name"], Counter())
             waves.append(
                 {
@@ -219,6 +251,8 @@ def collect(path: Path, plan_name: str) -> ReportData:
             "created_at": _iso(run["created_at"]),
             "updated_at": _iso(run["updated_at"]),
         }
+        for row in passes:
+            row["gate_reason"] = gates.get(row["pass"], "")
         return ReportData(
             run_info,
             waves,
@@ -238,90 +272,237 @@ def collect(path: Path, plan_name: str) -> ReportData:
             {**totals, "tasks": len(task_rows), "calls": sum(calls.values())},
             reasons.most_common(),
             rows,
+            passes,
         )
     finally:
         db.close()
 
 
-def _device_rows(
-    db: sqlite3.Connection,
-    run_id: int,
-    wave_names: dict[int, str],
-    tasks: dict[str, dict[str, Any]],
-    results: dict[tuple[str, str], sqlite3.Row],
-    quarantine: dict[str, dict[str, Any]],
-    version: str,
-) -> Iterator[DeviceRow]:
-    for chunk in db.execute(
-        "SELECT chunk_id, wave, members, state, operation_id, adopted FROM chunks"
+@dataclass(frozen=True)
+class _Scope:
+    """What every device row of one run is read against."""
+
+    run_id: int
+    wave_names: dict[int, str]
+    tasks: dict[str, dict[str, Any]]
+    quarantine: dict[str, dict[str, Any]]
+    version: str
+    pass_waves: dict[int, int]  # wave of a retry pass → its number
+
+
+def _pass_waves(passes: list[dict[str, Any]]) -> dict[int, int]:
+    return {int(r["wave"]): int(r["pass_no"]) for r in passes}
+
+
+def _bucket(outcome: str) -> str:
+    """The summary column an outcome counts in."""
+    if outcome == Outcome.UPGRADED:
+        return "upgraded"
+    if outcome in FAILED_OUTCOMES:
+        return "failed"
+    if outcome == Outcome.ALREADY_CURRENT:
+        return "already_current"
+    if outcome in IN_PROGRESS_OUTCOMES:
+        return "in_progress"
+    return "quarantined" if outcome == "quarantined" else "not_submitted"
+
+
+def _chunks(db: sqlite3.Connection, scope: _Scope, passes: bool) -> Iterator[sqlite3.Row]:
+    """The run's chunks that hold devices: of its retry passes (in pass order), or its own."""
+    rows = db.execute(
+        "SELECT chunk_id, wave, kind, members, state, operation_id, adopted FROM chunks"
         " WHERE run_id=? AND state != 'split' ORDER BY chunk_id",
-        (run_id,),
-    ):
-        wave, chunk_id, state = wave_names.get(chunk["wave"], ""), chunk["chunk_id"], chunk["state"]
-        op = chunk["operation_id"] or ""
-        how = IN_TASK_BY.get(chunk["adopted"], "") if state == "submitted" else ""
-        task = tasks.get(op)
-        if state != "submitted" or task is None:
-            for device in chunk["members"].split("\n"):
-                if state == "quarantined":
-                    q = quarantine.get(device, {})
-                    status = "quarantined"
-                    detail = f"{q.get('error_code', '')} {q.get('reason', '')}".strip()
-                elif state != "submitted":
-                    status, detail = "not-submitted", ""
-                else:
-                    status, detail = "unknown", "task not observed yet"
-                yield DeviceRow(
-                    device, wave, chunk_id, op, "", status, False, detail, "", "", "", "", "", how
-                )
-            continue
-        # one task: what its devices say unless the monitor fetched their own result
-        if task["final"] and (task["details_fetched"] or task["failed"] + task["stopped"] == 0):
-            default_status, default_detail = "succeeded", ""
-        elif task["final"]:
-            default_status, default_detail = "unknown", "details not fetched yet"
-        else:
-            default_status, default_detail = "in-progress", ""
-        task_status = task["status"]
-        created, finished = task["create_time"] or "", task["stop_time"] or ""
-        for device in chunk["members"].split("\n"):
-            result = results.get((op, device))
-            if result is None:
-                yield DeviceRow(
-                    device,
-                    wave,
-                    chunk_id,
-                    op,
-                    task_status,
-                    default_status,
-                    default_status == "succeeded",
-                    default_detail,
-                    "",
-                    created,
-                    finished,
-                    "",
-                    "",
-                    how,
-                )
+        (scope.run_id,),
+    )
+    if passes:
+        yield from sorted(
+            (r for r in rows if r["wave"] in scope.pass_waves),
+            key=lambda r: (scope.pass_waves[r["wave"]], r["chunk_id"]),
+        )
+    else:
+        yield from (r for r in rows if r["wave"] not in scope.pass_waves)
+
+
+def _pass_rows(db: sqlite3.Connection, scope: _Scope) -> Iterator[tuple[int, DeviceRow]]:
+    """(pass number, row) of every device of every retry pass, oldest pass first."""
+    if not scope.pass_waves:
+        return
+    results_of = db.cursor()
+    for chunk in list(_chunks(db, scope, passes=True)):
+        for row in _chunk_rows(results_of, scope, chunk):
+            yield scope.pass_waves[chunk["wave"]], row
+
+
+def _device_rows(db: sqlite3.Connection, scope: _Scope) -> Iterator[DeviceRow]:
+    """One row per device, chunk by chunk: its final outcome — its latest pass's — once, with
+    the outcome of each pass. The subtask rows the journal kept are read one task at a time (a
+    million of them never sit in memory); only the devices of retry passes are held."""
+    later: dict[str, list[tuple[int, DeviceRow]]] = {}
+    for pass_no, row in _pass_rows(db, scope):
+        later.setdefault(row.device_id, []).append((pass_no, row))
+    results_of = db.cursor()
+    for chunk in _chunks(db, scope, passes=False):
+        for row in _chunk_rows(results_of, scope, chunk):
+            retried = later.get(row.device_id)
+            if retried is None:
+                yield row._replace(passes=1, pass_outcomes=f"1:{row.outcome}")
                 continue
-            reported = result["version"] or ""
-            upgraded = result["status"] == "succeeded" and (not reported or reported == version)
+            history = " ".join([f"1:{row.outcome}", *(f"{n}:{r.outcome}" for n, r in retried)])
+            final = retried[-1][1]
+            yield final._replace(wave=row.wave, passes=1 + len(retried), pass_outcomes=history)
+
+
+def _chunk_rows(
+    results_of: sqlite3.Cursor, scope: _Scope, chunk: sqlite3.Row
+) -> Iterator[DeviceRow]:
+    """The rows of one chunk's devices. A group chunk lists its groups until its task is
+    read, then the task's devices."""
+    wave = scope.wave_names.get(chunk["wave"], "")
+    chunk_id, state = chunk["chunk_id"], chunk["state"]
+    op = chunk["operation_id"] or ""
+    how = IN_TASK_BY.get(chunk["adopted"], "") if state == "submitted" else ""
+    task = scope.tasks.get(op)
+    if state != "submitted" or task is None:
+        for device in chunk["members"].split("\n"):
+            if state == "quarantined":
+                q = scope.quarantine.get(device, {})
+                status = "quarantined"
+                detail = f"{q.get('error_code', '')} {q.get('reason', '')}".strip()
+            elif state != "submitted":
+                status, detail = "not-submitted", ""
+            else:
+                status, detail = "unknown", "task not observed yet"
+            yield DeviceRow(
+                device,
+                wave,
+                chunk_id,
+                op,
+                "",
+                status,
+                False,
+                detail,
+                "",
+                "",
+                "",
+                "",
+                "",
+                how,
+                status,
+            )
+        return
+    # one task: what its devices say unless the journal kept their own result
+    if task["final"] and task["details_fetched"]:
+        # every subtask was read: a device without a row was upgraded, version checked
+        default = ("succeeded", Outcome.UPGRADED.value, "")
+        checked = scope.version if task.get("verified") and not task.get("unreported") else ""
+    elif task["final"]:
+        default, checked = ("unknown", "unknown", "subtasks not read yet"), ""
+    else:
+        default, checked = ("in-progress", Outcome.IN_PROGRESS.value, ""), ""
+    task_status = task["status"]
+    created, finished = task["create_time"] or "", task["stop_time"] or ""
+    results = {
+        r["device_id"]: r
+        for r in results_of.execute(
+            "SELECT * FROM device_results WHERE run_id=? AND operation_id=?", (scope.run_id, op)
+        )
+    }
+    members = chunk["members"].split("\n")
+    if chunk["kind"] == "groups":
+        if task["final"] and task["details_fetched"]:
+            members = list(results)  # the platform's own expansion of the groups
+        else:
+            groups = f"device groups {', '.join(members)}: devices listed once read"
+            default = (default[0], default[1], groups)
+    for device in members:
+        result = results.get(device)
+        if result is None:
+            status, outcome, detail = default
             yield DeviceRow(
                 device,
                 wave,
                 chunk_id,
                 op,
                 task_status,
-                result["status"],
-                upgraded,
-                result["detail"] or "",
-                reported,
+                status,
+                outcome == Outcome.UPGRADED,
+                detail,
+                checked,
                 created,
                 finished,
-                result["start_time"] or "",
-                result["stop_time"] or "",
+                "",
+                "",
                 how,
+                outcome,
             )
+            continue
+        reported = result["version"] or ""
+        outcome = _outcome_of(result, scope.version)
+        yield DeviceRow(
+            device,
+            wave,
+            chunk_id,
+            op,
+            task_status,
+            result["status"],
+            outcome == Outcome.UPGRADED,
+            result["detail"] or "",
+            reported,
+            created,
+            finished,
+            result["start_time"] or "",
+            result["stop_time"] or "",
+            how,
+            outcome,
+        )
+
+
+def _outcome_of(result: sqlite3.Row, version: str) -> str:
+    """The row's outcome as the monitor judged it (classified here for rows kept before
+    outcomes were journaled)."""
+    keys = result.keys()
+    if "outcome" in keys and result["outcome"]:
+        return str(result["outcome"])
+    return classify(
+        Status(result["status"]),
+        result["detail"] or "",
+        result["version"] or None,
+        bool(result["start_time"]),
+        version,
+    ).value
+
+
+def _left_out_rows(db: sqlite3.Connection, run_id: int) -> Iterator[DeviceRow]:
+    """Devices the fleet file said already run the package's version: never sent."""
+    for row in db.execute(
+        "SELECT device_id, version FROM already_current WHERE run_id=? ORDER BY device_id",
+        (run_id,),
+    ):
+        detail = f"left out: the fleet file says version {row['version']}"
+        yield DeviceRow(
+            row["device_id"],
+            "",
+            "",
+            "",
+            "",
+            "not-submitted",
+            False,
+            detail,
+            row["version"],
+            "",
+            "",
+            "",
+            "",
+            "",
+            Outcome.ALREADY_CURRENT.value,
+            0,
+            "",
+        )
+
+
+def _has_table(db: sqlite3.Connection, name: str) -> bool:
+    row = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,))
+    return row.fetchone() is not None
 
 
 # ---- CSV and JSON ------------------------------------------------------------------------------
@@ -345,6 +526,7 @@ def write_json(data: ReportData, out: TextIO) -> None:
         "calls": data.calls,
         "tasks": data.tasks,
         "progress": data.progress,
+        "passes": data.passes,
     }
     out.write(json.dumps(head, indent=1)[:-2] + ',\n "devices": [')
     for index, device in enumerate(data.devices()):

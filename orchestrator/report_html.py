@@ -13,6 +13,7 @@ HTML_FULL_DEVICE_TABLE = 20_000
 COLOURS = {
     "upgraded": "#2e7d32",
     "failed": "#c62828",
+    "already_current": "#00838f",
     "in_progress": "#f9a825",
     "quarantined": "#6a1b9a",
     "not_submitted": "#9e9e9e",
@@ -87,7 +88,7 @@ def progress_chart(progress: list[dict[str, Any]], total: int) -> str:
 
 
 def waves_chart(waves: list[dict[str, Any]]) -> str:
-    keys = ["upgraded", "failed", "in_progress", "quarantined", "not_submitted"]
+    keys = ["upgraded", "failed", "already_current", "in_progress", "quarantined", "not_submitted"]
     row_h, label_w, width = 28, 110, 640
     bars = []
     for index, wave in enumerate(waves):
@@ -166,6 +167,8 @@ def _device_table(data: ReportData) -> str:
         "version",
         "task_finished",
         "in task by",
+        "outcome",
+        "passes",
     ]
     rows = [
         [
@@ -180,10 +183,48 @@ def _device_table(data: ReportData) -> str:
             d.version,
             d.task_finished,
             d.in_task_by,
+            d.outcome,
+            d.pass_outcomes,
         ]
         for d in shown
     ]
     return note + _table(columns, rows, "devices")
+
+
+def _passes(data: ReportData) -> str:
+    if not data.passes:
+        return ""
+    rows = [
+        [
+            r["pass"],
+            r["states"],
+            r["targets"],
+            r["upgraded"],
+            r["failed"],
+            r["already_current"],
+            r["in_progress"],
+            r["quarantined"],
+            r["status"],
+            r["gate_reason"],
+        ]
+        for r in data.passes
+    ]
+    columns = [
+        "pass",
+        "retried",
+        "devices",
+        "upgraded",
+        "failed",
+        "already current",
+        "in progress",
+        "quarantined",
+        "status",
+        "gate",
+    ]
+    return (
+        '<h2>Retry passes</h2><p class="note">Each device is counted once above, by its final '
+        "outcome; here by its outcome in each retry pass.</p>" + _table(columns, rows, "passes")
+    )
 
 
 def render(data: ReportData) -> str:
@@ -193,6 +234,7 @@ def render(data: ReportData) -> str:
         ("devices", totals["devices"]),
         ("upgraded", f"{totals['upgraded']} ({share:.1%})"),
         ("failed", totals["failed"]),
+        ("already current", totals["already_current"]),
         ("in progress", totals["in_progress"]),
         ("quarantined", totals["quarantined"]),
         ("not submitted", totals["not_submitted"]),
@@ -211,6 +253,7 @@ def render(data: ReportData) -> str:
             w["targets"],
             w["upgraded"],
             w["failed"],
+            w["already_current"],
             w["in_progress"],
             w["quarantined"],
             w["not_submitted"],
@@ -254,6 +297,7 @@ def render(data: ReportData) -> str:
                 "targets",
                 "upgraded",
                 "failed",
+                "already current",
                 "in progress",
                 "quarantined",
                 "not submitted",
@@ -264,6 +308,7 @@ def render(data: ReportData) -> str:
             "waves",
         )
     }
+{_passes(data)}
 <h2>Failure reasons</h2><div class="panel">{reasons_chart(data.failure_reasons)}</div>
 <h2>Quarantined devices</h2>
 {

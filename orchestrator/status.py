@@ -85,38 +85,97 @@ def read_status(path: Path, plan_name: str) -> dict[str, Any]:
             if schema_2
             else 0
         )
-        submitted = chunks.get("submitted", {"targets": 0})["targets"]
-        succeeded, failed, tasks_final, tasks_known = db.execute(
-            "SELECT COALESCE(SUM(succeeded), 0), COALESCE(SUM(failed + stopped), 0),"
-            " COALESCE(SUM(final), 0), COUNT(*) FROM tasks WHERE run_id=?",
-            (run_id,),
+        tasks_final, tasks_known = db.execute(
+            "SELECT COALESCE(SUM(final), 0), COUNT(*) FROM tasks WHERE run_id=?", (run_id,)
         ).fetchone()
-        waves = []
+        schema_3 = _has_column(db, "device_results", "outcome")
+        outcomes = _outcomes(db, run_id) if schema_3 else {}
+        verified = (
+            db.execute(
+                "SELECT COALESCE(SUM(verified), 0) FROM tasks WHERE run_id=?", (run_id,)
+            ).fetchone()[0]
+            if schema_3
+            else 0
+        )
+        left_out = 0  # devices the fleet file says are already current: never sent
+        if _has_table(db, "already_current"):
+            query = "SELECT COUNT(*) FROM already_current WHERE run_id=?"
+            left_out = db.execute(query, (run_id,)).fetchone()[0]
+        retry_passes = (
+            {
+                int(wave): (pass_no, json.loads(states), status, targets, reason)
+                for pass_no, wave, states, status, targets, reason in db.execute(
+                    "SELECT pass_no, wave, states, status, targets, reason FROM passes"
+                    " WHERE run_id=? ORDER BY pass_no",
+                    (run_id,),
+                )
+            }
+            if _has_table(db, "passes")
+            else {}
+        )
+        waves: list[dict[str, Any]] = []
+        passes: list[dict[str, Any]] = []
         for wave, name, targets, gate, reason, soak_until, approved_at in db.execute(
             "SELECT wave, name, target_count, gate_state, gate_reason, soak_until,"
             " approved_at FROM waves WHERE run_id=? ORDER BY wave",
             (run_id,),
         ).fetchall():
-            in_tasks, w_succeeded, w_failed = db.execute(
+            in_tasks, w_succeeded, w_failed, w_devices = db.execute(
                 "SELECT (SELECT COALESCE(SUM(member_count), 0) FROM chunks WHERE run_id=?1"
                 " AND wave=?2 AND state='submitted'), COALESCE(SUM(succeeded), 0),"
-                " COALESCE(SUM(failed + stopped), 0) FROM tasks WHERE run_id=?1 AND wave=?2",
+                " COALESCE(SUM(failed + stopped), 0), COALESCE(SUM(total), 0) FROM tasks"
+                " WHERE run_id=?1 AND wave=?2",
                 (run_id, wave),
             ).fetchone()
-            waves.append(
+            current, mismatched = outcomes.get(wave, (0, 0))
+            retry = retry_passes.get(wave)
+            (waves if retry is None else passes).append(
                 {
                     "wave": wave,
                     "name": name,
                     "targets": targets,
-                    "in_tasks": in_tasks,
-                    "succeeded": w_succeeded,
-                    "failed": w_failed,
+                    "in_tasks": in_tasks,  # targets: devices, or groups for a group fleet
+                    "devices": w_devices,  # in the wave's tasks (staResult.total)
+                    "succeeded": w_succeeded - mismatched,
+                    "failed": max(0, w_failed - current) + mismatched,
+                    "already_current": current,
                     "gate": gate,
                     "gate_reason": reason,
                     "soak_until": soak_until,
                     "approved": approved_at is not None,
                 }
+                | (
+                    {}
+                    if retry is None
+                    else {
+                        "pass": retry[0],
+                        "states": retry[1],
+                        "pass_status": retry[2],
+                        "stop_reason": retry[4],
+                    }
+                )
             )
+        # devices by final outcome (outcomes.py), across passes: each pass's devices were
+        # failures of an earlier pass, so they leave the failed of the pass before
+        final_upgraded = sum(w["succeeded"] for w in waves + passes)
+        final_failed = sum(w["failed"] for w in waves + passes) - sum(w["targets"] for w in passes)
+        final_current = sum(w["already_current"] for w in waves + passes)
+        plan_waves = [w["wave"] for w in waves]
+        submitted = _plan_count(
+            db,
+            run_id,
+            plan_waves,
+            "SELECT COALESCE(SUM(member_count), 0) FROM chunks"
+            " WHERE run_id=? AND state='submitted'",
+        )
+        in_plan_quarantine = _plan_count(
+            db,
+            run_id,
+            plan_waves,
+            "SELECT COUNT(*) FROM quarantine q JOIN chunks c ON c.run_id=q.run_id"
+            " AND c.chunk_id=q.chunk_id WHERE q.run_id=?",
+            "c.wave",
+        )
         calls = dict(
             db.execute(
                 "SELECT api, calls FROM api_calls WHERE run_id=? ORDER BY api", (run_id,)
@@ -132,13 +191,20 @@ def read_status(path: Path, plan_name: str) -> dict[str, Any]:
             "targets": run[3],
             "target_kind": run[7],
             "targets_in_tasks": submitted,
-            "targets_quarantined": len(quarantined),
-            "targets_remaining": run[3] - submitted - len(quarantined),
-            "devices_succeeded": succeeded,
-            "devices_failed": failed,
+            "targets_quarantined": in_plan_quarantine,
+            "targets_remaining": run[3] - submitted - in_plan_quarantine,
+            # devices by final outcome: upgraded (succeeded and reporting the package's
+            # version), failed (less the already current, plus version mismatches), already
+            # current (the platform's word, or left out by the fleet file)
+            "devices_succeeded": final_upgraded,
+            "devices_version_verified": verified,
+            "devices_failed": max(0, final_failed),
+            "devices_already_current": final_current + left_out,
+            "devices_left_out_already_current": left_out,
             "tasks_final": tasks_final,
             "tasks_observed": tasks_known,
             "waves": waves,
+            "passes": passes,
             "chunks": chunks,
             "attempts": attempts,
             "quarantined": quarantined,
@@ -153,6 +219,33 @@ def read_status(path: Path, plan_name: str) -> dict[str, Any]:
         }
     finally:
         db.close()
+
+
+def _outcomes(db: sqlite3.Connection, run_id: int) -> dict[int, tuple[int, int]]:
+    """wave → (already current, version mismatch) devices, from the subtasks read."""
+    return {
+        int(wave): (int(current), int(mismatched))
+        for wave, current, mismatched in db.execute(
+            "SELECT t.wave, COALESCE(SUM(d.outcome='already-current'), 0),"
+            " COALESCE(SUM(d.outcome='version-mismatch'), 0) FROM device_results d"
+            " JOIN tasks t ON t.run_id=d.run_id AND t.operation_id=d.operation_id"
+            " WHERE d.run_id=? GROUP BY t.wave",
+            (run_id,),
+        )
+    }
+
+
+def _plan_count(
+    db: sqlite3.Connection, run_id: int, waves: list[int], query: str, column: str = "wave"
+) -> int:
+    """A count over the chunks of the plan's waves (not those of retry passes)."""
+    marks = ",".join("?" * len(waves)) or "NULL"
+    row = db.execute(f"{query} AND {column} IN ({marks})", (run_id, *waves)).fetchone()
+    return int(row[0])
+
+
+def _has_column(db: sqlite3.Connection, table: str, column: str) -> bool:
+    return any(row[1] == column for row in db.execute(f"PRAGMA table_info({table})"))
 
 
 def _has_table(db: sqlite3.Connection, name: str) -> bool:

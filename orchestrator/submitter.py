@@ -6,9 +6,9 @@ For each chunk, in order, under the shared pacing:
 2. created → record the operationId;
 3. certainly not created (4xx, connect refused, TLS) → per cause: a device-level refusal
    (123002 unknown device, 123016 model mismatch) bisects the chunk until the offending
-   devices are isolated and quarantined; a plan-level refusal stops the run (the chunk is
-   sent again when the run is resumed); a connection that never opened is sent again after
-   a pause;
+   devices are isolated and quarantined (below); a plan-level refusal stops the run (the
+   chunk is sent again when the run is resumed); a connection that never opened is sent
+   again after a pause;
 4. may have been created (timeout, reset, 5xx, or an intent found on resume) → *settle*:
    nothing is concluded until the platform has surely finished with the create — the first
    look-up happens `request_timeout + settle` after the intent's send time (the journal
@@ -20,7 +20,21 @@ For each chunk, in order, under the shared pacing:
    clock, is not older than our first intent. Found → adopt the oldest match; absent →
    what the run's census found of the chunk is adopted, the rest is sent again.
 
-A run of identical failures stops the run rather than burn the budget.
+A run of identical failures stops the run rather than burn the budget. Device-level refusals
+are not such failures: they are the bisection's own work, bounded on its own.
+
+**Bisection.** A chunk refused for a device-level cause is split in halves (`planner.bisect`);
+the left half is sent first. Accepted → every offending target of the parent is in the right
+half, which is split again *without being sent* (it would be refused); refused → the right
+half is sent too, and each refused half is split in turn. A single target that is refused is
+quarantined with the platform's code; a single target is always sent itself, so every
+quarantine rests on the platform's own refusal of that target. The cost, beyond the chunk's
+own create, is at most two creates per refused part that is split:
+`planner.bisection_bound(n, b) = 2 · Σ_{l < ⌈log2 n⌉} min(b, 2^l) ≤ 2 · b · log2(256)` for b
+offending targets among n — 12.5 on average and 16 at most for one bad target in 256, fewer
+per target when bad targets crowd a chunk. `execution.max_bisect_share` caps the creates
+spent bisecting at that multiple of the run's planned creates (one per chunk); past it the
+run stops (exit 1) with the reason and the count quarantined so far.
 """
 
 from __future__ import annotations
@@ -55,7 +69,7 @@ from .northbound import (
 )
 from .northbound.clock import parse_platform_time
 from .plan import LoadedPlan
-from .planner import Chunk, bisect
+from .planner import Chunk, bisect, chunk_count, is_bisection_part
 from .session import RunSession, operation_type
 
 log = structlog.get_logger("orchestrator.submitter")
@@ -73,6 +87,7 @@ class Progress:
     quarantined: int = 0
     creates: int = 0
     adopted: int = 0
+    bisect_creates: int = 0  # creates of bisected parts (the run's, from the journal)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -164,9 +179,13 @@ class Submitter:
         shared_progress: Progress | None = None,
         census: CensusView | None = None,
         sleep: Sleep = asyncio.sleep,
+        progress_of_wave: bool = False,
     ) -> None:
+        """`progress_of_wave`: the progress counts this wave's targets only (a retry pass),
+        not the whole run's."""
         self.session = session
         self.wave = wave
+        self._progress_wave = wave if progress_of_wave else None
         self._progress_hook = progress
         self.progress = shared_progress or Progress(total_targets=len(session.loaded.fleet.members))
         self._queue: asyncio.Queue[Chunk] = asyncio.Queue()
@@ -176,17 +195,22 @@ class Submitter:
         self._settling: set[asyncio.Task[None]] = set()
         self._last_failure: str | None = None
         self._identical_failures = 0
+        # left half of a bisected chunk → its right half, held until the left's outcome
+        self._held: dict[str, Chunk] = {}
+        execution = session.plan.execution
+        self._bisect_cap = int(execution.max_bisect_share * chunk_count(session.loaded.waves))
         self._policy = Policy.model_validate(policy or session.plan.policy.wire())
         self._census = census or CensusView(None, PackageJudge(session.client, session.package, {}))
         self._sleep = sleep
 
     # ---- the run -----------------------------------------------------------------------------
     async def run(self) -> None:
-        counts = self.session.journal.counts(self.session.run_id)
+        counts = self.session.journal.counts(self.session.run_id, self._progress_wave)
         self.progress.done_targets = counts.get("targets_submitted", 0) + counts.get(
             "targets_quarantined", 0
         )
         self.progress.quarantined = counts.get("targets_quarantined", 0)
+        self.progress.bisect_creates = self.session.journal.bisect_creates(self.session.run_id)
         self._report()
         for row in self.session.journal.chunks(self.session.run_id, [INTENT], self.wave):
             self._start_settling(row.as_chunk())
@@ -299,12 +323,16 @@ class Submitter:
 
     async def _submit(self, chunk: Chunk) -> None:
         attempt: int | None = None
+        bisecting = is_bisection_part(chunk.chunk_id)
 
         def journal_intent() -> None:
             nonlocal attempt
             clock = self.session.client.clock
             on_platform = clock.now() if clock.measured else None
             if attempt is None:
+                if bisecting:  # judged when the create has its slot: workers do not race past it
+                    self._check_bisect_cap()
+                    self.progress.bisect_creates += 1
                 attempt = self.session.journal.record_intent(
                     self.session.run_id, chunk.chunk_id, on_platform
                 )
@@ -328,7 +356,23 @@ class Submitter:
         self._identical_failures = 0
         self.progress.creates += 1
         self._done(len(chunk.members))
+        # the left half of a refused chunk was accepted: its right half holds the refusal
+        self._release(chunk.chunk_id, refused_there=True)
         log.debug("chunk submitted", chunk=chunk.chunk_id, operation_id=operation_id)
+
+    def _check_bisect_cap(self) -> None:
+        if self.progress.bisect_creates < self._bisect_cap:
+            return
+        share = self.session.plan.execution.max_bisect_share
+        planned = chunk_count(self.session.loaded.waves)
+        raise RunAborted(
+            f"bisection has spent {self.progress.bisect_creates} creates isolating refused "
+            f"targets (execution.max_bisect_share = {share:g} × {planned} planned creates); "
+            f"{self.progress.quarantined} targets quarantined so far "
+            "(`rollout status` lists them). Too many targets are refused: remove unknown or "
+            "wrong-model devices from the fleet file and start with --new-run, or raise "
+            "execution.max_bisect_share and `rollout resume`"
+        )
 
     async def _never_sent(self, chunk: Chunk, error: PlatformCallError) -> None:
         """The create never left (the login before it failed): nothing to journal."""
@@ -372,7 +416,15 @@ class Submitter:
                 f"reason: {code} {error.desc if isinstance(error, PlatformError) else ''}"
                 "; fix the cause, then `rollout resume` sends it again"
             )
+        if device_level:
+            # the bisection's own work, bounded by max_bisect_share: not a failure streak
+            assert isinstance(error, PlatformError)
+            self._release(chunk.chunk_id, refused_there=False)
+            self._isolate(chunk, code, error.desc)
+            return
         self._count_failure(code, detail)
+        # the held right half of a bisected chunk is sent: nothing is known of this left half
+        self._release(chunk.chunk_id, refused_there=False)
         if error.may_have_taken_effect:
             log.warning(
                 "create outcome unknown; settling before looking it up",
@@ -380,9 +432,6 @@ class Submitter:
                 error=type(error).__name__,
             )
             self._start_settling(chunk)
-        elif device_level:
-            assert isinstance(error, PlatformError)
-            self._isolate(chunk, code, error.desc)
         else:
             await self._sleep(RETRY_PAUSE)
             self._enqueue(chunk)
@@ -399,20 +448,42 @@ class Submitter:
             )
 
     def _isolate(self, chunk: Chunk, code: str, reason: str) -> None:
+        """A chunk refused for a device-level cause: quarantine its single target, or split it
+        and send the left half first (its right half is held until the left's outcome)."""
         if len(chunk.members) == 1:
             self.session.journal.quarantine(
                 self.session.run_id, chunk.chunk_id, chunk.members[0], code, reason
             )
             self.progress.quarantined += 1
             self._done(1)
-            # a refusal that isolated its device is not a sign the whole run is failing
-            self._identical_failures = 0
             log.warning("target quarantined", target=chunk.members[0], code=code)
             return
-        children = bisect(chunk)
-        self.session.journal.split(self.session.run_id, chunk.chunk_id, children)
-        for child in children:
-            self._enqueue(child)
+        left, right = bisect(chunk)
+        self.session.journal.split(self.session.run_id, chunk.chunk_id, (left, right))
+        self._hold(left, right)
+
+    def _hold(self, left: Chunk, right: Chunk) -> None:
+        self._outstanding += 1  # the right half: work still to do
+        self._idle.clear()
+        self._held[left.chunk_id] = right
+        self._enqueue(left)
+
+    def _release(self, left_id: str, *, refused_there: bool) -> None:
+        """The left half's outcome is known: send its held right half — or, when the left was
+        accepted, split the right half without sending it (the parent's refusal lies there).
+        A single target is always sent, so its quarantine rests on its own refusal."""
+        right = self._held.pop(left_id, None)
+        if right is None:
+            return
+        if refused_there and len(right.members) > 1:
+            left2, right2 = bisect(right)
+            self.session.journal.split(
+                self.session.run_id, right.chunk_id, (left2, right2), inferred=True
+            )
+            self._held[left2.chunk_id] = right2  # carries the right half's outstanding count
+            self._enqueue(left2)
+            return
+        self._queue.put_nowait(right)  # counted as outstanding since it was held
 
     # ---- settling an ambiguous create --------------------------------------------------------
     async def _settle(self, chunk: Chunk) -> None:
@@ -480,7 +551,7 @@ class Submitter:
                     priority=Priority.SUBMIT,
                 )
             for task in page.items:
-                if await self._matches(task, members, first_intent):
+                if await self._matches(task, chunk.kind, members, first_intent):
                     matches.append((task.create_time, task.operation_id))
             if not page.items or (page_no + 1) * (page.page_size or 1) >= page.total:
                 break
@@ -488,13 +559,14 @@ class Submitter:
         return [operation_id for _, operation_id in sorted(matches)]
 
     async def _matches(
-        self, task: Task, members: set[str], first_intent: tuple[float, float | None] | None
+        self,
+        task: Task,
+        kind: str,
+        members: set[str],
+        first_intent: tuple[float, float | None] | None,
     ) -> bool:
-        targets = (
-            task.targets.devices
-            if self.session.plan.fleet.groups is None
-            else task.targets.device_groups
-        )
+        # the chunk's kind, not the fleet's: a retry pass of a group fleet sends devices
+        targets = task.targets.devices if kind == "devices" else task.targets.device_groups
         if targets is None or len(targets) != len(members) or set(targets) != members:
             return False
         verdict = await self._census.judge.judge(task)

@@ -90,6 +90,25 @@ async def test_group_targets_round_trip(live_sim: SimulatorServer) -> None:
         assert (await client.get_task(op)).targets.device_groups == ["north"]
 
 
+async def test_group_calls_find_a_group_and_page_its_members(live_sim: SimulatorServer) -> None:
+    """list_groups finds a group by name, get_group by id, group_members reads every page
+    (100 a page); an unknown id is NotFound 100603. Calls are counted per API."""
+    members = live_sim.fleet.groups["north"].device_ids
+    assert len(members) > 100
+    async with NorthboundClient(client_config(live_sim)) as client:
+        page = await client.list_groups(name="north")
+        assert [g.name for g in page.items] == ["north"] and page.total == 1
+        group = await client.get_group(page.items[0].group_id)
+        assert (group.name, group.device_count) == ("north", len(members))
+        assert await client.group_members(group.group_id) == members
+        with pytest.raises(NotFound) as missing:
+            await client.get_group("00000000-0000-4000-8000-000000000000")
+        assert missing.value.code == "100603"
+        calls = client.take_call_counts()
+    pages = -(-len(members) // 100)
+    assert (calls["listGroups"], calls["getGroup"], calls["groupMembers"]) == (1, 2, pages)
+
+
 async def test_https_with_client_certificate(
     tls_config: SimulatorConfig, tls_files: dict[str, Path]
 ) -> None:

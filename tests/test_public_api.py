@@ -12,6 +12,7 @@ def test_northbound_exports_are_pinned() -> None:
     assert set(northbound.__all__) == {
         "ClientConfig",
         "CreateTaskRequest",
+        "DeviceGroup",
         "ExecuteType",
         "NorthboundClient",
         "OperationType",

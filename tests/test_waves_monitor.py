@@ -97,7 +97,7 @@ async def test_approval_overrides_a_failed_gate_on_resume(tmp_path: Path) -> Non
         journal = tmp_path / "j.sqlite"
         with pytest.raises(RunHalted):
             await execute(load_plan(plan), RunOptions(journal=journal))
-        assert approve_wave(journal, "test-plan", "canary", "tester") == "canary"
+        assert approve_wave(journal, "test-plan", "canary", "tester").wave == "canary"
         with pytest.raises(RunHalted, match="quarter"):  # the next gate fails on its own
             await execute(load_plan(plan), RunOptions(journal=journal, resume_only=True))
         approve_wave(journal, "test-plan", "quarter", "tester")
@@ -195,21 +195,20 @@ async def test_wave_window_becomes_a_custom_policy(tmp_path: Path) -> None:
         await sim.close()
 
 
-async def test_monitor_uses_list_pages_and_fetches_failures_once(tmp_path: Path) -> None:
-    """The monitor never queries tasks one by one; failure details cost one call per task."""
+async def test_monitor_uses_list_pages_and_reads_each_subtask_once(tmp_path: Path) -> None:
+    """The monitor never queries tasks one by one; it reads every subtask of a finished task
+    once, 100 a page: ⌈n/100⌉ calls for a task of n devices."""
     sim = await _sim(failure_rate=0.05)
     try:
         plan = write_plan(tmp_path, sim, devices_of(sim, "WM-200", 1400), monitor=FAST_MONITOR)
         await execute(load_plan(plan), RunOptions(journal=tmp_path / "j.sqlite"))
-        calls = read_status(tmp_path / "j.sqlite", "test-plan")["calls"]
-        with_failures = sum(
-            1
-            for t in sim.platform.tasks
-            if any(life.change_statuses[-1] == "fail" for life in t.lives or [])
-        )
+        status = read_status(tmp_path / "j.sqlite", "test-plan")
+        calls = status["calls"]
+        pages = sum(-(-len(t.device_ids) // 100) for t in sim.platform.tasks)
         assert calls.get("getTask", 0) == 0
-        assert calls["subOperations"] == with_failures
-        assert sim.platform.stats.calls["subOperations"] == with_failures
+        assert calls["subOperations"] == pages == 3 * 5 + 2  # five tasks of 256, one of 120
+        assert sim.platform.stats.calls["subOperations"] == pages
+        assert status["devices_version_verified"] == status["devices_succeeded"]
     finally:
         await sim.close()
 

@@ -4,6 +4,7 @@ from .client import NorthboundClient
 from .config import ClientConfig, TLSConfig
 from .models import (
     CreateTaskRequest,
+    DeviceGroup,
     ExecuteType,
     OperationType,
     Package,
@@ -20,6 +21,7 @@ from .pacing import Pacer, Priority, shared_pacer
 __all__ = [
     "ClientConfig",
     "CreateTaskRequest",
+    "DeviceGroup",
     "ExecuteType",
     "NorthboundClient",
     "OperationType",

@@ -37,6 +37,7 @@ from .models import (
     SUBTASK_STATUS_TO_WIRE,
     TASK_STATUS_TO_WIRE,
     CreateTaskRequest,
+    DeviceGroup,
     OperationType,
     Package,
     Page,
@@ -52,6 +53,8 @@ log = structlog.get_logger("orchestrator.northbound")
 LOGIN_PATH = "/iocm/app/sec/v1.1.0/login"
 REFRESH_PATH = "/iocm/app/sec/v1.1.0/refreshToken"
 UPGRADE = "/iodm/northbound/v1.5.0"
+GROUPS = "/iocm/app/devgroup/v1.3.0/devGroups"
+GROUP_MEMBERS = "/iocm/app/dm/v1.2.0/devices/ids"
 MAX_PAGE_SIZE = 100
 MAX_THROTTLED_ATTEMPTS = 20
 BeforeSend = Callable[[], None]
@@ -404,12 +407,58 @@ class NorthboundClient:
                 return found
             page_no += 1
 
+    # ---- device groups (platform-api.md §4) --------------------------------------------------
+    async def list_groups(
+        self,
+        *,
+        name: str | None = None,
+        page_no: int = 0,
+        page_size: int = MAX_PAGE_SIZE,
+        priority: Priority = Priority.SUBMIT,
+    ) -> Page[DeviceGroup]:
+        """One page of the app's device groups (`name`: exactly that name)."""
+        params = _params(name=name, pageNo=page_no, pageSize=page_size)
+        reply = await self._get(GROUPS, priority, params)
+        return _page(reply, DeviceGroup, items_key="list")
+
+    async def get_group(self, group_id: str, priority: Priority = Priority.SUBMIT) -> DeviceGroup:
+        """One device group by its id (404/100603 when there is none)."""
+        return DeviceGroup.model_validate(await self._get(f"{GROUPS}/{group_id}", priority))
+
+    async def group_member_page(
+        self,
+        group_id: str,
+        *,
+        page_no: int = 0,
+        page_size: int = MAX_PAGE_SIZE,
+        priority: Priority = Priority.SUBMIT,
+    ) -> Page[str]:
+        """One page of a group's device IDs."""
+        params = _params(devGroupId=group_id, pageNo=page_no, pageSize=page_size)
+        reply = await self._get(GROUP_MEMBERS, priority, params)
+        return _page(reply, None, items_key="deviceIds")
+
+    async def group_members(self, group_id: str, priority: Priority = Priority.SUBMIT) -> list[str]:
+        """Every device ID of a group, all pages read: ⌈members / 100⌉ calls."""
+        found: list[str] = []
+        page_no = 0
+        while True:
+            page = await self.group_member_page(group_id, page_no=page_no, priority=priority)
+            found.extend(page.items)
+            if not page.items or len(found) >= page.total:
+                return found
+            page_no += 1
+
 
 def _api_name(method: str, path: str) -> str:
     if path == LOGIN_PATH:
         return "login"
     if path == REFRESH_PATH:
         return "refreshToken"
+    if path == GROUP_MEMBERS:
+        return "groupMembers"
+    if path.startswith(GROUPS):
+        return "getGroup" if path != GROUPS else "listGroups"
     tail = path.removeprefix(UPGRADE)
     if tail.startswith("/category"):
         if method == "DELETE":
@@ -426,11 +475,23 @@ def _params(**values: str | int | None) -> dict[str, str]:
     return {key: str(value) for key, value in values.items() if value is not None}
 
 
-def _page(reply: Any, model: Any, total_keys: tuple[str, ...] = ("totalCount",)) -> Page[Any]:
+def _page(
+    reply: Any,
+    model: Any,
+    total_keys: tuple[str, ...] = ("totalCount",),
+    items_key: str = "data",
+) -> Page[Any]:
+    """A page reply: `items_key` holds the rows (`model` validates each; None: strings)."""
     if not isinstance(reply, dict):
         raise PlatformCallError("a page reply is not a JSON object")
     total = next((reply[k] for k in total_keys if isinstance(reply.get(k), int)), 0)
-    items = [model.model_validate(row) for row in reply.get("data") or []]
+    rows = reply.get(items_key) or []
+    if model is None:
+        if not all(isinstance(row, str) for row in rows):
+            raise PlatformCallError(f"{items_key} of a page reply is not a list of strings")
+        items: list[Any] = list(rows)
+    else:
+        items = [model.model_validate(row) for row in rows]
     return Page(
         items=items,
         page_no=int(reply.get("pageNo", 0)),

@@ -149,6 +149,19 @@ class SubOperation(_Wire):
         return version if isinstance(version, str) else None
 
 
+class DeviceGroup(_Wire):
+    """A device group (platform-api.md §4): tasks target groups by name, the member API
+    by id (a UUID on the platform)."""
+
+    group_id: str = Field(alias="id")
+    name: str
+    description: str = ""
+    app_id: str = Field(default="", alias="appId")
+    max_devices: int = Field(default=0, alias="maxDevNum")  # 0: unlimited
+    device_count: int = Field(default=0, alias="curDevNum")
+    creator: str = ""
+
+
 T = TypeVar("T")
 
 

@@ -324,6 +324,28 @@ async def add_group_members(request: web.Request) -> web.Response:
     return json_reply(_platform(request).add_group_members(await _json_body(request)))
 
 
+async def remove_group_members(request: web.Request) -> web.Response:
+    """No reply body on the platform: 204 (a 200 without body or type breaks the SDK)."""
+    _platform(request).remove_group_members(await _json_body(request))
+    return web.Response(status=204)
+
+
+async def query_group(request: web.Request) -> web.Response:
+    return json_reply(_platform(request).group_by_id(request.match_info["group_id"]).to_wire())
+
+
+async def modify_group(request: web.Request) -> web.Response:
+    platform = _platform(request)
+    return json_reply(
+        platform.modify_group(request.match_info["group_id"], await _json_body(request))
+    )
+
+
+async def delete_group(request: web.Request) -> web.Response:
+    _platform(request).delete_group(request.match_info["group_id"])
+    return web.Response(status=204)
+
+
 # ---- admin (not part of the platform) ----------------------------------------------------------
 async def sim_stats(request: web.Request) -> web.Response:
     platform = _platform(request)
@@ -396,11 +418,19 @@ def build_app(platform: Platform) -> web.Application:
     )
     r.add_post(GROUPS, create_group, name="createGroup")
     r.add_get(GROUPS, list_groups, name="listGroups")
+    r.add_get(f"{GROUPS}/{{group_id}}", query_group, name="queryGroup")
+    r.add_put(f"{GROUPS}/{{group_id}}", modify_group, name="modifyGroup")
+    r.add_delete(f"{GROUPS}/{{group_id}}", delete_group, name="deleteGroup")
     r.add_get("/iocm/app/dm/v1.2.0/devices/ids", group_members, name="groupMembers")
     r.add_post(
         "/iocm/app/dm/v1.1.0/devices/addDevGroupTagToDevices",
         add_group_members,
         name="addGroupMembers",
+    )
+    r.add_post(
+        "/iocm/app/dm/v1.1.0/devices/deleteDevGroupTagFromDevices",
+        remove_group_members,
+        name="removeGroupMembers",
     )
     r.add_get("/_sim/stats", sim_stats)
     r.add_get("/_sim/tasks", sim_tasks)

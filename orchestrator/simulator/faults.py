@@ -11,7 +11,10 @@ Kinds:
 - a platform clock running ahead of or behind simulated time (`clock_offset_s`);
 - task replies without `extendPara` (`omit_extend_para`);
 - the next N valid creates refused before commit with a chosen HTTP status
-  (`reject_next_creates`, `reject_status`).
+  (`reject_next_creates`, `reject_status`);
+- upgrades reported as succeeded while the device rolled back to its previous image, the
+  subtask reporting that old version (`rollback_rate`; decided when a task is first looked
+  at, like the rest of its devices' behaviour).
 
 Decisions draw from one seeded generator, so a test that sets the same knobs and sends the
 same calls sees the same faults.
@@ -44,6 +47,7 @@ class FaultConfig:
     omit_extend_para: bool = False  # task replies carry no extendPara key
     reject_next_creates: int = 0  # refuse this many more valid creates before commit
     reject_status: int = 400  # their HTTP status: 400 platform error, else a gateway reply
+    rollback_rate: float = 0.0  # share of succeeded upgrades that report the old version
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

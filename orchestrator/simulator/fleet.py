@@ -179,6 +179,11 @@ def _hex24(rng: random.Random) -> str:
     return f"{rng.getrandbits(96):024x}"
 
 
+def group_id(rng: random.Random) -> str:
+    """A devGroupId: a UUID, as the platform's (platform-api.md §1, IDs)."""
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
 def generate_fleet(
     device_count: int,
     seed: int,
@@ -229,7 +234,7 @@ def generate_fleet(
 
     devices: dict[str, Device] = {}
     groups: dict[str, Group] = {
-        region: Group(_hex24(rng), region, f"meters in the {region}", app_id, 0)
+        region: Group(group_id(rng), region, f"meters in the {region}", app_id, 0)
         for region in REGIONS
     }
     for _ in range(device_count):

@@ -10,19 +10,22 @@ Every time the platform states (task and subtask times, the "start in the past" 
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from .clock import Clock, format_platform_time
 from .faults import FaultInjector
-from .fleet import FIRMWARE, SOFTWARE, Fleet, Group, Package
+from .fleet import FIRMWARE, SOFTWARE, Fleet, Group, Package, group_id
 from .tasks import SUBTASK_STATUSES, TASK_STATUSES, Task, materialize
 from .throttle import SlidingWindowThrottle
 from .tokens import TokenStore
 from .validation import CreateRequest, validate_create
 from .wire import PlatformReject
 
+GROUP_NAME = re.compile(r"[A-Za-z0-9]{1,50}")  # ASCII letters and digits (§4)
+MAX_DESCRIPTION = 1024
 OPERATE_TYPES = {"firmwareUpgrade": "firmware_upgrade", "softwareUpgrade": "software_upgrade"}
 PACKAGE_TYPE_FOR = {"firmware_upgrade": FIRMWARE, "software_upgrade": SOFTWARE}
 
@@ -178,7 +181,11 @@ class Platform:
     def _materialize_through(self, seq: int) -> None:
         # tasks are planned in creation order: a device's version depends on earlier tasks
         while self._materialized <= seq:
-            materialize(self.tasks[self._materialized], self.fleet.devices)
+            materialize(
+                self.tasks[self._materialized],
+                self.fleet.devices,
+                self.faults.config.rollback_rate,
+            )
             self._materialized += 1
 
     def task(self, operation_id: str) -> Task:
@@ -248,28 +255,51 @@ class Platform:
         return [task.to_wire(now, extend_para) for task in tasks]
 
     # ---- device groups --------------------------------------------------------------------
+    # platform-api.md §4. Group errors as the reference lists them: 50400 invalid input,
+    # 100602 name used (HTTP 200), 100603 not found, 100601 group full, 100609 too many
+    # devices for maxDevNum. A device may be in several groups (the reference disagrees with
+    # itself; overlap is the case a client must survive).
+    def _group_fields(self, body: dict[str, Any], group: Group | None) -> tuple[str, str, int]:
+        """name, description and maxDevNum of a create (group None) or a modify."""
+        name = body.get("name", None if group is None else group.name)
+        if not isinstance(name, str) or GROUP_NAME.fullmatch(name) is None:
+            raise PlatformReject("50400", "name must be 1-50 letters and digits.")
+        description = body.get("description", "" if group is None else group.description)
+        if description is None:
+            description = ""
+        if not isinstance(description, str) or len(description) > MAX_DESCRIPTION:
+            raise PlatformReject("50400", "description must be a string of at most 1024.")
+        max_devices = body.get("maxDevNum", 0 if group is None else group.max_devices)
+        if isinstance(max_devices, bool) or not isinstance(max_devices, int) or max_devices < 0:
+            raise PlatformReject("50400", "maxDevNum must be an integer >= 0.")
+        if name in self.fleet.groups and self.fleet.groups[name] is not group:
+            raise PlatformReject("100602")
+        return name, description, max_devices
+
+    def _device_list(self, body: dict[str, Any], required: bool) -> list[str]:
+        device_ids = body.get("deviceIds")
+        if device_ids is None and not required:
+            return []
+        if not isinstance(device_ids, list) or any(
+            not isinstance(d, str) or d not in self.fleet.devices for d in device_ids
+        ):
+            raise PlatformReject("50400", "deviceIds must name existing devices.")
+        return list(dict.fromkeys(device_ids))
+
     def create_group(self, body: Any, app_id: str) -> dict[str, object]:
         if not isinstance(body, dict):
             raise PlatformReject("50400", "The body must be a JSON object.")
-        name = body.get("name")
-        if not isinstance(name, str) or not 1 <= len(name) <= 50 or not name.isalnum():
-            raise PlatformReject("50400", "name must be 1-50 letters and digits.")
-        if name in self.fleet.groups:
-            raise PlatformReject("100602")
-        device_ids = body.get("deviceIds") or []
-        if not isinstance(device_ids, list) or any(d not in self.fleet.devices for d in device_ids):
-            raise PlatformReject("50400", "deviceIds must name existing devices.")
-        max_devices = body.get("maxDevNum", 0)
-        if not isinstance(max_devices, int) or max_devices < 0:
-            raise PlatformReject("50400", "maxDevNum must be an integer >= 0.")
-        description = body.get("description", "")
+        name, description, max_devices = self._group_fields(body, None)
+        device_ids = self._device_list(body, required=False)
+        if max_devices and len(device_ids) > max_devices:
+            raise PlatformReject("100609")
         group = Group(
-            group_id=f"{self._ids.getrandbits(96):024x}",
+            group_id=group_id(self._ids),
             name=name,
-            description=description if isinstance(description, str) else "",
+            description=description,
             app_id=app_id,
             max_devices=max_devices,
-            device_ids=list(dict.fromkeys(device_ids)),
+            device_ids=device_ids,
         )
         self.fleet.groups[name] = group
         return group.to_wire()
@@ -280,17 +310,44 @@ class Platform:
                 return group
         raise PlatformReject("100603")
 
-    def add_group_members(self, body: Any) -> dict[str, object]:
+    def modify_group(self, group_id: str, body: Any) -> dict[str, object]:
+        """PUT: a new name, description or maxDevNum (absent fields are kept)."""
+        group = self.group_by_id(group_id)
+        if not isinstance(body, dict):
+            raise PlatformReject("50400", "The body must be a JSON object.")
+        name, description, max_devices = self._group_fields(body, group)
+        if max_devices and len(group.device_ids) > max_devices:
+            raise PlatformReject("100609")
+        del self.fleet.groups[group.name]
+        group.name, group.description, group.max_devices = name, description, max_devices
+        self.fleet.groups[name] = group
+        wire = group.to_wire()
+        del wire["deviceIds"]
+        return wire
+
+    def delete_group(self, group_id: str) -> None:
+        """Tasks created on the group keep their devices; its name is free again."""
+        group = self.group_by_id(group_id)
+        del self.fleet.groups[group.name]
+
+    def _member_change(self, body: Any) -> tuple[Group, list[str]]:
         if not isinstance(body, dict) or not isinstance(body.get("devGroupId"), str):
             raise PlatformReject("50400", "devGroupId is mandatory.")
         group = self.group_by_id(body["devGroupId"])
-        device_ids = body.get("deviceIds")
-        if not isinstance(device_ids, list) or any(d not in self.fleet.devices for d in device_ids):
-            raise PlatformReject("50400", "deviceIds must name existing devices.")
-        for device_id in device_ids:
-            if device_id not in group.device_ids:
-                group.device_ids.append(device_id)
+        return group, self._device_list(body, required=True)
+
+    def add_group_members(self, body: Any) -> dict[str, object]:
+        group, device_ids = self._member_change(body)
+        new = [d for d in device_ids if d not in group.device_ids]
+        if group.max_devices and len(group.device_ids) + len(new) > group.max_devices:
+            raise PlatformReject("100601")
+        group.device_ids.extend(new)
         return {"devGroupId": group.group_id, "deviceIds": device_ids}
+
+    def remove_group_members(self, body: Any) -> None:
+        group, device_ids = self._member_change(body)
+        leaving = set(device_ids)
+        group.device_ids = [d for d in group.device_ids if d not in leaving]
 
     # ---- ground truth ---------------------------------------------------------------------
     def truth(self) -> list[dict[str, Any]]:

@@ -131,8 +131,12 @@ class Task:
         return reply
 
 
-def plan_subtask(task: Task, device: Device, index: int) -> SubtaskLife:
-    """Decide, once, how `device` goes through `task`."""
+def plan_subtask(task: Task, device: Device, index: int, rollback_rate: float = 0.0) -> SubtaskLife:
+    """Decide, once, how `device` goes through `task`.
+
+    `rollback_rate` (the fault knob): the share of upgrades that the platform reports as
+    succeeded while the device rolled back to its previous image — the subtask succeeds and
+    reports the old version, and the device keeps it."""
     rng = random.Random(device.behaviour_seed * 1_000_003 + task.seq)
     sub_id = f"{task.operation_id[:12]}{index:012x}"
     created = task.create_time
@@ -207,7 +211,13 @@ def plan_subtask(task: Task, device: Device, index: int) -> SubtaskLife:
         if rng.random() >= device.model.failure_probability:
             times.append(end)
             statuses.append("success")
-            device.version_changes.append((end, target))
+            # a draw of its own, only when asked: the other draws stay as without the knob
+            rolled_back = (
+                rollback_rate > 0
+                and random.Random(device.behaviour_seed * 7_919 + task.seq).random() < rollback_rate
+            )
+            if not rolled_back:
+                device.version_changes.append((end, target))
             return SubtaskLife(
                 device.device_id,
                 sub_id,
@@ -216,7 +226,7 @@ def plan_subtask(task: Task, device: Device, index: int) -> SubtaskLife:
                 first_start,
                 end,
                 DETAIL_SUCCESS,
-                target,
+                old if rolled_back else target,
                 old,
                 False,
             )
@@ -244,10 +254,12 @@ def plan_subtask(task: Task, device: Device, index: int) -> SubtaskLife:
     raise AssertionError("unreachable: the loop returns on its last attempt")
 
 
-def materialize(task: Task, devices: dict[str, Device]) -> None:
+def materialize(task: Task, devices: dict[str, Device], rollback_rate: float = 0.0) -> None:
     if task.lives is not None:
         return
-    lives = [plan_subtask(task, devices[d], i) for i, d in enumerate(task.device_ids)]
+    lives = [
+        plan_subtask(task, devices[d], i, rollback_rate) for i, d in enumerate(task.device_ids)
+    ]
     task.lives = lives
     if lives:
         task.first_activity = min(life.change_times[1] for life in lives)
