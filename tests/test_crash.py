@@ -416,7 +416,10 @@ def test_sigkill_at_seeded_moments_then_resume(
     # a resume and by settling
     for tag in ("before-census", "create-in-flight", "reconciling", "all-sent"):
         assert landed[tag] > 0, (tag, landed)
-    assert kinds.get("reconciled-adopted", 0) > 0, kinds
-    if not omit_extend_para:  # without extendPara only settling can tell our own tasks
-        assert kinds.get("census-adopted", 0) > 0, kinds
+    # creates in flight were found again: by settling in the process that sent them, or by
+    # the census of a resume (which first waits until they have surely landed)
+    adopted = kinds.get("reconciled-adopted", 0) + kinds.get("census-adopted", 0)
+    assert adopted > 0, kinds
+    if omit_extend_para:  # without extendPara only settling can tell our own tasks
+        assert kinds.get("reconciled-adopted", 0) > 0, kinds
     assert kinds.get("duplicates-found", 0) == 0, kinds
