@@ -268,6 +268,20 @@ def main(ctx: click.Context, log_format: str, log_level: str) -> None:
     type=click.IntRange(400, 599),
     help="HTTP status of those refusals: 400 with a platform error body, else a gateway reply.",
 )
+@click.option(
+    "--outage",
+    default=0.0,
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="From the first call on, a gateway answers every platform call with --outage-status "
+    "for this many real seconds (nothing is counted or done).",
+)
+@click.option(
+    "--outage-status",
+    default=503,
+    show_default=True,
+    type=click.Choice(["502", "503", "504"]),
+)
 def simulator(
     host: str,
     port: int,
@@ -297,6 +311,8 @@ def simulator(
     omit_extend_para: bool,
     reject_next_creates: int,
     reject_status: int,
+    outage: float,
+    outage_status: str,
     failure_rate: float | None,
 ) -> None:
     """Serve the simulated platform (the northbound API of platform-api.md) on loopback.
@@ -341,6 +357,8 @@ def simulator(
             omit_extend_para=omit_extend_para,
             reject_next_creates=reject_next_creates,
             reject_status=reject_status,
+            outage_s=outage,
+            outage_status=int(outage_status),
         ),
     )
 

@@ -25,6 +25,7 @@ from .errors import (
     DuplicatesFound,
     JournalError,
     JournalMismatch,
+    PlatformCallError,
     RunAborted,
     RunHalted,
 )
@@ -43,7 +44,7 @@ from .journal import (
 )
 from .monitor import Monitor, Sleep
 from .northbound import ClientConfig, NorthboundClient, TLSConfig
-from .plan import PLATFORM_TIME_FORMAT, LoadedPlan, PlatformSection, WaveSection, check_times
+from .plan import PLATFORM_TIME_FORMAT, LoadedPlan, Plan, WaveSection, check_times
 from .planner import plan_chunks
 from .session import RunSession
 from .simulator import DEFAULT_SECRET, SimulatorConfig, SimulatorServer
@@ -79,9 +80,8 @@ def journal_path(loaded: LoadedPlan, override: Path | None) -> Path:
     return default_journal_path(loaded.plan.name, loaded.base_dir)
 
 
-def _client_config(
-    platform: PlatformSection, base_url: str, secret: str, tls: TLSConfig
-) -> ClientConfig:
+def _client_config(plan: Plan, base_url: str, secret: str, tls: TLSConfig) -> ClientConfig:
+    platform = plan.platform
     return ClientConfig(
         base_url=base_url,
         app_id=platform.app_id,
@@ -91,6 +91,7 @@ def _client_config(
         pacing_margin=platform.pacing_margin,
         connect_timeout=platform.connect_timeout,
         total_timeout=platform.request_timeout,
+        outage_budget=plan.execution.outage_budget,
     )
 
 
@@ -114,7 +115,7 @@ async def platform_client(loaded: LoadedPlan) -> AsyncIterator[NorthboundClient]
         async with server:
             log.info("embedded simulator started", url=server.url, devices=sim.devices)
             tls = TLSConfig(ca_file=server.cert_file)
-            config = _client_config(platform, server.url, DEFAULT_SECRET, tls)
+            config = _client_config(loaded.plan, server.url, DEFAULT_SECRET, tls)
             async with NorthboundClient(config) as client:
                 yield client
         return
@@ -125,7 +126,7 @@ async def platform_client(loaded: LoadedPlan) -> AsyncIterator[NorthboundClient]
         client_key=base / platform.client_key if platform.client_key else None,
         insecure=platform.insecure,
     )
-    config = _client_config(platform, platform.url, loaded.secret(), tls)
+    config = _client_config(loaded.plan, platform.url, loaded.secret(), tls)
     async with NorthboundClient(config) as client:
         yield client
 
@@ -435,7 +436,7 @@ async def execute(
                 census = await open_census(session, options)
                 rollout = Rollout(session, progress, sleep, census)
                 await rollout.drive(follow)
-            except RunAborted as exc:
+            except (RunAborted, PlatformCallError) as exc:
                 journal.set_status(run_id, ABORTED, str(exc))
                 raise
             except RunHalted as exc:

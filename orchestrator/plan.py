@@ -311,6 +311,9 @@ class ExecutionSection(_Section):
     settle: float = Field(default=15.0, ge=0, le=3600)
     # allowance beyond the measured uncertainty of the platform's clock (seconds)
     clock_skew: float = Field(default=2.0, ge=0, le=600)
+    # seconds the platform may stay unreachable (refused, DNS timeout, 502/503/504) before
+    # the run stops with exit 1; meanwhile every call pauses and goes again (outage.py)
+    outage_budget: float = Field(default=600.0, gt=0, le=7 * 86400)
 
 
 class Plan(_Section):

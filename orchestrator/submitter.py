@@ -4,11 +4,13 @@ For each chunk, in order, under the shared pacing:
 
 1. commit the intent to the journal (durably), then send the create;
 2. created → record the operationId;
-3. certainly not created (4xx, connect refused, TLS) → per cause: a device-level refusal
+3. certainly not created (4xx, connection refused) → per cause: a device-level refusal
    (123002 unknown device, 123016 model mismatch) bisects the chunk until the offending
    devices are isolated and quarantined; a plan-level refusal stops the run (the chunk is
-   sent again when the run is resumed); a connection that never opened is sent again after
-   a pause;
+   sent again when the run is resumed); a connection that never opened is sent again once
+   the platform answers (an outage, ridden out up to `execution.outage_budget`); a
+   connection that cannot work as configured (unknown host, untrusted certificate, TLS
+   against plain HTTP) stops the run at once;
 4. may have been created (timeout, reset, 5xx, or an intent found on resume) → *settle*:
    nothing is concluded until the platform has surely finished with the create — the first
    look-up happens `request_timeout + settle` after the intent's send time (the journal
@@ -20,7 +22,9 @@ For each chunk, in order, under the shared pacing:
    clock, is not older than our first intent. Found → adopt the oldest match; absent →
    what the run's census found of the chunk is adopted, the rest is sent again.
 
-A run of identical failures stops the run rather than burn the budget.
+A run of identical failures stops the run rather than burn the budget; transient faults (the
+platform down: refused connections, gateway 502/503/504) never count as such — the worker
+waits until the platform answers again, and the outage's budget decides when to stop.
 """
 
 from __future__ import annotations
@@ -37,9 +41,11 @@ from .census import Census, Match, PackageJudge, UnknownTasks, plan_adoption
 from .errors import (
     AuthFailed,
     BadRequest,
+    CannotConnect,
     InputError,
     PlatformCallError,
     PlatformError,
+    PlatformUnreachable,
     RunAborted,
 )
 from .journal import FAILED, INTENT, PENDING
@@ -295,6 +301,19 @@ class Submitter:
             operation_id = await self.session.client.create_upgrade_task(
                 self.session.operation, lambda: self._request(chunk), before_send=journal_intent
             )
+        except (CannotConnect, PlatformUnreachable) as error:
+            if attempt is not None:  # never sent: nothing to reconcile
+                self.session.journal.record_failed_attempt(
+                    self.session.run_id,
+                    chunk.chunk_id,
+                    attempt,
+                    "not-sent",
+                    PENDING,
+                    None,
+                    type(error).__name__,
+                    str(error),
+                )
+            raise
         except PlatformCallError as error:
             if attempt is None:
                 await self._never_sent(chunk, error)
@@ -317,9 +336,12 @@ class Submitter:
                 f"the platform refused the app credentials ({error.code}); "
                 "check platform.app_id and the secret"
             )
-        code = error.code if isinstance(error, PlatformError) else type(error).__name__
-        self._count_failure(code, str(error))
-        await self._sleep(RETRY_PAUSE)
+        if error.transient:
+            await self.session.client.wait_until_reachable()
+        else:
+            code = error.code if isinstance(error, PlatformError) else type(error).__name__
+            self._count_failure(code, str(error))
+            await self._sleep(RETRY_PAUSE)
         self._enqueue(chunk)
 
     async def _failed(self, chunk: Chunk, attempt: int, error: PlatformCallError) -> None:
@@ -352,20 +374,25 @@ class Submitter:
                 f"reason: {code} {error.desc if isinstance(error, PlatformError) else ''}"
                 "; fix the cause, then `rollout resume` sends it again"
             )
-        self._count_failure(code, detail)
+        if not error.transient:  # the platform down is not a failure of this run
+            self._count_failure(code, detail)
         if error.may_have_taken_effect:
             log.warning(
                 "create outcome unknown; settling before looking it up",
                 chunk=chunk.chunk_id,
-                error=type(error).__name__,
+                error=detail,
             )
             self._start_settling(chunk)
         elif device_level:
             assert isinstance(error, PlatformError)
             self._isolate(chunk, code, error.desc)
-        else:
+        elif not error.transient:
             await self._sleep(RETRY_PAUSE)
             self._enqueue(chunk)
+        if error.transient:  # wait for the platform before sending anything more into it
+            await self.session.client.wait_until_reachable()
+            if not error.may_have_taken_effect:
+                self._enqueue(chunk)
 
     def _count_failure(self, code: str | None, detail: str) -> None:
         if code == self._last_failure:

@@ -115,6 +115,10 @@ async def _platform_reply(
         platform.stats.replies[str(missing.status)] += 1
         return json_reply({"error_code": "120015", "error_desc": missing.reason}, missing.status)
     api = request.match_info.route.name or "unknown"
+    outage = platform.faults.outage(platform.clock.monotonic())
+    if outage is not None:  # a gateway with no platform behind it: nothing counted or done
+        platform.stats.replies[str(outage)] += 1
+        return gateway_reply(outage)
     delay = platform.faults.latency()
     if delay:
         await asyncio.sleep(delay)
