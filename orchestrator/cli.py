@@ -413,6 +413,9 @@ def plan_command(plan: Path, as_json: bool) -> None:
         "policy": p.policy.wire(),
         "waves": [{"name": w.name, "targets": len(w.members)} for w in loaded.waves],
     }
+    windows = _next_windows(loaded, datetime.now(UTC))
+    if windows:
+        preview["windows"] = windows
     if as_json:
         click.echo(json.dumps(preview, indent=2))
         return
@@ -420,10 +423,43 @@ def plan_command(plan: Path, as_json: bool) -> None:
     for key, value in preview.items():
         if key == "waves":
             value = ", ".join(f"{w['name']} {w['targets']}" for w in preview["waves"])
+        elif key == "windows":
+            for wave, nights in value.items():
+                table.add_row(f"window of {wave} (UTC)", "\n".join(map(_night_line, nights)))
+            continue
         elif key == "eta_seconds":
             key, value = "ETA of submission", f"{value:.0f} s at {p.platform.rate_limit}"
         table.add_row(key, str(value))
     stderr.print(table)
+
+
+WINDOW_PREVIEW = 3  # the next usable occurrences `rollout plan` shows per wave window
+
+
+def _next_windows(loaded: LoadedPlan, now: datetime) -> dict[str, list[dict[str, Any]]]:
+    """Each wave window's next occurrences in UTC, with the nights DST makes too short."""
+    shown: dict[str, list[dict[str, Any]]] = {}
+    for section in loaded.plan.waves:
+        if section.window is None:
+            continue
+        shown[section.name] = [
+            {
+                "night": occurrence.night.isoformat(),
+                "start": occurrence.start.isoformat().replace("+00:00", "Z"),
+                "end": occurrence.end.isoformat().replace("+00:00", "Z"),
+                "minutes": round(occurrence.minutes, 1),
+                "skipped": not occurrence.usable,
+            }
+            for occurrence in section.window.occurrences(now, WINDOW_PREVIEW)
+        ]
+    return shown
+
+
+def _night_line(night: dict[str, Any]) -> str:
+    span = f"{night['start'][:16]} → {night['end'][11:16]}"
+    if night["skipped"]:
+        return f"{span}  skipped: {night['minutes']:g} real min that night (DST)"
+    return f"{span}  {night['minutes']:g} min"
 
 
 def _progress_bar(total: int) -> tuple[Progress, Callable[[RunProgress], None]]:

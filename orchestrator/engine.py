@@ -286,6 +286,7 @@ class Rollout:
                 shared_progress=self.progress,
                 census=self.census,
                 sleep=self.monitor.sleep,
+                window=section.window if section is not None else None,
             ).run()
             self.session.journal.add_calls(
                 self.session.run_id, self.session.client.take_call_counts()

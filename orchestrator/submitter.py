@@ -33,7 +33,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import structlog
 
@@ -60,7 +60,7 @@ from .northbound import (
     Task,
 )
 from .northbound.clock import parse_platform_time
-from .plan import LoadedPlan
+from .plan import PLATFORM_TIME_FORMAT, LoadedPlan, WindowSection
 from .planner import Chunk, bisect
 from .session import RunSession, operation_type
 
@@ -157,8 +157,10 @@ class Submitter:
         shared_progress: Progress | None = None,
         census: CensusView | None = None,
         sleep: Sleep = asyncio.sleep,
+        window: WindowSection | None = None,
     ) -> None:
         self.session = session
+        self._window = window  # a wave's daily window: each create takes its next occurrence
         self.wave = wave
         self._progress_hook = progress
         self.progress = shared_progress or Progress(total_targets=len(session.loaded.fleet.members))
@@ -270,13 +272,24 @@ class Submitter:
         its start moves to just after the platform's now — plus the measured uncertainty of
         that clock and `execution.clock_skew` — as long as 5 minutes of the window remain;
         after that the window is over and the run stops rather than send what the platform
-        refuses."""
+        refuses. A wave's daily window instead takes its next occurrence that still has 5
+        real minutes (DST-short nights skipped: `WindowSection.next_window`)."""
         policy = self._policy
         if policy.execute_type is not ExecuteType.CUSTOM or policy.start_time is None:
             return policy
         clock = self.session.client.clock
         uncertainty = clock.uncertainty if clock.measured else 0.0
         now = clock.now() + START_LEAD + uncertainty + self.session.plan.execution.clock_skew
+        if self._window is not None:
+            begin, end_at = self._window.next_window(
+                datetime.fromtimestamp(now, UTC), lead=timedelta(0)
+            )
+            return policy.model_copy(
+                update={
+                    "start_time": begin.strftime(PLATFORM_TIME_FORMAT),
+                    "end_time": end_at.strftime(PLATFORM_TIME_FORMAT),
+                }
+            )
         start = parse_platform_time(policy.start_time) or now
         end = parse_platform_time(policy.end_time or "") or now
         if start >= now:
@@ -287,7 +300,7 @@ class Submitter:
                 "minutes left; the platform would refuse it (123033/123034): give the wave a "
                 "later window"
             )
-        start_text = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%SZ")
+        start_text = datetime.fromtimestamp(now, UTC).strftime(PLATFORM_TIME_FORMAT)
         return policy.model_copy(update={"start_time": start_text})
 
     async def _submit(self, chunk: Chunk) -> None:
