@@ -9,9 +9,11 @@ of the package; 130 interrupted (Ctrl-C), in-flight state recorded.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -24,6 +26,7 @@ import anyio
 import click
 import structlog
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -68,7 +71,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-# The orchestrator's errors, each with how it is shown and its exit code (first match wins).
+# The orchestrator's errors, each with how it is shown and its exit code (first match wins);
+# the last two catch what the journal or the operating system refused anywhere else.
 ERROR_EXITS: tuple[tuple[type[BaseException], str, int], ...] = (
     (InputError, "[red]error:[/]", EXIT_BAD_INPUT),
     (JournalError, "[red]journal:[/]", EXIT_JOURNAL),
@@ -76,7 +80,19 @@ ERROR_EXITS: tuple[tuple[type[BaseException], str, int], ...] = (
     (DuplicatesFound, "[red]duplicates:[/]", EXIT_DUPLICATES),
     (RunAborted, "[red]run stopped:[/]", EXIT_FAILED),
     (PlatformCallError, "[red]platform:[/]", EXIT_FAILED),
+    (sqlite3.Error, "[red]journal:[/]", EXIT_JOURNAL),
+    (OSError, "[red]system:[/]", EXIT_FAILED),
 )
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's text on one line; an OS error as `reason: file`, without `[Errno N]`."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = " → ".join(str(name) for name in (exc.filename, exc.filename2) if name)
+        text = f"{exc.strerror}: {where}" if where else exc.strerror
+    else:
+        text = str(exc)
+    return " ".join(text.split())
 
 
 def exits_cleanly(command: Callable[P, R]) -> Callable[P, R]:
@@ -94,7 +110,8 @@ def exits_cleanly(command: Callable[P, R]) -> Callable[P, R]:
             sys.exit(EXIT_INTERRUPTED)
         except tuple(cls for cls, _, _ in ERROR_EXITS) as exc:
             label, code = next((lbl, c) for cls, lbl, c in ERROR_EXITS if isinstance(exc, cls))
-            stderr.print(f"{label} {exc}", highlight=False, soft_wrap=True)
+            text = escape(_one_line(exc))  # a path or a reason may hold [brackets]
+            stderr.print(f"{label} {text}", highlight=False, soft_wrap=True)
             sys.exit(code)
 
     return wrapper
@@ -282,6 +299,7 @@ def main(ctx: click.Context, log_format: str, log_level: str) -> None:
     show_default=True,
     type=click.Choice(["502", "503", "504"]),
 )
+@exits_cleanly
 def simulator(
     host: str,
     port: int,
@@ -363,9 +381,19 @@ def simulator(
     )
 
     async def serve() -> None:
-        async with SimulatorServer(config) as server:
+        server = SimulatorServer(config)
+        try:
+            await server.start()
+        except OSError as exc:
+            raise InputError(f"--host {host} --port {port}", "", _listen_fault(exc)) from None
+        try:
             if write_fleet is not None:
-                write_fleet_csv(server.fleet, write_fleet)
+                try:
+                    write_fleet_csv(server.fleet, write_fleet)
+                except OSError as exc:
+                    raise InputError(
+                        str(write_fleet), "--write-fleet", f"cannot write it: {_one_line(exc)}"
+                    ) from None
             stderr.print(
                 f"[bold]Simulated platform[/] at {server.url}  "
                 f"(app_id {app_id}, {devices} devices, rate limit "
@@ -379,9 +407,21 @@ def simulator(
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     break
+        finally:
+            await server.close()
         stderr.print("Simulator stopped.")
 
     anyio.run(serve)
+
+
+def _listen_fault(exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return "the port is in use (another simulator?): pick another --port, or 0 for any free one"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "not allowed to listen there (ports under 1024 need privileges): pick another --port"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "not an address of this machine: use 127.0.0.1"
+    return f"cannot listen there: {_one_line(exc)}"
 
 
 @main.command("plan")
@@ -768,6 +808,12 @@ def report(
     if output is None:
         WRITERS[fmt](data, sys.stdout)
         return
-    with output.open("w", encoding="utf-8", newline="") as handle:
-        WRITERS[fmt](data, handle)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)  # a missing folder is created
+        with output.open("w", encoding="utf-8", newline="") as handle:
+            WRITERS[fmt](data, handle)
+    except OSError as exc:
+        raise InputError(
+            str(output), "--output", f"cannot write the report there: {_one_line(exc)}"
+        ) from None
     stderr.print(f"{fmt} report written to {output}")

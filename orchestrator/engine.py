@@ -7,6 +7,7 @@ calls; tests call them directly too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -438,20 +439,28 @@ async def execute(
                 rollout = Rollout(session, progress, sleep, census)
                 await rollout.drive(follow)
             except (RunAborted, PlatformCallError) as exc:
-                journal.set_status(run_id, ABORTED, str(exc))
+                _record_stop(journal, run_id, ABORTED, str(exc))
                 raise
             except RunHalted as exc:
-                journal.set_status(run_id, HALTED, str(exc))
+                _record_stop(journal, run_id, HALTED, str(exc))
                 raise
             except BaseException:
-                journal.set_status(run_id, INTERRUPTED, "interrupted; in-flight state recorded")
+                _record_stop(journal, run_id, INTERRUPTED, "interrupted; in-flight state recorded")
                 raise
             finally:
-                journal.add_calls(run_id, client.take_call_counts())
+                with contextlib.suppress(JournalError):  # a full disk: the first error tells
+                    journal.add_calls(run_id, client.take_call_counts())
             _finish(journal, run_id, COMPLETED if follow else SUBMITTED_ALL)
             return RunResult(run_id, path, journal.counts(run_id))
     finally:
         journal.close()
+
+
+def _record_stop(journal: Journal, run_id: int, status: str, reason: str) -> None:
+    """Record why the run stopped — unless the journal itself is what failed (a full disk):
+    then the error that stopped the run is the one to show, and `resume` needs no status."""
+    with contextlib.suppress(JournalError):
+        journal.set_status(run_id, status, reason)
 
 
 def _finish(journal: Journal, run_id: int, status: str) -> None:

@@ -95,13 +95,19 @@ class SimulatorServer:
         return server_context(cert, key, cfg.client_ca)
 
     async def start(self) -> None:
+        """Listen on the configured host and port. Raises OSError (port in use, …) with
+        nothing left running."""
         app = build_app(self.platform)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(
             self._runner, self.config.host, self.config.port, ssl_context=self._ssl_context()
         )
-        await site.start()
+        try:
+            await site.start()
+        except BaseException:
+            await self.close()
+            raise
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self.config.port
