@@ -112,18 +112,18 @@ def _decode(data: bytes, source: str) -> str:
                 raise InputError(
                     source, "", f"the fleet file starts as {encoding.upper()} but is not"
                 ) from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        pass
     head = data[:4096]
-    if head and head.count(0) * 4 >= len(head):
+    if head.count(0) * 4 >= len(head) > 0:  # ASCII in UTF-16: every other byte is NUL
         raise InputError(
             source,
             "",
             "the fleet file looks like UTF-16 without a byte-order mark: save it "
             "as UTF-8 (or as UTF-16 with its BOM)",
         )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
     raise InputError(
         source, "", "the fleet file is not UTF-8 (nor UTF-16 with a BOM): save it as UTF-8"
     )
