@@ -55,6 +55,7 @@ from .plan import LoadedPlan, check_times, load_plan
 from .planner import chunk_count
 from .report import WRITERS, collect
 from .simulator import FaultConfig, SimulatorConfig, SimulatorServer, write_fleet_csv
+from .simulator.state import StateError
 from .status import read_status
 from .submitter import Progress as RunProgress
 
@@ -299,6 +300,14 @@ def main(ctx: click.Context, log_format: str, log_level: str) -> None:
     show_default=True,
     type=click.Choice(["502", "503", "504"]),
 )
+@click.option(
+    "--state",
+    "state_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Keep the platform's state in FILE: loaded on start (when it exists), saved within "
+    "half a second of each change and on shutdown — a restarted simulator goes on where it "
+    "stopped (tasks, groups, tokens, clock, counters) and never repeats an operationId.",
+)
 @exits_cleanly
 def simulator(
     host: str,
@@ -331,6 +340,7 @@ def simulator(
     reject_status: int,
     outage: float,
     outage_status: str,
+    state_file: Path | None,
     failure_rate: float | None,
 ) -> None:
     """Serve the simulated platform (the northbound API of platform-api.md) on loopback.
@@ -378,13 +388,21 @@ def simulator(
             outage_s=outage,
             outage_status=int(outage_status),
         ),
+        state_file=state_file,
     )
 
     async def serve() -> None:
-        server = SimulatorServer(config)
+        try:
+            server = SimulatorServer(config)
+        except StateError as exc:
+            raise InputError(str(state_file), "--state", str(exc)) from None
         try:
             await server.start()
         except OSError as exc:
+            if state_file is not None and exc.filename is not None:
+                raise InputError(
+                    str(state_file), "--state", f"cannot write it: {_one_line(exc)}"
+                ) from None
             raise InputError(f"--host {host} --port {port}", "", _listen_fault(exc)) from None
         try:
             if write_fleet is not None:
@@ -403,6 +421,9 @@ def simulator(
                 stderr.print(f"TLS certificate (use as ca_file): {server.cert_file}")
             if write_fleet is not None:
                 stderr.print(f"Fleet written to {write_fleet}")
+            if state_file is not None:
+                again = "restored from" if server.restored else "kept in"
+                stderr.print(f"State {again} {state_file}")
             stderr.print("Ctrl-C to stop.")
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:

@@ -92,7 +92,8 @@ async def test_a_refused_port_pauses_with_backoff_until_the_budget_then_names_th
     server.port = _closed_port()
     fake = FakeTime()
     outage = Outage(600.0, monotonic=fake.monotonic, sleep=fake.sleep)
-    async with NorthboundClient(client_config(server), outage=outage) as client:
+    config = client_config(server, rate_limit=(1000, 1.0))
+    async with NorthboundClient(config, outage=outage) as client:
         with pytest.raises(PlatformUnreachable) as caught:
             await client.login()
     assert "platform unreachable for 10 min" in str(caught.value)
@@ -224,7 +225,8 @@ async def test_a_platform_restart_mid_run_pauses_the_run_which_completes(
     _each_once(sim, devices)
     status = read_status(tmp_path / "j.sqlite", "test-plan")
     assert status["status"] == "submitted"
-    assert sum(n for outcome, n in status["attempts"].items() if outcome != "created") >= 1
+    failed = sum(n for outcome, n in status["attempts"].items() if outcome != "created")
+    assert 1 <= failed <= 8  # each worker waits for the platform, not sending into the outage
 
 
 async def test_an_outage_beyond_the_budget_stops_the_run_and_resume_finishes(

@@ -178,10 +178,15 @@ class NorthboundClient:
                 raw = await reply.read()
                 self.clock.observe_date_header(reply.headers.get("Date"), sent, self.clock.local())
         except aiohttp.ClientError as exc:
-            raise await self._transport_error(exc, method, path) from None
+            error = await self._transport_error(exc, method, path)
+            if error.transient:
+                self.outage.begin(error)
+            raise error from None
         except TimeoutError:  # the total timeout, while waiting for or reading the reply
             raise RequestTimedOut("no reply in time", method=method, path=path) from None
-        if status not in GATEWAY_STATUSES:
+        if status in GATEWAY_STATUSES:
+            self.outage.begin(f"HTTP {status} from a gateway")
+        else:
             self.outage.answered()
         return self._interpret(method, path, status, raw)
 
@@ -304,9 +309,10 @@ class NorthboundClient:
                 await self.outage.pause(error)
 
     async def wait_until_reachable(self) -> None:
-        """Return once the platform answers again (at once if no outage is known): one
-        cheap look-up, ridden out, for every caller that waits (a create that met a
-        transient fault waits here instead of sending into the outage)."""
+        """After a transient fault met a call that is not ridden out (a create): return once
+        the platform answers again — at once if it already has. One caller at a time probes
+        with a cheap look-up, ridden out (pauses with backoff; PlatformUnreachable past the
+        budget); the others wait for it. A create then goes out again, not into the outage."""
         async with self._reachable_lock:
             if self.outage.active:
                 await self.list_packages(page_size=1)

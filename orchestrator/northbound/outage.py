@@ -86,19 +86,25 @@ class Outage:
         self.since = None
         self.outages += 1
 
+    def begin(self, error: PlatformCallError | str) -> None:
+        """A transient fault: the outage starts now, unless it already has."""
+        if self.since is not None:
+            return
+        self.since = self._last_log = self._monotonic()
+        log.warning(
+            "platform unreachable; pausing and trying again",
+            reason=_reason(error),
+            budget=describe_duration(self.budget),
+        )
+
     async def pause(self, error: PlatformCallError) -> None:
         """Wait before sending the call that met `error` (transient) again.
 
         Raises PlatformUnreachable once the outage has lasted the budget."""
+        self.begin(error)
+        assert self.since is not None
         now = self._monotonic()
         reason = _reason(error)
-        if self.since is None:
-            self.since = self._last_log = now
-            log.warning(
-                "platform unreachable; pausing and trying again",
-                reason=reason,
-                budget=describe_duration(self.budget),
-            )
         down = now - self.since
         left = self.budget - down
         if left <= 0.05 * self.first_wait:
@@ -120,8 +126,10 @@ class Outage:
         await self._sleep(wait)
 
 
-def _reason(error: PlatformCallError) -> str:
+def _reason(error: PlatformCallError | str) -> str:
     """The error's own words without the call's method and path."""
+    if isinstance(error, str):
+        return error
     text = str(error)
     prefix = f"{error.method} {error.path}: " if error.method else ""
     return text.removeprefix(prefix)

@@ -94,9 +94,10 @@ def _check_token(platform: Platform, request: web.Request, app_id: str) -> None:
 
 @web.middleware
 async def platform_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    platform = _platform(request)
+    platform.changes += 1  # the state file (--state) is saved after changes
     if request.path.startswith("/_sim/"):
         return await handler(request)
-    platform = _platform(request)
     try:
         response = await _platform_reply(platform, request, handler)
     except web.HTTPException as exc:  # raised by aiohttp itself, e.g. 413 on an oversized body
