@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import errno
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from orchestrator.errors import (
     TLSFailed,
 )
 from orchestrator.northbound import NorthboundClient, TLSConfig
+from orchestrator.northbound.client import _connect_error
 from orchestrator.northbound.outage import Outage
 from orchestrator.plan import load_plan
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
@@ -186,6 +188,36 @@ async def test_permanent_faults_fail_at_once_naming_the_fix(
     assert client.calls == 1, "a permanent fault is never retried"
     assert logs == [], "nothing retried, nothing logged"
     assert "aiohttp" not in str(caught.value) and "_ssl.c" not in str(caught.value)
+
+
+CONNECT_ERRORS = [
+    ("dns-unknown-name", socket.gaierror(socket.EAI_NONAME, "Name or service not known"), False),
+    (
+        "dns-timeout",
+        socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"),
+        True,
+    ),
+    ("refused", ConnectionRefusedError(errno.ECONNREFUSED, "Connect call failed"), True),
+    ("no-route", OSError(errno.EHOSTUNREACH, "No route to host"), True),
+    ("network-down", OSError(errno.ENETUNREACH, "Network is unreachable"), True),
+    ("connect-timeout", TimeoutError(errno.ETIMEDOUT, "timed out"), True),
+]
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [case[1:] for case in CONNECT_ERRORS],
+    ids=[case[0] for case in CONNECT_ERRORS],
+)
+def test_a_connection_that_did_not_open_is_transient_unless_dns_knows_no_such_host(
+    error: OSError, transient: bool
+) -> None:
+    """DNS timeouts, refusals, no route: transient (an outage); an unknown name: permanent."""
+    kind, message = _connect_error(error, "iot.example.com", "iot.example.com:8743")
+    raised = kind(message)
+    assert raised.transient is transient and not raised.may_have_taken_effect
+    assert (kind is HostNotFound) is (not transient)
+    assert "Errno" not in message and "gaierror" not in message
 
 
 # ---- the run ---------------------------------------------------------------------------------
