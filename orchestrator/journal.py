@@ -1016,6 +1016,13 @@ def approve_wave(path: Path, plan_name: str, wave_name: str | None, by: str) -> 
     approval is one row that the driver reads."""
     if not path.exists():
         raise JournalError(f"{path}: no journal here (has this plan been run?)")
+    try:
+        return _approve(path, plan_name, wave_name, by)
+    except sqlite3.OperationalError as exc:  # read-only folder, full disk: one line
+        raise journal_fault(path, exc) from None
+
+
+def _approve(path: Path, plan_name: str, wave_name: str | None, by: str) -> str:
     db = sqlite3.connect(path, timeout=30, isolation_level=None)
     try:
         run = db.execute(
