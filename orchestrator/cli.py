@@ -9,9 +9,11 @@ of the package; 130 interrupted (Ctrl-C), in-flight state recorded.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -24,6 +26,7 @@ import anyio
 import click
 import structlog
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -53,6 +56,7 @@ from .plan import LoadedPlan, check_times, load_plan
 from .planner import chunk_count
 from .report import WRITERS, collect
 from .simulator import FaultConfig, SimulatorConfig, SimulatorServer, write_fleet_csv
+from .simulator.state import StateError
 from .status import read_status
 from .submitter import Progress as RunProgress
 
@@ -69,7 +73,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-# The orchestrator's errors, each with how it is shown and its exit code (first match wins).
+# The orchestrator's errors, each with how it is shown and its exit code (first match wins);
+# the last two catch what the journal or the operating system refused anywhere else.
 ERROR_EXITS: tuple[tuple[type[BaseException], str, int], ...] = (
     (InputError, "[red]error:[/]", EXIT_BAD_INPUT),
     (JournalError, "[red]journal:[/]", EXIT_JOURNAL),
@@ -77,7 +82,19 @@ ERROR_EXITS: tuple[tuple[type[BaseException], str, int], ...] = (
     (DuplicatesFound, "[red]duplicates:[/]", EXIT_DUPLICATES),
     (RunAborted, "[red]run stopped:[/]", EXIT_FAILED),
     (PlatformCallError, "[red]platform:[/]", EXIT_FAILED),
+    (sqlite3.Error, "[red]journal:[/]", EXIT_JOURNAL),
+    (OSError, "[red]system:[/]", EXIT_FAILED),
 )
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's text on one line; an OS error as `reason: file`, without `[Errno N]`."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = " → ".join(str(name) for name in (exc.filename, exc.filename2) if name)
+        text = f"{exc.strerror}: {where}" if where else exc.strerror
+    else:
+        text = str(exc)
+    return " ".join(text.split())
 
 
 def exits_cleanly(command: Callable[P, R]) -> Callable[P, R]:
@@ -96,7 +113,8 @@ def exits_cleanly(command: Callable[P, R]) -> Callable[P, R]:
             sys.exit(EXIT_INTERRUPTED)
         except tuple(cls for cls, _, _ in ERROR_EXITS) as exc:
             label, code = next((lbl, c) for cls, lbl, c in ERROR_EXITS if isinstance(exc, cls))
-            stderr.print(f"{label} {exc}", highlight=False, soft_wrap=True)
+            text = escape(_one_line(exc))  # a path or a reason may hold [brackets]
+            stderr.print(f"{label} {text}", highlight=False, soft_wrap=True)
             sys.exit(code)
 
     return wrapper
@@ -277,6 +295,29 @@ def main(ctx: click.Context, log_format: str, log_level: str) -> None:
     help="Share of upgrades reported as succeeded whose device rolled back (the subtask "
     "reports the old version).",
 )
+@click.option(
+    "--outage",
+    default=0.0,
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="From the first call on, a gateway answers every platform call with --outage-status "
+    "for this many real seconds (nothing is counted or done).",
+)
+@click.option(
+    "--outage-status",
+    default=503,
+    show_default=True,
+    type=click.Choice(["502", "503", "504"]),
+)
+@click.option(
+    "--state",
+    "state_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Keep the platform's state in FILE: loaded on start (when it exists), saved within "
+    "half a second of each change and on shutdown — a restarted simulator goes on where it "
+    "stopped (tasks, groups, tokens, clock, counters) and never repeats an operationId.",
+)
+@exits_cleanly
 def simulator(
     host: str,
     port: int,
@@ -307,6 +348,9 @@ def simulator(
     reject_next_creates: int,
     reject_status: int,
     rollback_rate: float,
+    outage: float,
+    outage_status: str,
+    state_file: Path | None,
     failure_rate: float | None,
 ) -> None:
     """Serve the simulated platform (the northbound API of platform-api.md) on loopback.
@@ -352,13 +396,33 @@ def simulator(
             reject_next_creates=reject_next_creates,
             reject_status=reject_status,
             rollback_rate=rollback_rate,
+            outage_s=outage,
+            outage_status=int(outage_status),
         ),
+        state_file=state_file,
     )
 
     async def serve() -> None:
-        async with SimulatorServer(config) as server:
+        try:
+            server = SimulatorServer(config)
+        except StateError as exc:
+            raise InputError(str(state_file), "--state", str(exc)) from None
+        try:
+            await server.start()
+        except OSError as exc:
+            if state_file is not None and exc.filename is not None:
+                raise InputError(
+                    str(state_file), "--state", f"cannot write it: {_one_line(exc)}"
+                ) from None
+            raise InputError(f"--host {host} --port {port}", "", _listen_fault(exc)) from None
+        try:
             if write_fleet is not None:
-                write_fleet_csv(server.fleet, write_fleet)
+                try:
+                    write_fleet_csv(server.fleet, write_fleet)
+                except OSError as exc:
+                    raise InputError(
+                        str(write_fleet), "--write-fleet", f"cannot write it: {_one_line(exc)}"
+                    ) from None
             stderr.print(
                 f"[bold]Simulated platform[/] at {server.url}  "
                 f"(app_id {app_id}, {devices} devices, rate limit "
@@ -368,13 +432,28 @@ def simulator(
                 stderr.print(f"TLS certificate (use as ca_file): {server.cert_file}")
             if write_fleet is not None:
                 stderr.print(f"Fleet written to {write_fleet}")
+            if state_file is not None:
+                again = "restored from" if server.restored else "kept in"
+                stderr.print(f"State {again} {state_file}")
             stderr.print("Ctrl-C to stop.")
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     break
+        finally:
+            await server.close()
         stderr.print("Simulator stopped.")
 
     anyio.run(serve)
+
+
+def _listen_fault(exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return "the port is in use (another simulator?): pick another --port, or 0 for any free one"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "not allowed to listen there (ports under 1024 need privileges): pick another --port"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "not an address of this machine: use 127.0.0.1"
+    return f"cannot listen there: {_one_line(exc)}"
 
 
 @main.command("plan")
@@ -428,6 +507,9 @@ def plan_command(plan: Path, as_json: bool, offline: bool) -> None:
                 {d for name in wave.members for d in groups[name].devices}
             )
         preview["calls_made_to_resolve_groups"] = spent
+    windows = _next_windows(loaded, datetime.now(UTC))
+    if windows:
+        preview["windows"] = windows
     if as_json:
         click.echo(json.dumps(preview, indent=2))
         return
@@ -442,10 +524,43 @@ def plan_command(plan: Path, as_json: bool, offline: bool) -> None:
             )
         elif key in ("group_members", "calls_made_to_resolve_groups"):
             value = ", ".join(f"{k} {v}" for k, v in value.items())
+        elif key == "windows":
+            for wave, nights in value.items():
+                table.add_row(f"window of {wave} (UTC)", "\n".join(map(_night_line, nights)))
+            continue
         elif key == "eta_seconds":
             key, value = "ETA of submission", f"{value:.0f} s at {p.platform.rate_limit}"
         table.add_row(key, str(value))
     stderr.print(table)
+
+
+WINDOW_PREVIEW = 3  # the next usable occurrences `rollout plan` shows per wave window
+
+
+def _next_windows(loaded: LoadedPlan, now: datetime) -> dict[str, list[dict[str, Any]]]:
+    """Each wave window's next occurrences in UTC, with the nights DST makes too short."""
+    shown: dict[str, list[dict[str, Any]]] = {}
+    for section in loaded.plan.waves:
+        if section.window is None:
+            continue
+        shown[section.name] = [
+            {
+                "night": occurrence.night.isoformat(),
+                "start": occurrence.start.isoformat().replace("+00:00", "Z"),
+                "end": occurrence.end.isoformat().replace("+00:00", "Z"),
+                "minutes": round(occurrence.minutes, 1),
+                "skipped": not occurrence.usable,
+            }
+            for occurrence in section.window.occurrences(now, WINDOW_PREVIEW)
+        ]
+    return shown
+
+
+def _night_line(night: dict[str, Any]) -> str:
+    span = f"{night['start'][:16]} → {night['end'][11:16]}"
+    if night["skipped"]:
+        return f"{span}  skipped: {night['minutes']:g} real min that night (DST)"
+    return f"{span}  {night['minutes']:g} min"
 
 
 def _progress_bar(total: int) -> tuple[Progress, Callable[[RunProgress], None]]:
@@ -859,6 +974,12 @@ def report(
     if output is None:
         WRITERS[fmt](data, sys.stdout)
         return
-    with output.open("w", encoding="utf-8", newline="") as handle:
-        WRITERS[fmt](data, handle)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)  # a missing folder is created
+        with output.open("w", encoding="utf-8", newline="") as handle:
+            WRITERS[fmt](data, handle)
+    except OSError as exc:
+        raise InputError(
+            str(output), "--output", f"cannot write the report there: {_one_line(exc)}"
+        ) from None
     stderr.print(f"{fmt} report written to {output}")

@@ -8,6 +8,7 @@ calls; tests call them directly too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from .errors import (
     DuplicatesFound,
     JournalError,
     JournalMismatch,
+    PlatformCallError,
     RunAborted,
     RunHalted,
 )
@@ -55,7 +57,7 @@ from .plan import (
     PLATFORM_TIME_FORMAT,
     GateSection,
     LoadedPlan,
-    PlatformSection,
+    Plan,
     WaveSection,
     check_times,
 )
@@ -94,9 +96,8 @@ def journal_path(loaded: LoadedPlan, override: Path | None) -> Path:
     return default_journal_path(loaded.plan.name, loaded.base_dir)
 
 
-def _client_config(
-    platform: PlatformSection, base_url: str, secret: str, tls: TLSConfig
-) -> ClientConfig:
+def _client_config(plan: Plan, base_url: str, secret: str, tls: TLSConfig) -> ClientConfig:
+    platform = plan.platform
     return ClientConfig(
         base_url=base_url,
         app_id=platform.app_id,
@@ -106,6 +107,7 @@ def _client_config(
         pacing_margin=platform.pacing_margin,
         connect_timeout=platform.connect_timeout,
         total_timeout=platform.request_timeout,
+        outage_budget=plan.execution.outage_budget,
     )
 
 
@@ -129,7 +131,7 @@ async def platform_client(loaded: LoadedPlan) -> AsyncIterator[NorthboundClient]
         async with server:
             log.info("embedded simulator started", url=server.url, devices=sim.devices)
             tls = TLSConfig(ca_file=server.cert_file)
-            config = _client_config(platform, server.url, DEFAULT_SECRET, tls)
+            config = _client_config(loaded.plan, server.url, DEFAULT_SECRET, tls)
             async with NorthboundClient(config) as client:
                 yield client
         return
@@ -140,7 +142,7 @@ async def platform_client(loaded: LoadedPlan) -> AsyncIterator[NorthboundClient]
         client_key=base / platform.client_key if platform.client_key else None,
         insecure=platform.insecure,
     )
-    config = _client_config(platform, platform.url, loaded.secret(), tls)
+    config = _client_config(loaded.plan, platform.url, loaded.secret(), tls)
     async with NorthboundClient(config) as client:
         yield client
 
@@ -410,6 +412,7 @@ class Rollout:
                 shared_progress=self.progress,
                 census=self.census,
                 sleep=self.monitor.sleep,
+                window=section.window if section is not None else None,
             ).run()
             self.session.journal.add_calls(
                 self.session.run_id, self.session.client.take_call_counts()
@@ -589,21 +592,29 @@ async def execute(
                 census = await open_census(session, options, sleep or asyncio.sleep)
                 rollout = Rollout(session, progress, sleep, census, options)
                 await rollout.drive(follow)
-            except RunAborted as exc:
-                journal.set_status(run_id, ABORTED, str(exc))
+            except (RunAborted, PlatformCallError) as exc:
+                _record_stop(journal, run_id, ABORTED, str(exc))
                 raise
             except RunHalted as exc:
-                journal.set_status(run_id, HALTED, str(exc))
+                _record_stop(journal, run_id, HALTED, str(exc))
                 raise
             except BaseException:
-                journal.set_status(run_id, INTERRUPTED, "interrupted; in-flight state recorded")
+                _record_stop(journal, run_id, INTERRUPTED, "interrupted; in-flight state recorded")
                 raise
             finally:
-                journal.add_calls(run_id, client.take_call_counts())
+                with contextlib.suppress(JournalError):  # a full disk: the first error tells
+                    journal.add_calls(run_id, client.take_call_counts())
             _finish(journal, run_id, COMPLETED if follow else SUBMITTED_ALL)
             return RunResult(run_id, path, journal.counts(run_id))
     finally:
         journal.close()
+
+
+def _record_stop(journal: Journal, run_id: int, status: str, reason: str) -> None:
+    """Record why the run stopped — unless the journal itself is what failed (a full disk):
+    then the error that stopped the run is the one to show, and `resume` needs no status."""
+    with contextlib.suppress(JournalError):
+        journal.set_status(run_id, status, reason)
 
 
 def _finish(journal: Journal, run_id: int, status: str) -> None:

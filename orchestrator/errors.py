@@ -8,19 +8,25 @@
     │   └── CensusUndecided         targets held by tasks whose package is unknown: ask first
     ├── DuplicatesFound             the closing census found targets in two tasks — exit 5
     ├── RunHalted                   a wave gate failed or waits for approval — exit 4
-    └── PlatformCallError           a call to the platform failed; `.may_have_taken_effect`
+    └── PlatformCallError           a call to the platform failed; `.may_have_taken_effect`,
+        │                           `.transient` (the platform is down: pause, never count)
         ├── TransportError          no usable HTTP reply
-        │   ├── ConnectFailed       refused/unreachable/DNS — certainly not sent
-        │   ├── TLSFailed           handshake or certificate — certainly not sent
+        │   ├── ConnectFailed       refused/unreachable/DNS timeout — not sent; transient
         │   ├── ConnectionLost      reset or dropped after sending — may have taken effect
         │   └── RequestTimedOut     no reply in time — may have taken effect
+        ├── CannotConnect           the platform cannot be reached as configured — not sent,
+        │   │                       never retried; the message names the fix
+        │   ├── HostNotFound        DNS knows no such host name
+        │   └── TLSFailed           certificate not trusted/expired/for another host, a TLS
+        │                           handshake refused, TLS against plain HTTP or the reverse
+        ├── PlatformUnreachable     transient faults outlasted `execution.outage_budget`
         └── PlatformError           an error reply: `.status`, `.code`, `.desc`
             ├── BadRequest          4xx refusals (plan or device level) — certainly not
             │   └── NotFound        404: 123002 device/package, 123009 task
             ├── AuthFailed          401 / 100208: wrong app id or secret
             ├── InvalidToken        403 / 1010005
             ├── Throttled           403 / 1010009 — refused, did not count, did not act
-            └── ServerError         5xx — may have taken effect
+            └── ServerError         5xx — may have taken effect; 502/503/504 transient
 
 aiohttp exceptions are converted in exactly one place, `northbound.client._send`. No
 exception text ever contains a secret or a token: messages are built from codes, paths and
@@ -71,9 +77,18 @@ class RunHalted(OrchestratorError):
 
 
 class PlatformCallError(OrchestratorError):
-    """A call to the platform failed."""
+    """A call to the platform failed.
+
+    `may_have_taken_effect`: a create may have been committed (it must be settled, never
+    sent blindly again). `transient`: the platform (or the path to it) is down — the call is
+    sent again once it answers, within `execution.outage_budget`, and never counts as one of
+    a run of identical failures."""
 
     may_have_taken_effect: bool = False
+
+    @property
+    def transient(self) -> bool:
+        return False
 
     def __init__(self, message: str, *, method: str = "", path: str = "") -> None:
         self.method, self.path = method, path
@@ -85,11 +100,31 @@ class TransportError(PlatformCallError):
 
 
 class ConnectFailed(TransportError):
-    """The connection could not be opened: the request never left."""
+    """The connection could not be opened (refused, unreachable, connect or DNS timeout):
+    the request never left, and the platform may be back soon."""
+
+    @property
+    def transient(self) -> bool:
+        return True
 
 
-class TLSFailed(TransportError):
-    """The TLS handshake or the certificate check failed: the request never left."""
+class CannotConnect(PlatformCallError):
+    """The platform cannot be reached as the plan configures it: waiting will not help. The
+    request never left; the message names the fix."""
+
+
+class HostNotFound(CannotConnect):
+    """DNS answered that the host name does not exist (NXDOMAIN)."""
+
+
+class TLSFailed(CannotConnect):
+    """The TLS handshake or the certificate check failed, or one side speaks TLS and the
+    other plain HTTP: the request never left."""
+
+
+class PlatformUnreachable(PlatformCallError):
+    """The platform stayed unreachable (transient faults only) for longer than the outage
+    budget: the run stops; `rollout resume` goes on once it is back."""
 
 
 class ConnectionLost(TransportError):
@@ -134,10 +169,18 @@ class Throttled(PlatformError):
     """403 / 1010009: the app exceeded its flow-control limit; the call did not count."""
 
 
+GATEWAY_STATUSES = frozenset({502, 503, 504})
+
+
 class ServerError(PlatformError):
-    """5xx: the platform failed; a create may nevertheless have been committed."""
+    """5xx: the platform failed; a create may nevertheless have been committed. 502/503/504
+    (a gateway with no platform behind it, or one too busy) are transient."""
 
     may_have_taken_effect = True
+
+    @property
+    def transient(self) -> bool:
+        return self.status in GATEWAY_STATUSES
 
 
 def platform_error(

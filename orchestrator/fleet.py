@@ -1,14 +1,21 @@
 """The fleet file: one device ID per line, or a CSV with a `deviceId` column.
 
-Read once, checked for the faults an operator makes (empty file, blank or duplicate IDs,
-a missing column, an unreadable file), fingerprinted so a changed file is noticed on resume.
+Read once, in the dialects operators produce: UTF-8 (with or without a BOM) or UTF-16 with
+its BOM (Excel's "Unicode text"); fields separated by `,`, `;` (Excel in many locales) or a
+tab, sniffed from the header; the `deviceId` header recognised in any of them and in any
+letter case. Checked for the faults an operator makes — an empty file, blank or duplicate IDs,
+a missing column, an unreadable file, a header line where an ID should be, an ID holding a
+space, a control character or an invisible one (zero-width space, BOM, …) — each refused
+with its line number; fingerprinted so a changed file is noticed on resume.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +24,13 @@ from .errors import InputError
 
 MAX_DEVICE_ID = 256
 ID_COLUMN = "deviceId"
+DELIMITERS = (",", ";", "\t")
+SNIFF_LINES = 20
+# names an export gives the ID column or a header line (compared lower-case, letters and
+# digits only): such a value where an ID should be is a header, not a device
+HEADER_WORDS = frozenset(
+    {"deviceid", "deviceids", "device", "devices", "id", "ids", "imei", "nodeid", "serial"}
+)
 
 
 @dataclass(frozen=True)
@@ -59,19 +73,16 @@ def read_fleet_file(path: Path, columns: Sequence[str] = ()) -> Fleet:
     except OSError as exc:
         raise InputError(source, "", f"cannot read the fleet file: {exc.strerror}") from None
     digest = hashlib.sha256(data).hexdigest()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise InputError(source, "", "the fleet file is not UTF-8") from None
+    text = _decode(data, source)
     del data
     lines = text.splitlines()
     first = next((line for line in lines if line.strip()), None)
     if first is None:
         raise InputError(source, "", "the fleet file is empty")
-    is_csv = "," in first or first.strip() == ID_COLUMN
+    delimiter = _delimiter(lines, first)
     attributes: dict[str, list[str]] = {}
-    if is_csv:
-        ids, attributes = _csv_ids(text, source, columns)
+    if delimiter is not None or _is_id_header(first):
+        ids, attributes = _csv_ids(text, source, columns, delimiter or ",")
     elif columns:
         raise InputError(source, columns[0], "a column named by the plan needs a CSV fleet file")
     else:
@@ -80,12 +91,9 @@ def read_fleet_file(path: Path, columns: Sequence[str] = ()) -> Fleet:
     if not ids:
         raise InputError(source, ID_COLUMN, "the fleet file lists no device")
     for device_id in ids:
-        if len(device_id) > MAX_DEVICE_ID or " " in device_id or "\t" in device_id:
-            raise InputError(
-                source,
-                f"line {_line_of(path, device_id)}",
-                f"device ID {device_id[:40]!r} has spaces or is over 256 characters",
-            )
+        problem = _id_problem(device_id)
+        if problem is not None:
+            raise InputError(source, f"line {_line_of(path, device_id)}", problem)
     if len(set(ids)) != len(ids):
         seen: set[str] = set()
         for device_id in ids:
@@ -99,26 +107,110 @@ def read_fleet_file(path: Path, columns: Sequence[str] = ()) -> Fleet:
     return Fleet("devices", ids, digest, source, attributes)
 
 
+def _decode(data: bytes, source: str) -> str:
+    """UTF-8 (a BOM is dropped) or UTF-16/32 with a BOM; anything else is refused, naming
+    what to do."""
+    for bom, encoding in (
+        (codecs.BOM_UTF32_LE, "utf-32"),
+        (codecs.BOM_UTF32_BE, "utf-32"),
+        (codecs.BOM_UTF16_LE, "utf-16"),
+        (codecs.BOM_UTF16_BE, "utf-16"),
+    ):
+        if data.startswith(bom):
+            try:
+                return data.decode(encoding)
+            except UnicodeDecodeError:
+                raise InputError(
+                    source, "", f"the fleet file starts as {encoding.upper()} but is not"
+                ) from None
+    head = data[:4096]
+    if head.count(0) * 4 >= len(head) > 0:  # ASCII in UTF-16: every other byte is NUL
+        raise InputError(
+            source,
+            "",
+            "the fleet file looks like UTF-16 without a byte-order mark: save it "
+            "as UTF-8 (or as UTF-16 with its BOM)",
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    raise InputError(
+        source, "", "the fleet file is not UTF-8 (nor UTF-16 with a BOM): save it as UTF-8"
+    )
+
+
+def _delimiter(lines: list[str], first: str) -> str | None:
+    """The field separator among `,` `;` and tab, from the header line (None: one column).
+    When the header holds several, the sniffer decides on the first lines, else the most
+    frequent in the header."""
+    present = [d for d in DELIMITERS if d in first]
+    if len(present) <= 1:
+        return present[0] if present else None
+    sample = "\n".join(line for line in lines[:SNIFF_LINES] if line.strip())
+    try:
+        return csv.Sniffer().sniff(sample, delimiters="".join(present)).delimiter
+    except csv.Error:
+        return max(present, key=first.count)
+
+
+def _normal(name: str) -> str:
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+def _is_id_header(line: str) -> bool:
+    return _normal(line) == _normal(ID_COLUMN)
+
+
+def _id_problem(device_id: str) -> str | None:
+    """Why this is not a device ID the platform can know, or None."""
+    shown = device_id[:40]
+    if len(device_id) > MAX_DEVICE_ID:
+        return f"device ID {shown!r}… is over {MAX_DEVICE_ID} characters"
+    if " " in device_id or "\t" in device_id:
+        return f"device ID {shown!r} has spaces"
+    if not device_id.isprintable():  # control, format (zero-width), separator characters
+        odd = next(c for c in device_id if not c.isprintable())
+        name = unicodedata.name(odd, "a control character")
+        return (
+            f"device ID {shown!r} holds an invisible or control character "
+            f"(U+{ord(odd):04X} {name}): remove it"
+        )
+    if len(device_id) <= 16 and _normal(device_id) in HEADER_WORDS:
+        return f"{shown!r} looks like a column header, not a device ID"
+    return None
+
+
 def _line_of(path: Path, needle: str, nth: int = 1) -> int:
     found = 0
-    with path.open(encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            if needle in line:
-                found += 1
-                if found == nth:
-                    return number
+    text = _decode(path.read_bytes(), str(path))
+    for number, line in enumerate(text.splitlines(), start=1):
+        if needle in line:
+            found += 1
+            if found == nth:
+                return number
     return 0
 
 
 def _csv_ids(
-    text: str, source: str, columns: Sequence[str]
+    text: str, source: str, columns: Sequence[str], delimiter: str
 ) -> tuple[list[str], dict[str, list[str]]]:
-    reader = csv.reader(io.StringIO(text))
-    header = next(reader)
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    header: list[str] = []
+    for header in reader:
+        if any(cell.strip() for cell in header):
+            break
     names = [name.strip() for name in header]
-    if ID_COLUMN not in names:
-        raise InputError(source, "header", f"a CSV fleet file needs a {ID_COLUMN} column")
-    column = names.index(ID_COLUMN)
+    normal = [_normal(name) for name in names]
+    if _normal(ID_COLUMN) not in normal:
+        shown = "tab" if delimiter == "\t" else repr(delimiter)
+        raise InputError(
+            source,
+            f"line {reader.line_num}",
+            f"a CSV fleet file needs a {ID_COLUMN} column in its header "
+            f"(read with {shown} between fields: {', '.join(names)[:80]})",
+        )
+    column = normal.index(_normal(ID_COLUMN))
     for wanted in columns:
         if wanted not in names:
             raise InputError(source, "header", f"no column {wanted!r} (the plan names it)")

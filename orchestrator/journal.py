@@ -33,6 +33,7 @@ so the same plan run from another working directory finds its journal.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -406,6 +407,50 @@ ADDED_COLUMNS = (
     ("tasks", "fails_seen", "INTEGER NOT NULL DEFAULT 0"),
     ("device_results", "outcome", "TEXT"),  # 3: outcomes.Outcome
 )
+SQLITE_IOERR, SQLITE_READONLY, SQLITE_FULL, SQLITE_CANTOPEN = 10, 8, 13, 14
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def journal_fault(path: Path, exc: BaseException) -> JournalError:
+    """What the operating system or SQLite refused, as one line that names the fix.
+
+    A full disk leaves the journal consistent — SQLite rolls the failed transaction back, and
+    a create is sent only after its intent was committed — so `resume` after freeing space
+    finishes the run."""
+    folder = path.parent
+    number = exc.errno if isinstance(exc, OSError) else None
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    if number in FULL_ERRNOS or primary == SQLITE_FULL:
+        return JournalError(
+            f"{path}: the disk holding the journal is full; free space, then `rollout resume` "
+            "(the journal is consistent: nothing in flight is lost)"
+        )
+    if number in READ_ONLY_ERRNOS or primary == SQLITE_READONLY:
+        return JournalError(
+            f"{folder}: the journal's folder is not writable here; make it writable, or pass "
+            "--journal PATH to keep the journal elsewhere"
+        )
+    if number in (errno.ENOTDIR, errno.EEXIST, errno.ENOENT, errno.ENAMETOOLONG):
+        reason = (
+            "a file is in the way"
+            if number in (errno.ENOTDIR, errno.EEXIST)
+            else ("its path is too long" if number == errno.ENAMETOOLONG else "a parent is missing")
+        )
+        return JournalError(
+            f"{folder}: cannot create the journal's folder ({reason}); pass --journal PATH "
+            "to keep the journal elsewhere"
+        )
+    if primary == SQLITE_CANTOPEN:
+        return JournalError(
+            f"{path}: cannot open the journal (its folder is missing or not writable); pass "
+            "--journal PATH to keep it elsewhere"
+        )
+    if number is not None or primary == SQLITE_IOERR:
+        said = exc.strerror if isinstance(exc, OSError) and exc.strerror else "I/O error"
+        return JournalError(f"{path}: the disk refused the journal ({said.lower()})")
+    return JournalError(f"{path}: not a usable journal ({exc})")
 
 
 def _migrate(connection: sqlite3.Connection, found: int, path: Path) -> None:
@@ -432,8 +477,13 @@ class Journal:
     # ---- opening, locking --------------------------------------------------------------------
     @classmethod
     def open(cls, path: Path) -> Journal:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        """Open (or create) the journal and take its lock. Raises JournalError: locked, or
+        the folder cannot be created or written, or the disk is full (`journal_fault`)."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise journal_fault(path, exc) from None
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -456,9 +506,9 @@ class Journal:
             elif int(row[0]) != SCHEMA_VERSION:
                 _migrate(connection, int(row[0]), path)
             connection.execute(UNIQUE_CLAIMS)
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.Error, OSError) as exc:
             os.close(lock_fd)
-            raise JournalError(f"{path}: not a usable journal ({exc})") from None
+            raise journal_fault(path, exc) from None
         except BaseException:
             os.close(lock_fd)
             raise
@@ -478,13 +528,20 @@ class Journal:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+        """One durable transaction; all or nothing. A write the disk refuses (full,
+        read-only, I/O error) raises JournalError with the transaction rolled back."""
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:  # SQLite may already have rolled back (full)
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            raise journal_fault(self.path, exc) from None
 
     # ---- runs --------------------------------------------------------------------------------
     def latest_run(self, plan_name: str) -> RunRow | None:
@@ -1413,6 +1470,15 @@ def approve_wave(
     lock is for drivers, and an approval is one row that the driver reads."""
     if not path.exists():
         raise JournalError(f"{path}: no journal here (has this plan been run?)")
+    try:
+        return _approve(path, plan_name, wave_name, by, source)
+    except sqlite3.OperationalError as exc:  # read-only folder, full disk: one line
+        raise journal_fault(path, exc) from None
+
+
+def _approve(
+    path: Path, plan_name: str, wave_name: str | None, by: str, source: str | None
+) -> Approval:
     db = sqlite3.connect(path, timeout=30, isolation_level=None)
     try:
         # a journal last driven by an older rollout (a driver running now has migrated it)

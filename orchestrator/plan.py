@@ -13,13 +13,15 @@ import json
 import os
 import re
 import tomllib
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import structlog
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -32,6 +34,8 @@ from pydantic import (
 from .errors import InputError
 from .fleet import Fleet, read_fleet_file
 from .planner import assign_waves
+
+log = structlog.get_logger("orchestrator.plan")
 
 MAX_TARGETS = 256
 MIN_WINDOW = timedelta(minutes=5)
@@ -245,8 +249,38 @@ class GateSection(_Section):
     approval: bool = False  # an operator must run `rollout approve`
 
 
+@dataclass(frozen=True)
+class Occurrence:
+    """One night's maintenance window in real (UTC) time.
+
+    `night`: the local date the window opens on; `start`/`end`: UTC instants. A local time in
+    a DST gap (spring forward) becomes the gap's end; an ambiguous one (fall back) its first
+    occurrence. So the real length can differ from the wall-clock length on DST nights."""
+
+    night: date
+    start: datetime
+    end: datetime
+
+    @property
+    def minutes(self) -> float:
+        """Real minutes between start and end (0 or negative when DST swallows the window)."""
+        return (self.end - self.start).total_seconds() / 60
+
+    @property
+    def usable(self) -> bool:
+        """At least the platform's 5 minutes (123034)."""
+        return self.end - self.start >= MIN_WINDOW
+
+
+_skips_logged: set[tuple[str, str, str, date]] = set()
+
+
 class WindowSection(_Section):
-    """A daily maintenance window in local time: the wave's tasks use executeType custom."""
+    """A daily maintenance window in local time: the wave's tasks use executeType custom.
+
+    Each night's window is computed on that night's local wall clock with zoneinfo and
+    converted to UTC per occurrence (`occurrence`): a night on which DST leaves fewer than 5
+    real minutes is skipped (logged), never sent."""
 
     start: str = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
     end: str = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
@@ -259,29 +293,89 @@ class WindowSection(_Section):
 
     @model_validator(mode="after")
     def _length(self) -> WindowSection:
+        # on the wall clock: a night shortened by DST is skipped at run time, not refused here
         if self.minutes() < 5:
             raise ValueError("a maintenance window must last at least 5 minutes")
         return self
 
     def minutes(self) -> int:
+        """The window's length on the local wall clock (minutes, 1–1439)."""
         start_h, start_m = map(int, self.start.split(":"))
         end_h, end_m = map(int, self.end.split(":"))
         return (end_h * 60 + end_m - start_h * 60 - start_m) % (24 * 60)
 
-    def next_window(self, now: datetime) -> tuple[datetime, datetime]:
-        """The next occurrence (UTC) that has at least 5 minutes left after `now`."""
+    def occurrence(self, night: date) -> Occurrence:
+        """The window opening on local date `night`, in UTC (a window past midnight ends on
+        the next local date)."""
         zone = ZoneInfo(self.timezone)
-        local_now = now.astimezone(zone)
-        hour, minute = map(int, self.start.split(":"))
-        for days in (-1, 0, 1, 2):
-            start = (local_now + timedelta(days=days)).replace(
-                hour=hour, minute=minute, second=0, microsecond=0
-            )
-            end = start + timedelta(minutes=self.minutes())
-            begin = max(start, local_now + timedelta(minutes=1))
-            if end - begin >= MIN_WINDOW:
-                return begin.astimezone(UTC), end.astimezone(UTC)
-        raise AssertionError("a daily window recurs within two days")
+        opens = time.fromisoformat(self.start)
+        closes = time.fromisoformat(self.end)
+        end_day = night + timedelta(days=1) if closes <= opens else night
+        return Occurrence(night, _instant(night, opens, zone), _instant(end_day, closes, zone))
+
+    def occurrences(self, after: datetime, count: int) -> list[Occurrence]:
+        """The next `count` usable occurrences that end after `after` (aware), with the
+        nights skipped among them (not `usable`)."""
+        night = after.astimezone(ZoneInfo(self.timezone)).date() - timedelta(days=1)
+        found: list[Occurrence] = []
+        while sum(o.usable for o in found) < count:
+            occurrence = self.occurrence(night)
+            if occurrence.end > after:
+                found.append(occurrence)
+            night += timedelta(days=1)
+        return found
+
+    def next_window(
+        self, now: datetime, lead: timedelta = timedelta(minutes=1)
+    ) -> tuple[datetime, datetime]:
+        """The next occurrence (UTC) with at least 5 real minutes left after `now + lead`:
+        its start (moved to `now + lead` when it has passed) and its end. A night whose
+        window DST makes shorter than 5 real minutes is skipped and logged.
+
+        `now`: aware; the caller's clock (the platform's, for a create)."""
+        earliest = now + lead
+        night = now.astimezone(ZoneInfo(self.timezone)).date() - timedelta(days=1)
+        for _ in range(9):  # two DST changes are months apart: a usable night comes soon
+            occurrence = self.occurrence(night)
+            night += timedelta(days=1)
+            if occurrence.end <= earliest:
+                continue
+            if not occurrence.usable:
+                key = (self.timezone, self.start, self.end, occurrence.night)
+                if key not in _skips_logged:
+                    _skips_logged.add(key)
+                    log.warning(
+                        "maintenance window skipped: DST leaves too little of it that night",
+                        night=occurrence.night.isoformat(),
+                        window=f"{self.start}-{self.end} {self.timezone}",
+                        real_minutes=round(occurrence.minutes, 1),
+                    )
+                continue
+            begin = max(occurrence.start, earliest)
+            if occurrence.end - begin >= MIN_WINDOW:
+                return begin, occurrence.end
+        raise AssertionError("a daily window of 5 minutes or more recurs within days")
+
+
+def _instant(day: date, at: time, zone: ZoneInfo) -> datetime:
+    """The UTC instant of local wall time `at` on `day`. An ambiguous time (the hour DST
+    repeats) is its first occurrence; a time in a gap (the hour DST skips) is the gap's end."""
+    wall = datetime.combine(day, at, tzinfo=zone)  # fold=0: the first occurrence
+    instant = wall.astimezone(UTC)
+    if instant.astimezone(zone).replace(tzinfo=None) == wall.replace(tzinfo=None):
+        return instant
+    # in a gap: the two readings of the wall time lie either side of the change; find the
+    # change to the second (zone transitions fall on whole seconds)
+    readings = sorted((instant, wall.replace(fold=1).astimezone(UTC)))
+    low, high = int(readings[0].timestamp()), int(readings[1].timestamp())
+    after = readings[1].astimezone(zone).utcoffset()
+    while high - low > 1:
+        middle = (low + high) // 2
+        if datetime.fromtimestamp(middle, zone).utcoffset() == after:
+            high = middle
+        else:
+            low = middle
+    return datetime.fromtimestamp(high, UTC)
 
 
 class WaveSection(_Section):
@@ -321,6 +415,9 @@ class ExecutionSection(_Section):
     settle: float = Field(default=15.0, ge=0, le=3600)
     # allowance beyond the measured uncertainty of the platform's clock (seconds)
     clock_skew: float = Field(default=2.0, ge=0, le=600)
+    # seconds the platform may stay unreachable (refused, DNS timeout, 502/503/504) before
+    # the run stops with exit 1; meanwhile every call pauses and goes again (outage.py)
+    outage_budget: float = Field(default=600.0, gt=0, le=7 * 86400)
 
 
 class Plan(_Section):

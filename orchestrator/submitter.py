@@ -4,11 +4,13 @@ For each chunk, in order, under the shared pacing:
 
 1. commit the intent to the journal (durably), then send the create;
 2. created → record the operationId;
-3. certainly not created (4xx, connect refused, TLS) → per cause: a device-level refusal
+3. certainly not created (4xx, connection refused) → per cause: a device-level refusal
    (123002 unknown device, 123016 model mismatch) bisects the chunk until the offending
    devices are isolated and quarantined (below); a plan-level refusal stops the run (the
    chunk is sent again when the run is resumed); a connection that never opened is sent
-   again after a pause;
+   again once the platform answers (an outage, ridden out up to `execution.outage_budget`);
+   a connection that cannot work as configured (unknown host, untrusted certificate, TLS
+   against plain HTTP) stops the run at once;
 4. may have been created (timeout, reset, 5xx, or an intent found on resume) → *settle*:
    nothing is concluded until the platform has surely finished with the create — the first
    look-up happens `request_timeout + settle` after the intent's send time (the journal
@@ -21,7 +23,9 @@ For each chunk, in order, under the shared pacing:
    what the run's census found of the chunk is adopted, the rest is sent again.
 
 A run of identical failures stops the run rather than burn the budget. Device-level refusals
-are not such failures: they are the bisection's own work, bounded on its own.
+are not such failures: they are the bisection's own work, bounded on its own; transient
+faults (the platform down: refused connections, gateway 502/503/504) are not either — the
+worker waits until the platform answers again, and the outage's budget decides when to stop.
 
 **Bisection.** A chunk refused for a device-level cause is split in halves (`planner.bisect`);
 the left half is sent first. Accepted → every offending target of the parent is in the right
@@ -43,7 +47,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import structlog
 
@@ -51,9 +55,11 @@ from .census import Census, Match, PackageJudge, UnknownTasks, plan_adoption
 from .errors import (
     AuthFailed,
     BadRequest,
+    CannotConnect,
     InputError,
     PlatformCallError,
     PlatformError,
+    PlatformUnreachable,
     RunAborted,
 )
 from .journal import FAILED, INTENT, PENDING
@@ -68,7 +74,7 @@ from .northbound import (
     Task,
 )
 from .northbound.clock import parse_platform_time
-from .plan import LoadedPlan
+from .plan import PLATFORM_TIME_FORMAT, LoadedPlan, WindowSection
 from .planner import Chunk, bisect, chunk_count, is_bisection_part
 from .session import RunSession, operation_type
 
@@ -180,10 +186,12 @@ class Submitter:
         census: CensusView | None = None,
         sleep: Sleep = asyncio.sleep,
         progress_of_wave: bool = False,
+        window: WindowSection | None = None,
     ) -> None:
         """`progress_of_wave`: the progress counts this wave's targets only (a retry pass),
         not the whole run's."""
         self.session = session
+        self._window = window  # a wave's daily window: each create takes its next occurrence
         self.wave = wave
         self._progress_wave = wave if progress_of_wave else None
         self._progress_hook = progress
@@ -301,13 +309,24 @@ class Submitter:
         its start moves to just after the platform's now — plus the measured uncertainty of
         that clock and `execution.clock_skew` — as long as 5 minutes of the window remain;
         after that the window is over and the run stops rather than send what the platform
-        refuses."""
+        refuses. A wave's daily window instead takes its next occurrence that still has 5
+        real minutes (DST-short nights skipped: `WindowSection.next_window`)."""
         policy = self._policy
         if policy.execute_type is not ExecuteType.CUSTOM or policy.start_time is None:
             return policy
         clock = self.session.client.clock
         uncertainty = clock.uncertainty if clock.measured else 0.0
         now = clock.now() + START_LEAD + uncertainty + self.session.plan.execution.clock_skew
+        if self._window is not None:
+            begin, end_at = self._window.next_window(
+                datetime.fromtimestamp(now, UTC), lead=timedelta(0)
+            )
+            return policy.model_copy(
+                update={
+                    "start_time": begin.strftime(PLATFORM_TIME_FORMAT),
+                    "end_time": end_at.strftime(PLATFORM_TIME_FORMAT),
+                }
+            )
         start = parse_platform_time(policy.start_time) or now
         end = parse_platform_time(policy.end_time or "") or now
         if start >= now:
@@ -318,7 +337,7 @@ class Submitter:
                 "minutes left; the platform would refuse it (123033/123034): give the wave a "
                 "later window"
             )
-        start_text = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%SZ")
+        start_text = datetime.fromtimestamp(now, UTC).strftime(PLATFORM_TIME_FORMAT)
         return policy.model_copy(update={"start_time": start_text})
 
     async def _submit(self, chunk: Chunk) -> None:
@@ -343,6 +362,19 @@ class Submitter:
             operation_id = await self.session.client.create_upgrade_task(
                 self.session.operation, lambda: self._request(chunk), before_send=journal_intent
             )
+        except (CannotConnect, PlatformUnreachable) as error:
+            if attempt is not None:  # never sent: nothing to reconcile
+                self.session.journal.record_failed_attempt(
+                    self.session.run_id,
+                    chunk.chunk_id,
+                    attempt,
+                    "not-sent",
+                    PENDING,
+                    None,
+                    type(error).__name__,
+                    str(error),
+                )
+            raise
         except PlatformCallError as error:
             if attempt is None:
                 await self._never_sent(chunk, error)
@@ -381,9 +413,12 @@ class Submitter:
                 f"the platform refused the app credentials ({error.code}); "
                 "check platform.app_id and the secret"
             )
-        code = error.code if isinstance(error, PlatformError) else type(error).__name__
-        self._count_failure(code, str(error))
-        await self._sleep(RETRY_PAUSE)
+        if error.transient:
+            await self.session.client.wait_until_reachable()
+        else:
+            code = error.code if isinstance(error, PlatformError) else type(error).__name__
+            self._count_failure(code, str(error))
+            await self._sleep(RETRY_PAUSE)
         self._enqueue(chunk)
 
     async def _failed(self, chunk: Chunk, attempt: int, error: PlatformCallError) -> None:
@@ -422,19 +457,24 @@ class Submitter:
             self._release(chunk.chunk_id, refused_there=False)
             self._isolate(chunk, code, error.desc)
             return
-        self._count_failure(code, detail)
+        if not error.transient:  # the platform down is not a failure of this run
+            self._count_failure(code, detail)
         # the held right half of a bisected chunk is sent: nothing is known of this left half
         self._release(chunk.chunk_id, refused_there=False)
         if error.may_have_taken_effect:
             log.warning(
                 "create outcome unknown; settling before looking it up",
                 chunk=chunk.chunk_id,
-                error=type(error).__name__,
+                error=detail,
             )
             self._start_settling(chunk)
-        else:
+        elif not error.transient:
             await self._sleep(RETRY_PAUSE)
             self._enqueue(chunk)
+        if error.transient:  # wait for the platform before sending anything more into it
+            await self.session.client.wait_until_reachable()
+            if not error.may_have_taken_effect:
+                self._enqueue(chunk)
 
     def _count_failure(self, code: str | None, detail: str) -> None:
         if code == self._last_failure:

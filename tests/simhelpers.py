@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
 from orchestrator.simulator import SimulatorServer
 from orchestrator.simulator.fleet import FIRMWARE, SOFTWARE, Package
 
@@ -31,3 +36,24 @@ def create_body(server: SimulatorServer, count: int = 10, **policy: object) -> d
     if policy:
         body["policy"] = policy
     return body
+
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """An event loop in a thread of its own: simulators served there leave the test's thread
+    free to run the CLI in-process (CliRunner starts its own event loop)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, work: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(work, self.loop).result(60)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 from pathlib import Path
 
@@ -14,7 +13,6 @@ from pydantic import SecretStr
 from orchestrator.errors import (
     AuthFailed,
     BadRequest,
-    ConnectFailed,
     ConnectionLost,
     NotFound,
     RequestTimedOut,
@@ -219,19 +217,6 @@ async def test_unknown_task_is_not_found(live_sim: SimulatorServer) -> None:
         with pytest.raises(NotFound) as caught:
             await client.get_task("f" * 24)
     assert caught.value.code == "123009"
-
-
-async def test_connection_refused_is_connect_failed() -> None:
-    """A closed port raises ConnectFailed, which certainly did not take effect."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = SimulatorServer(SimulatorConfig(tls=False, devices=1))
-    server.port = port
-    async with NorthboundClient(client_config(server, get_attempts=1)) as client:
-        with pytest.raises(ConnectFailed) as caught:
-            await client.login()
-    assert caught.value.may_have_taken_effect is False
 
 
 @pytest.mark.parametrize(

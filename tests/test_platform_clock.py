@@ -36,6 +36,15 @@ def test_a_jump_of_the_platforms_clock_restarts_the_bound() -> None:
     assert clock.offset == pytest.approx(1500.0, abs=1.0)
 
 
+def test_an_old_reading_of_the_clock_before_a_jump_is_ignored() -> None:
+    """A sample from before a jump, fed after newer ones (a createTime kept in the journal),
+    does not pull the bound back to the old clock."""
+    clock = PlatformClock(local=lambda: 0.0)
+    clock.observe(22000.0, 500.0, 500.1)  # offset ≈ 21500, now
+    clock.observe(101.0, 100.0, 100.2)  # offset ≈ 1: a task created before the jump
+    assert clock.offset == pytest.approx(21500.0, abs=1.0)
+
+
 def test_now_is_local_time_plus_the_offset() -> None:
     """`now()` is the platform's time: our clock plus the measured offset."""
     clock = PlatformClock(local=lambda: 5000.0)

@@ -1,26 +1,44 @@
 """The async platform client: typed calls, shared pacing, tokens, one error boundary.
 
-Every call takes a pacing slot first (retries and logins too). GETs are retried with
-backoff on transport errors and 5xx; creates are never retried here on those, because they
-may have taken effect — the engine reconciles them. A throttle reply (1010009) certainly did
-not act, so any call — a create included — waits for the pacer's cool-down and goes again.
+Every call takes a pacing slot first (retries and logins too). Faults are sorted at the one
+boundary with aiohttp (`_send`):
+
+- *transient* — connection refused or unreachable, a connect or DNS timeout, a gateway's
+  502/503/504: the platform is down. GETs and logins pause and go again (`outage.py`) until
+  it answers, for up to `outage_budget` seconds, then raise PlatformUnreachable;
+- *permanent* — an unknown host name, a certificate not trusted (or expired, or for another
+  host), TLS against a plain-HTTP port or the reverse: raised at once, never retried, with
+  one line that names the fix;
+- *ambiguous* — a timeout, a connection lost after sending, a 5xx: GETs are retried a few
+  times with backoff (stamina); creates never are here, because they may have taken effect —
+  the engine settles them.
+
+A throttle reply (1010009) certainly did not act, so any call — a create included — waits
+for the pacer's cool-down and goes again.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
+import socket
+import ssl
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 import stamina
 import structlog
 
 from ..errors import (
+    GATEWAY_STATUSES,
     ConnectFailed,
     ConnectionLost,
+    HostNotFound,
     InvalidToken,
     PlatformCallError,
     RequestTimedOut,
@@ -46,9 +64,11 @@ from .models import (
     Task,
     Token,
 )
+from .outage import Outage
 from .pacing import Pacer, Priority, shared_pacer
 
 log = structlog.get_logger("orchestrator.northbound")
+T = TypeVar("T")
 
 LOGIN_PATH = "/iocm/app/sec/v1.1.0/login"
 REFRESH_PATH = "/iocm/app/sec/v1.1.0/refreshToken"
@@ -69,15 +89,24 @@ class NorthboundClient:
         *,
         pacer: Pacer | None = None,
         clock: PlatformClock | None = None,
+        outage: Outage | None = None,
     ) -> None:
         self.config = config
         self.clock = clock or PlatformClock()
+        self.outage = outage or Outage(config.outage_budget)
         self._base = config.base_url.rstrip("/")
+        parts = urlsplit(self._base)
+        self._tls = parts.scheme == "https"
+        self._host = parts.hostname or ""
+        self._port = parts.port or (443 if self._tls else 80)
+        self._where = f"{self._host}:{self._port}"
+        self._probe_timeout = min(config.connect_timeout, 5.0)
         self._pacer = pacer
         self._session: aiohttp.ClientSession | None = None
         self.tokens = TokenKeeper(self._login, self._refresh, config.refresh_before)
         self.calls = 0
         self._calls_by_api: Counter[str] = Counter()
+        self._reachable_lock = asyncio.Lock()
 
     def take_call_counts(self) -> dict[str, int]:
         """Calls sent per API since the last time this was asked (for the journal)."""
@@ -94,7 +123,7 @@ class NorthboundClient:
         return self._pacer
 
     async def __aenter__(self) -> NorthboundClient:
-        ssl_context = self.config.tls.context() if self._base.startswith("https") else None
+        ssl_context = self.config.tls.context() if self._tls else None
         connector = aiohttp.TCPConnector(ssl=ssl_context if ssl_context is not None else True)
         timeout = aiohttp.ClientTimeout(
             total=self.config.total_timeout, connect=self.config.connect_timeout
@@ -151,23 +180,59 @@ class NorthboundClient:
                 status = reply.status
                 raw = await reply.read()
                 self.clock.observe_date_header(reply.headers.get("Date"), sent, self.clock.local())
-        except aiohttp.ClientSSLError as exc:
-            raise TLSFailed(f"TLS failed: {type(exc).__name__}", method=method, path=path) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise ConnectFailed(
-                f"cannot connect: {exc.os_error.strerror or type(exc).__name__}",
-                method=method,
-                path=path,
-            ) from None
-        except aiohttp.ConnectionTimeoutError:
-            raise ConnectFailed("connect timed out", method=method, path=path) from None
-        except (TimeoutError, aiohttp.SocketTimeoutError):
-            raise RequestTimedOut("no reply in time", method=method, path=path) from None
         except aiohttp.ClientError as exc:
-            raise ConnectionLost(
-                f"connection lost: {type(exc).__name__}", method=method, path=path
-            ) from None
+            error = await self._transport_error(exc, method, path)
+            if error.transient:
+                self.outage.begin(error)
+            raise error from None
+        except TimeoutError:  # the total timeout, while waiting for or reading the reply
+            raise RequestTimedOut("no reply in time", method=method, path=path) from None
+        if status in GATEWAY_STATUSES:
+            self.outage.begin(f"HTTP {status} from a gateway")
+        else:
+            self.outage.answered()
         return self._interpret(method, path, status, raw)
+
+    async def _transport_error(
+        self, exc: aiohttp.ClientError, method: str, path: str
+    ) -> PlatformCallError:
+        """An aiohttp failure as the orchestrator's error: transient (the platform is down),
+        permanent (the configuration is wrong — the message names the fix) or ambiguous.
+        Library class names and internals never reach the message."""
+        where = self._where
+        kind: type[PlatformCallError]
+        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+            kind, message = TLSFailed, _certificate_fix(exc.certificate_error, self._host, where)
+        elif isinstance(exc, aiohttp.ClientConnectorSSLError):
+            kind, message = await self._tls_refused(exc.os_error)
+        elif isinstance(exc, aiohttp.ClientConnectorError):
+            kind, message = _connect_error(exc.os_error, self._host, where)
+        elif isinstance(exc, aiohttp.ConnectionTimeoutError):
+            kind, message = ConnectFailed, f"connecting to {where} timed out"
+        elif isinstance(exc, aiohttp.ServerTimeoutError):
+            kind, message = RequestTimedOut, "no reply in time"
+        elif not self._tls and await _speaks_tls(self._host, self._port, self._probe_timeout):
+            kind = TLSFailed
+            message = f"{where} speaks TLS, not plain HTTP: use https:// in platform.url"
+        else:
+            kind, message = ConnectionLost, _lost_reason(exc)
+        return kind(message, method=method, path=path)
+
+    async def _tls_refused(self, os_error: OSError) -> tuple[type[PlatformCallError], str]:
+        where = self._where
+        if isinstance(os_error, ssl.SSLEOFError | ssl.SSLZeroReturnError | ConnectionError):
+            return ConnectFailed, f"{where} closed the connection during the TLS handshake"
+        if await _speaks_plain_http(self._host, self._port, self._probe_timeout):
+            return TLSFailed, (
+                f"{where} speaks plain HTTP, not TLS: use http:// in platform.url "
+                "(loopback only), or the platform's HTTPS port"
+            )
+        reason = str(getattr(os_error, "reason", None) or "refused").lower().replace("_", " ")
+        return TLSFailed, (
+            f"the TLS handshake with {where} failed ({reason}): check the port in "
+            "platform.url, and platform.client_cert/client_key if the platform asks for a "
+            "client certificate"
+        )
 
     def _interpret(self, method: str, path: str, status: int, raw: bytes) -> Any:
         payload: Any = None
@@ -235,6 +300,27 @@ class NorthboundClient:
             403, "1010009", "still throttled after many attempts", method=method, path=path
         )
 
+    async def ride_out(self, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()`, sent again after a pause while it meets transient faults (the platform
+        is down); raises PlatformUnreachable when the outage outlasts the budget. Only for
+        calls that have no effect, or whose repetition is harmless (a login)."""
+        while True:
+            try:
+                return await call()
+            except PlatformCallError as error:
+                if not error.transient:
+                    raise
+                await self.outage.pause(error)
+
+    async def wait_until_reachable(self) -> None:
+        """After a transient fault met a call that is not ridden out (a create): return once
+        the platform answers again — at once if it already has. One caller at a time probes
+        with a cheap look-up, ridden out (pauses with backoff; PlatformUnreachable past the
+        budget); the others wait for it. A create then goes out again, not into the outage."""
+        async with self._reachable_lock:
+            if self.outage.active:
+                await self.list_packages(page_size=1)
+
     async def _get(
         self, path: str, priority: Priority, params: Mapping[str, str] | None = None
     ) -> Any:
@@ -246,16 +332,17 @@ class NorthboundClient:
             timeout=None,
         ):
             with attempt:
-                return await self._call("GET", path, priority, params=params)
+                return await self.ride_out(lambda: self._call("GET", path, priority, params=params))
         raise AssertionError("unreachable: retry_context returns or raises")
 
     async def _login(self) -> Token:
         form = {"appId": self.config.app_id, "secret": self.config.secret.get_secret_value()}
         for _ in range(MAX_THROTTLED_ATTEMPTS):
             try:
-                return Token.model_validate(
-                    await self._send("POST", LOGIN_PATH, Priority.AUTH, form=form)
+                reply = await self.ride_out(
+                    lambda: self._send("POST", LOGIN_PATH, Priority.AUTH, form=form)
                 )
+                return Token.model_validate(reply)
             except Throttled:
                 continue
         raise Throttled(403, "1010009", "login throttled", method="POST", path=LOGIN_PATH)
@@ -267,7 +354,7 @@ class NorthboundClient:
             "refreshToken": refresh_token,
         }
         return Token.model_validate(
-            await self._send("POST", REFRESH_PATH, Priority.AUTH, body=body)
+            await self.ride_out(lambda: self._send("POST", REFRESH_PATH, Priority.AUTH, body=body))
         )
 
     async def login(self) -> None:
@@ -499,5 +586,104 @@ def _page(
         total=int(total),
     )
 
+
+# ---- what a failed connection means, in the operator's words ------------------------------------
+UNTRUSTED = frozenset({2, 18, 19, 20, 21, 27})  # X509_V_ERR_*: issuer unknown, self-signed
+EXPIRED, NOT_YET_VALID = 10, 9
+WRONG_HOST = frozenset({62, 64})  # host name or IP address mismatch
+UNKNOWN_HOST = frozenset(
+    code for code in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)) if code is not None
+)
+
+
+def _certificate_fix(error: BaseException, host: str, where: str) -> str:
+    code = getattr(error, "verify_code", None)
+    said = str(getattr(error, "verify_message", "") or "refused")
+    if code in UNTRUSTED:
+        return (
+            f"the certificate of {where} is not trusted ({said}): set platform.ca_file to the "
+            "CA that issued it (for a self-signed certificate, the certificate itself)"
+        )
+    if code == EXPIRED:
+        return f"the certificate of {where} has expired: the platform's operators must renew it"
+    if code == NOT_YET_VALID:
+        return f"the certificate of {where} is not valid yet: check this machine's clock"
+    if code in WRONG_HOST:
+        return (
+            f"the certificate of {where} is not valid for {host!r}: use the host name it was "
+            "issued for in platform.url"
+        )
+    return f"the certificate of {where} was refused ({said}): check platform.ca_file"
+
+
+def _connect_error(error: OSError, host: str, where: str) -> tuple[type[PlatformCallError], str]:
+    if isinstance(error, socket.gaierror):
+        if error.errno in UNKNOWN_HOST:
+            return HostNotFound, f"the host name {host!r} is unknown (DNS): check platform.url"
+        return ConnectFailed, f"the DNS lookup of {host!r} failed for now"
+    if isinstance(error, ConnectionRefusedError):
+        return ConnectFailed, f"{where} refused the connection"
+    if isinstance(error, TimeoutError) or error.errno == errno.ETIMEDOUT:
+        return ConnectFailed, f"connecting to {where} timed out"
+    if error.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        return ConnectFailed, f"{where} is unreachable (no route)"
+    reason = (error.strerror or "failed").lower() if error.errno else "failed"
+    return ConnectFailed, f"connecting to {where} {reason}"
+
+
+def _lost_reason(error: aiohttp.ClientError) -> str:
+    if isinstance(error, aiohttp.ServerDisconnectedError):
+        return "the platform closed the connection before replying"
+    if isinstance(error, aiohttp.ClientPayloadError):
+        return "the reply was cut off"
+    if isinstance(error, aiohttp.ClientResponseError):
+        return "the reply was not valid HTTP"
+    os_error = error if isinstance(error, OSError) else None
+    if os_error is not None and os_error.errno == errno.ECONNRESET:
+        return "the connection was reset"
+    return "the connection was lost"
+
+
+async def _speaks_tls(host: str, port: int, seconds: float) -> bool:
+    """Does this port complete a TLS handshake (certificate unchecked: only the protocol)?"""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        async with asyncio.timeout(seconds):
+            _, writer = await asyncio.open_connection(host, port, ssl=context)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
+async def _speaks_plain_http(host: str, port: int, seconds: float) -> bool:
+    """Does this port answer a plain-HTTP request with an HTTP status line?"""
+    try:
+        async with asyncio.timeout(seconds):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                writer.write(b"HEAD / HTTP/1.0\r\nHost: " + host.encode("idna") + b"\r\n\r\n")
+                await writer.drain()
+                head = await reader.read(5)
+            finally:
+                writer.close()
+    except (OSError, TimeoutError, UnicodeError):
+        return False
+    return head == b"HTTP/"
+
+
+def _log_retry(details: stamina.instrumentation.RetryDetails) -> None:
+    """stamina's retries of a GET, in our words (its default line carries a repr)."""
+    log.warning(
+        "call failed; trying again",
+        error=str(details.caused_by),
+        retry=details.retry_num,
+        wait_s=round(details.wait_for, 2),
+    )
+
+
+stamina.instrumentation.set_on_retry_hooks([_log_retry])
 
 __all__ = ["NorthboundClient"]

@@ -46,6 +46,7 @@ class PlatformClock:
         self._low = -math.inf
         self._high = math.inf
         self.samples = 0
+        self._latest = -math.inf  # local receive time of the newest sample in the bound
         self._warned = False
 
     @property
@@ -79,9 +80,12 @@ class PlatformClock:
             return
         low, high = platform_time - received, platform_time + RESOLUTION - sent
         new_low, new_high = max(self._low, low), min(self._high, high)
-        if new_low > new_high:  # the platform's clock moved: start again from this sample
+        if new_low > new_high:  # the platform's clock moved: the newer reading wins
+            if received < self._latest:
+                return  # an old reading (a createTime from the journal) of the clock before
             new_low, new_high = low, high
         self._low, self._high = new_low, new_high
+        self._latest = max(self._latest, received)
         self.samples += 1
         if not self._warned and abs(self.offset) > WARN_OFFSET:
             self._warned = True

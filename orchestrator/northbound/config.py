@@ -16,6 +16,7 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_TOTAL_TIMEOUT = 30.0
 DEFAULT_REFRESH_BEFORE = 300.0  # refresh a token this long before it expires
 DEFAULT_GET_ATTEMPTS = 5
+DEFAULT_OUTAGE_BUDGET = 600.0  # seconds a platform outage is ridden out (outage.py)
 
 
 @dataclass(frozen=True)
@@ -56,3 +57,4 @@ class ClientConfig:
     total_timeout: float = DEFAULT_TOTAL_TIMEOUT
     refresh_before: float = DEFAULT_REFRESH_BEFORE
     get_attempts: int = DEFAULT_GET_ATTEMPTS
+    outage_budget: float = DEFAULT_OUTAGE_BUDGET

@@ -94,9 +94,10 @@ def _check_token(platform: Platform, request: web.Request, app_id: str) -> None:
 
 @web.middleware
 async def platform_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    platform = _platform(request)
+    platform.changes += 1  # the state file (--state) is saved after changes
     if request.path.startswith("/_sim/"):
         return await handler(request)
-    platform = _platform(request)
     try:
         response = await _platform_reply(platform, request, handler)
     except web.HTTPException as exc:  # raised by aiohttp itself, e.g. 413 on an oversized body
@@ -115,6 +116,10 @@ async def _platform_reply(
         platform.stats.replies[str(missing.status)] += 1
         return json_reply({"error_code": "120015", "error_desc": missing.reason}, missing.status)
     api = request.match_info.route.name or "unknown"
+    outage = platform.faults.outage(platform.clock.monotonic())
+    if outage is not None:  # a gateway with no platform behind it: nothing counted or done
+        platform.stats.replies[str(outage)] += 1
+        return gateway_reply(outage)
     delay = platform.faults.latency()
     if delay:
         await asyncio.sleep(delay)

@@ -15,6 +15,8 @@ Kinds:
 - upgrades reported as succeeded while the device rolled back to its previous image, the
   subtask reporting that old version (`rollback_rate`; decided when a task is first looked
   at, like the rest of its devices' behaviour).
+- a gateway with no platform behind it: every platform call answers 502/503/504 without
+  acting, for some real seconds (`outage_s`, `outage_status`).
 
 Decisions draw from one seeded generator, so a test that sets the same knobs and sends the
 same calls sees the same faults.
@@ -48,6 +50,8 @@ class FaultConfig:
     reject_next_creates: int = 0  # refuse this many more valid creates before commit
     reject_status: int = 400  # their HTTP status: 400 platform error, else a gateway reply
     rollback_rate: float = 0.0  # share of succeeded upgrades that report the old version
+    outage_s: float = 0.0  # from the next call on, for this many real seconds: a gateway ...
+    outage_status: int = 503  # ... answers every platform call with this (502/503/504)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,6 +63,7 @@ class FaultInjector:
         self.config = replace(config) if config is not None else FaultConfig()
         self._rng = random.Random(self.config.seed)
         self.injected: dict[str, int] = {}
+        self._outage_started: float | None = None  # real time of the outage's first call
 
     def update(self, changes: dict[str, Any]) -> FaultConfig:
         """Apply a partial update; unknown knobs or bad values raise ValueError."""
@@ -87,6 +92,9 @@ class FaultInjector:
             elif key == "reject_status":
                 if not isinstance(value, int) or isinstance(value, bool) or not 400 <= value <= 599:
                     raise ValueError("reject_status must be an HTTP error status (400-599)")
+            elif key == "outage_status":
+                if value not in (502, 503, 504) or isinstance(value, bool):
+                    raise ValueError("outage_status must be 502, 503 or 504")
             else:
                 is_number = isinstance(value, int | float) and not isinstance(value, bool)
                 if not is_number or not math.isfinite(value):
@@ -99,7 +107,23 @@ class FaultInjector:
         self.config = FaultConfig(**current)
         if "seed" in changes:
             self._rng = random.Random(self.config.seed)
+        if "outage_s" in changes:
+            self._outage_started = None  # a new outage, from the next call on
         return self.config
+
+    def outage(self, now: float) -> int | None:
+        """The gateway status to answer this call with while an outage lasts, else None.
+
+        `now`: real (monotonic) seconds. The outage starts with the first call after
+        `outage_s` was set and lasts `outage_s` seconds."""
+        if self.config.outage_s <= 0:
+            return None
+        if self._outage_started is None:
+            self._outage_started = now
+        if now - self._outage_started >= self.config.outage_s:
+            return None
+        self._count("outage")
+        return self.config.outage_status
 
     def latency(self) -> float:
         """Seconds to hold this reply."""

@@ -9,6 +9,7 @@ Every time the platform states (task and subtask times, the "start in the past" 
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections import Counter
@@ -66,7 +67,6 @@ class Platform:
         rate_limit: tuple[int, float] = (100, 60.0),
         token_ttl: float = 3600.0,
         faults: FaultInjector | None = None,
-        seed: int = 0,
     ) -> None:
         self.fleet = fleet
         self.clock = clock
@@ -84,7 +84,21 @@ class Platform:
             for device_id, d in fleet.devices.items()
         }
         self._materialized = 0
-        self._ids = random.Random(seed ^ 0x5EED)
+        # operationIds and group ids: drawn from the system's entropy, not the fleet's seed, so
+        # a simulator started again (with or without --state) never repeats one; a restored
+        # state also carries the generator's state and every id issued (`new_id` skips them)
+        self._ids = random.Random()
+        self.changes = 0  # bumped by every call and admin change (the state file saves on it)
+
+    def new_id(self) -> str:
+        """A 24-hex-digit id this platform has never issued (operationIds, group ids)."""
+        while True:
+            candidate = f"{self._ids.getrandbits(96):024x}"
+            taken = candidate in self.tasks_by_id or any(
+                g.group_id == candidate for g in self.fleet.groups.values()
+            )
+            if not taken:
+                return candidate
 
     def now(self) -> float:
         """The platform's clock: simulated time plus the `clock_offset_s` fault (signed)."""
@@ -152,7 +166,7 @@ class Platform:
     def commit_create(self, checked: CheckedCreate) -> str:
         """Create the task now (platform time) and return its operationId."""
         seq = len(self.tasks)
-        operation_id = f"{self._ids.getrandbits(96):024x}"
+        operation_id = self.new_id()
         request = checked.request
         task = Task(
             seq=seq,
@@ -348,6 +362,94 @@ class Platform:
         group, device_ids = self._member_change(body)
         leaving = set(device_ids)
         group.device_ids = [d for d in group.device_ids if d not in leaving]
+
+    # ---- the state file (state.py) ---------------------------------------------------------
+    def export_state(self) -> dict[str, Any]:
+        """What a restart must keep, as JSON-ready data (state.py writes it)."""
+        version, internal, gauss = self._ids.getstate()
+        return {
+            "tasks": [
+                {
+                    "operation_id": task.operation_id,
+                    "operate_type": task.operate_type,
+                    "file_id": task.package.file_id,
+                    "targets": task.targets,
+                    "policy": task.policy,
+                    "device_ids": task.device_ids,
+                    "create_time": task.create_time,
+                    "window": list(task.window) if task.window is not None else None,
+                }
+                for task in self.tasks
+            ],
+            "groups": [
+                {
+                    "group_id": g.group_id,
+                    "name": g.name,
+                    "description": g.description,
+                    "app_id": g.app_id,
+                    "max_devices": g.max_devices,
+                    "device_ids": g.device_ids,
+                }
+                for g in self.fleet.groups.values()
+            ],
+            "packages": sorted(self.fleet.packages),
+            "tokens": self.tokens.export(),
+            "throttle": self.throttle.export(),
+            "stats": {
+                "calls": dict(self.stats.calls),
+                "replies": dict(self.stats.replies),
+                "throttled": self.stats.throttled,
+                "tasks_created": self.stats.tasks_created,
+            },
+            "faults_injected": dict(self.faults.injected),
+            "ids": [version, list(internal), gauss],
+        }
+
+    def restore_state(self, saved: dict[str, Any], elapsed: float) -> None:
+        """Become the platform `export_state` described, `elapsed` real seconds later. Device
+        paths and versions are derived again, in creation order, when first looked at."""
+        packages = dict(self.fleet.packages)
+        self.tasks, self.tasks_by_id = [], {}
+        for seq, row in enumerate(saved["tasks"]):
+            window = row["window"]
+            task = Task(
+                seq=seq,
+                operation_id=row["operation_id"],
+                operate_type=row["operate_type"],
+                package=packages[row["file_id"]],
+                targets=row["targets"],
+                policy=row["policy"],
+                device_ids=list(row["device_ids"]),
+                create_time=float(row["create_time"]),
+                window=(float(window[0]), float(window[1])) if window is not None else None,
+                committed_at=-math.inf,  # long listed: no lag after a restart
+            )
+            self.tasks.append(task)
+            self.tasks_by_id[task.operation_id] = task
+        self.fleet.groups = {
+            row["name"]: Group(
+                group_id=row["group_id"],
+                name=row["name"],
+                description=row["description"],
+                app_id=row["app_id"],
+                max_devices=int(row["max_devices"]),
+                device_ids=list(row["device_ids"]),
+            )
+            for row in saved["groups"]
+        }
+        kept = set(saved["packages"])
+        self.fleet.packages = {k: v for k, v in packages.items() if k in kept}
+        self.tokens.restore(saved["tokens"], elapsed)
+        self.throttle.restore(saved["throttle"], elapsed)
+        stats = saved["stats"]
+        self.stats.calls = Counter(stats["calls"])
+        self.stats.replies = Counter(stats["replies"])
+        self.stats.throttled = int(stats["throttled"])
+        self.stats.tasks_created = int(stats["tasks_created"])
+        self.faults.injected = {str(k): int(v) for k, v in saved["faults_injected"].items()}
+        version, internal, gauss = saved["ids"]
+        self._ids.setstate((int(version), tuple(int(x) for x in internal), gauss))
+        self._device_tasks, self._device_tasks_upto, self._materialized = {}, 0, 0
 
     # ---- ground truth ---------------------------------------------------------------------
     def truth(self) -> list[dict[str, Any]]:

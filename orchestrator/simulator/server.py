@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import ssl
 import tempfile
 from dataclasses import dataclass, field
@@ -16,6 +19,9 @@ from .clock import Clock, ScaledClock
 from .faults import FaultConfig, FaultInjector
 from .fleet import Fleet, generate_fleet
 from .platform import Platform
+from .state import elapsed_since, fleet_key, read_state, simulated_now, write_state
+
+log = logging.getLogger(__name__)
 
 DEFAULT_APP_ID = "demo-app"
 DEFAULT_SECRET = "demo-secret"
@@ -39,6 +45,8 @@ class SimulatorConfig:
     failure_rate: float | None = None  # None: each model's own; else every model's, and no
     # never-online or already-upgraded devices, so the failure share is known exactly
     faults: FaultConfig = field(default_factory=FaultConfig)
+    state_file: Path | None = None  # load on start, save on change and on shutdown (state.py)
+    state_every: float = 0.5  # seconds: the most a change waits before it is saved
 
 
 class SimulatorServer:
@@ -52,7 +60,12 @@ class SimulatorServer:
     ) -> None:
         self.config = config or SimulatorConfig()
         cfg = self.config
-        self.clock: Clock = clock or ScaledClock(cfg.speed)
+        self._fleet_key = fleet_key(cfg.devices, cfg.seed, cfg.app_id, cfg.failure_rate)
+        saved = read_state(cfg.state_file, self._fleet_key) if cfg.state_file else None
+        if clock is None:
+            start = simulated_now(saved, cfg.speed) if saved is not None else None
+            clock = ScaledClock(cfg.speed, start=start)
+        self.clock: Clock = clock
         if fleet is None and cfg.failure_rate is not None:
             fleet = generate_fleet(
                 cfg.devices,
@@ -70,8 +83,12 @@ class SimulatorServer:
             rate_limit=cfg.rate_limit,
             token_ttl=cfg.token_ttl,
             faults=FaultInjector(cfg.faults),
-            seed=cfg.seed,
         )
+        if saved is not None:
+            self.platform.restore_state(saved["platform"], elapsed_since(saved))
+        self.restored = saved is not None
+        self._autosave: asyncio.Task[None] | None = None
+        self._saving = False  # the state file is saved on change and on close
         self._runner: web.AppRunner | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.cert_file: Path | None = None
@@ -95,18 +112,58 @@ class SimulatorServer:
         return server_context(cert, key, cfg.client_ca)
 
     async def start(self) -> None:
+        """Listen on the configured host and port. Raises OSError (port in use, …) with
+        nothing left running."""
         app = build_app(self.platform)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(
             self._runner, self.config.host, self.config.port, ssl_context=self._ssl_context()
         )
-        await site.start()
+        try:
+            await site.start()
+        except BaseException:
+            await self.close()
+            raise
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self.config.port
+        if self.config.state_file is not None:
+            try:
+                self.save_state()  # at once: a file that cannot be written fails the start
+            except BaseException:
+                await self.close()
+                raise
+            self._saving = True
+            self._autosave = asyncio.get_running_loop().create_task(self._save_on_change())
+
+    def save_state(self) -> None:
+        """Write the state file now (state.py). Raises OSError when it cannot be written."""
+        assert self.config.state_file is not None
+        write_state(
+            self.config.state_file,
+            self._fleet_key,
+            self.clock.now(),
+            self.platform.export_state(),
+        )
+
+    async def _save_on_change(self) -> None:
+        saved = self.platform.changes
+        while True:
+            await asyncio.sleep(self.config.state_every)
+            if self.platform.changes != saved:
+                saved = self.platform.changes
+                try:
+                    self.save_state()
+                except OSError as exc:  # a full disk: keep serving, try again on the next change
+                    log.error("cannot save the state file %s: %s", exc.filename, exc.strerror)
 
     async def close(self) -> None:
+        if self._autosave is not None:
+            self._autosave.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._autosave
+            self._autosave = None
         if self._runner is not None:
             background = self._runner.app[BACKGROUND_KEY]
             # pending late commits first: a handler waiting for one then ends at once instead
@@ -115,6 +172,9 @@ class SimulatorServer:
             await self._runner.cleanup()
             await background.close()
             self._runner = None
+            if self._saving:
+                self.save_state()  # after the last request: every commit is in it
+                self._saving = False
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

@@ -31,9 +31,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def simulator_process(directory: Path, *args: str) -> Iterator[tuple[str, Path]]:
-    """`rollout simulator --no-tls` on a free port; yields its URL and its fleet CSV."""
-    port = free_port()
+def simulator_process(
+    directory: Path, *args: str, port: int | None = None
+) -> Iterator[tuple[str, Path]]:
+    """`rollout simulator --no-tls` on `port` (default: a free one); yields its URL and its
+    fleet CSV, and stops it (SIGTERM: a `--state` file is saved) on leaving."""
+    port = port or free_port()
     fleet = directory / "sim-fleet.csv"
     proc = subprocess.Popen(
         [

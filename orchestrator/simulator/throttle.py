@@ -81,3 +81,17 @@ class SlidingWindowThrottle:
         window = self._window(app)
         self._replay_storm(window, now)
         return self._try(window, now)
+
+    def export(self) -> dict[str, list[float]]:
+        """Per app, the ages (real seconds) of the calls admitted in the current window."""
+        now = self._monotonic()
+        return {app: [now - at for at in window.admitted] for app, window in self._windows.items()}
+
+    def restore(self, saved: dict[str, list[float]], elapsed: float) -> None:
+        """Windows from `export`, `elapsed` real seconds later: only calls still inside count."""
+        now = self._monotonic()
+        for app, ages in saved.items():
+            window = self._window(app)
+            window.admitted = deque(
+                now - age - elapsed for age in ages if age + elapsed < self.seconds
+            )

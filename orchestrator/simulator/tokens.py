@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 REFRESH_TOKEN_TTL = 30 * 24 * 3600.0
 
@@ -58,3 +59,30 @@ class TokenStore:
         if issued is None or issued.expires_at <= self._monotonic():
             return False
         return secrets.compare_digest(issued.access_token, access_token)
+
+    def export(self) -> dict[str, object]:
+        """The tokens in force, with their lifetimes left (seconds), for the state file."""
+        now = self._monotonic()
+        return {
+            "current": {
+                app: [issued.access_token, issued.expires_at - now]
+                for app, issued in self._current.items()
+            },
+            "refresh": {
+                token: [app, expiry - now] for token, (app, expiry) in self._refresh.items()
+            },
+            "issued_count": self.issued_count,
+        }
+
+    def restore(self, saved: dict[str, Any], elapsed: float) -> None:
+        """Tokens from `export`, `elapsed` real seconds later (they aged meanwhile)."""
+        now = self._monotonic() - elapsed
+        self._current = {
+            str(app): _Issued(str(token), now + float(left))
+            for app, (token, left) in saved["current"].items()
+        }
+        self._refresh = {
+            str(token): (str(app), now + float(left))
+            for token, (app, left) in saved["refresh"].items()
+        }
+        self.issued_count = int(saved["issued_count"])
