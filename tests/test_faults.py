@@ -477,11 +477,14 @@ def test_paths_with_uri_characters_work_for_every_command(
     env = Env(servers, tmp_path)
     plan = env.plan(folder=name)
     text = plan.read_text().replace("follow = false", "follow = false\npoll_interval = 0.05")
-    plan.write_text(text + '[[waves]]\nname = "first"\ncount = 5\n[[waves]]\nname = "rest"\n')
+    plan.write_text(
+        text + '[[waves]]\nname = "first"\ncount = 5\n[waves.gate]\napproval = true\n'
+        '[[waves]]\nname = "rest"\n'
+    )
     runner = CliRunner()
-    assert runner.invoke(main, ["run", str(plan)]).exit_code == 0
+    assert runner.invoke(main, ["run", str(plan)]).exit_code == 4  # waits for approval
     status = runner.invoke(main, ["status", "--json", str(plan)])
-    assert status.exit_code == 0 and '"targets_in_tasks": 20' in status.stdout
+    assert status.exit_code == 0 and '"targets_in_tasks": 5' in status.stdout
     report = plan.parent / "new # folder" / "report %1?.html"
     written = runner.invoke(main, ["report", str(plan), "-o", str(report)])
     assert written.exit_code == 0, written.stderr
@@ -489,5 +492,6 @@ def test_paths_with_uri_characters_work_for_every_command(
     assert runner.invoke(main, ["approve", str(plan), "--wave", "first"]).exit_code == 0
     assert runner.invoke(main, ["resume", str(plan)]).exit_code == 0
     journal = plan.parent / "j #2 %.sqlite"
-    assert runner.invoke(main, ["run", str(plan), "--journal", str(journal)]).exit_code == 0
+    # a second journal: every device is adopted by the census; the gate still asks (exit 4)
+    assert runner.invoke(main, ["run", str(plan), "--journal", str(journal)]).exit_code == 4
     assert runner.invoke(main, ["status", str(plan), "--journal", str(journal)]).exit_code == 0
