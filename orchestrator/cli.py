@@ -268,6 +268,26 @@ def main(ctx: click.Context, log_format: str, log_level: str) -> None:
     type=click.IntRange(400, 599),
     help="HTTP status of those refusals: 400 with a platform error body, else a gateway reply.",
 )
+@click.option(
+    "--throttle-next-calls",
+    default=0,
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Refuse the next N calls with 1010009, as if another client had filled the window.",
+)
+@click.option(
+    "--throttle-only-api",
+    default="",
+    metavar="API",
+    help="...only calls of this API (login, refreshToken, createTask, listTasks, ...).",
+)
+@click.option(
+    "--revoke-next-tokens",
+    default=0,
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Revoke the app's token before each of the next N authenticated calls (1010005).",
+)
 def simulator(
     host: str,
     port: int,
@@ -297,12 +317,15 @@ def simulator(
     omit_extend_para: bool,
     reject_next_creates: int,
     reject_status: int,
+    throttle_next_calls: int,
+    throttle_only_api: str,
+    revoke_next_tokens: int,
     failure_rate: float | None,
 ) -> None:
     """Serve the simulated platform (the northbound API of platform-api.md) on loopback.
 
     Admin endpoints, not part of the platform and without token: GET /_sim/stats,
-    GET /_sim/tasks, GET|POST /_sim/faults, GET|POST /_sim/clock.
+    GET /_sim/tasks, GET /_sim/arrivals, GET|POST /_sim/faults, GET|POST /_sim/clock.
     """
     if (cert is None) != (key is None):
         raise click.UsageError("--cert and --key go together")
@@ -341,6 +364,9 @@ def simulator(
             omit_extend_para=omit_extend_para,
             reject_next_creates=reject_next_creates,
             reject_status=reject_status,
+            throttle_next_calls=throttle_next_calls,
+            throttle_only_api=throttle_only_api,
+            revoke_next_tokens=revoke_next_tokens,
         ),
     )
 

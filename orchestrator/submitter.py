@@ -20,7 +20,10 @@ For each chunk, in order, under the shared pacing:
    clock, is not older than our first intent. Found → adopt the oldest match; absent →
    what the run's census found of the chunk is adopted, the rest is sent again.
 
-A run of identical failures stops the run rather than burn the budget.
+A run of identical failures stops the run rather than burn the budget — except refusals
+that are not the run's fault: 1010005 (another process or host replaced the app's token) and
+1010009 (another client spent the app's budget), also when a login or refresh drew them.
+Those did not act; the chunk is simply sent again.
 """
 
 from __future__ import annotations
@@ -38,9 +41,11 @@ from .errors import (
     AuthFailed,
     BadRequest,
     InputError,
+    InvalidToken,
     PlatformCallError,
     PlatformError,
     RunAborted,
+    Throttled,
 )
 from .journal import FAILED, INTENT, PENDING
 from .northbound import (
@@ -64,6 +69,8 @@ DEVICE_LEVEL_CODES = frozenset({"123002", "123016"})
 START_LEAD = 2.0  # seconds: a custom window's start must not have passed when the create arrives
 MIN_WINDOW_SECONDS = 300.0
 RETRY_PAUSE = 1.0
+# the app's token or budget taken by another process or client: not a sign the run is failing
+NOT_THE_RUNS_FAULT = (InvalidToken, Throttled)
 
 
 @dataclass
@@ -318,7 +325,8 @@ class Submitter:
                 "check platform.app_id and the secret"
             )
         code = error.code if isinstance(error, PlatformError) else type(error).__name__
-        self._count_failure(code, str(error))
+        if not isinstance(error, NOT_THE_RUNS_FAULT):
+            self._count_failure(code, str(error))
         await self._sleep(RETRY_PAUSE)
         self._enqueue(chunk)
 
@@ -352,7 +360,8 @@ class Submitter:
                 f"reason: {code} {error.desc if isinstance(error, PlatformError) else ''}"
                 "; fix the cause, then `rollout resume` sends it again"
             )
-        self._count_failure(code, detail)
+        if not isinstance(error, NOT_THE_RUNS_FAULT):
+            self._count_failure(code, detail)
         if error.may_have_taken_effect:
             log.warning(
                 "create outcome unknown; settling before looking it up",

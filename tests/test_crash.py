@@ -26,7 +26,7 @@ from .enginehelpers import SECRET_ENV
 
 KILLS = 20
 DEVICES = 12800  # 50 chunks
-RATE = "6/1"
+RATE = "3/1"
 
 
 @pytest.fixture

@@ -1,9 +1,13 @@
 """The async platform client: typed calls, shared pacing, tokens, one error boundary.
 
-Every call takes a pacing slot first (retries and logins too). GETs are retried with
-backoff on transport errors and 5xx; creates are never retried here on those, because they
-may have taken effect — the engine reconciles them. A throttle reply (1010009) certainly did
-not act, so any call — a create included — waits for the pacer's cool-down and goes again.
+Every call takes a pacing slot first (retries and logins too) and gives it back when its
+reply or failure is seen. The pacing ledger and the token are shared with every other
+process of the app on this host (hoststate.py, ledger.py, tokencache.py). GETs are retried
+with backoff on transport errors and 5xx; creates are never retried here on those, because
+they may have taken effect — the engine reconciles them. A throttle reply (1010009)
+certainly did not act, so any call — a create, a login, a refresh — waits for the pacer's
+cool-down and goes again; an invalid token (1010005) is replaced (from the host's cache, or
+by a new login) and the call goes again.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from ..errors import (
 from .auth import TokenKeeper
 from .clock import PlatformClock
 from .config import ClientConfig
+from .hoststate import AppState, state_root
+from .ledger import Outcome
 from .models import (
     SUBTASK_STATUS_TO_WIRE,
     TASK_STATUS_TO_WIRE,
@@ -46,6 +52,7 @@ from .models import (
     Token,
 )
 from .pacing import Pacer, Priority, shared_pacer
+from .tokencache import TokenCache
 
 log = structlog.get_logger("orchestrator.northbound")
 
@@ -54,6 +61,7 @@ REFRESH_PATH = "/iocm/app/sec/v1.1.0/refreshToken"
 UPGRADE = "/iodm/northbound/v1.5.0"
 MAX_PAGE_SIZE = 100
 MAX_THROTTLED_ATTEMPTS = 20
+MAX_TOKEN_REPLACEMENTS = 3  # 1010005 replies one call may draw before it fails
 BeforeSend = Callable[[], None]
 
 
@@ -71,6 +79,9 @@ class NorthboundClient:
         self.clock = clock or PlatformClock()
         self._base = config.base_url.rstrip("/")
         self._pacer = pacer
+        self._shares_pacer = pacer is None  # the app's shared pacer: counted users, closed
+        self._attached: Pacer | None = None
+        self._state: AppState | None = None
         self._session: aiohttp.ClientSession | None = None
         self.tokens = TokenKeeper(self._login, self._refresh, config.refresh_before)
         self.calls = 0
@@ -82,22 +93,41 @@ class NorthboundClient:
         return counts
 
     @property
+    def state(self) -> AppState:
+        """The app's directory of shared state on this host (created on first use; raises
+        InputError naming it when it cannot be)."""
+        if self._state is None:
+            root = state_root(self.config.state_dir)
+            self._state = AppState.open(root, self._base, self.config.app_id)
+        return self._state
+
+    @property
     def pacer(self) -> Pacer:
         if self._pacer is None:
             calls, seconds = self.config.rate_limit
             self._pacer = shared_pacer(
-                self._base, self.config.app_id, calls, seconds, self.config.pacing_margin
+                self._base,
+                self.config.app_id,
+                calls,
+                seconds,
+                self.config.pacing_margin,
+                state=self.state,
+                request_timeout=self.config.total_timeout,
+                label=self.config.label,
             )
         return self._pacer
 
     async def __aenter__(self) -> NorthboundClient:
+        self.tokens.cache = TokenCache(self.state)
+        if self._shares_pacer:
+            self._attached = self.pacer
+            self._attached.attach()
         ssl_context = self.config.tls.context() if self._base.startswith("https") else None
         connector = aiohttp.TCPConnector(ssl=ssl_context if ssl_context is not None else True)
         timeout = aiohttp.ClientTimeout(
             total=self.config.total_timeout, connect=self.config.connect_timeout
         )
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
-        _ = self.pacer
         return self
 
     async def __aexit__(
@@ -109,6 +139,9 @@ class NorthboundClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._attached is not None:
+            await self._attached.detach()
+            self._attached = None
 
     # ---- the one boundary with aiohttp ------------------------------------------------------
     async def _send(
@@ -128,13 +161,40 @@ class NorthboundClient:
         headers: dict[str, str] = {}
         if token is not None:
             headers = {"app_key": self.config.app_id, "Authorization": f"Bearer {token}"}
-        await self.pacer.acquire(priority)
-        if callable(body):  # built first: a body that cannot be built leaves no intent behind
-            body = body()
-        if before_send is not None:
-            before_send()
-        self.calls += 1
-        self._calls_by_api[_api_name(method, path)] += 1
+        slot = await self.pacer.acquire(priority)
+        outcome = Outcome.UNSENT
+        try:
+            if callable(body):  # built first: a body that cannot be built leaves no intent
+                body = body()
+            if before_send is not None:
+                before_send()
+            self.calls += 1
+            self._calls_by_api[_api_name(method, path)] += 1
+            outcome = Outcome.FAILED  # from here on the call may reach the platform
+            status, raw = await self._exchange(method, path, params, body, form, headers)
+            outcome = Outcome.REPLIED
+            try:
+                return self._interpret(method, path, status, raw)
+            except Throttled:
+                outcome = Outcome.THROTTLED
+                raise
+        except (ConnectFailed, TLSFailed):
+            outcome = Outcome.UNSENT  # the connection never opened: nothing arrived
+            raise
+        finally:
+            # the slot stays taken until SECONDS after this moment: the call arrived by now
+            self.pacer.release(slot, outcome)
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        params: Mapping[str, str] | None,
+        body: Any,
+        form: Mapping[str, str] | None,
+        headers: dict[str, str],
+    ) -> tuple[int, bytes]:
+        assert self._session is not None
         sent = self.clock.local()
         try:
             async with self._session.request(
@@ -164,7 +224,7 @@ class NorthboundClient:
             raise ConnectionLost(
                 f"connection lost: {type(exc).__name__}", method=method, path=path
             ) from None
-        return self._interpret(method, path, status, raw)
+        return status, raw
 
     def _interpret(self, method: str, path: str, status: int, raw: bytes) -> Any:
         payload: Any = None
@@ -191,10 +251,7 @@ class NorthboundClient:
                 path=path,
             )
         else:
-            self.pacer.on_success()
             return payload
-        if isinstance(error, Throttled):
-            self.pacer.on_throttled()
         raise error
 
     # ---- authenticated calls ----------------------------------------------------------------
@@ -206,13 +263,15 @@ class NorthboundClient:
         before_send: BeforeSend | None = None,
         **kwargs: Any,
     ) -> Any:
-        """One logical call: token, one re-login on 1010005, waits out throttling.
+        """One logical call: token, waits out throttling, replaces a refused token.
 
-        `before_send` runs once, when the first attempt has its pacing slot and is about to
-        leave — the engine journals its intent there, so a process killed while waiting for
-        a slot leaves nothing to reconcile.
+        A 1010005 reply did not act: the token is replaced — by the host's newer one if
+        another process already got it, else by a new login — and the call goes again, up
+        to MAX_TOKEN_REPLACEMENTS times. `before_send` runs once, when the first attempt has
+        its pacing slot and is about to leave — the engine journals its intent there, so a
+        process killed while waiting for a slot leaves nothing to reconcile.
         """
-        relogged = False
+        replaced = 0
         token = await self.tokens.access_token()
         for _ in range(MAX_THROTTLED_ATTEMPTS):
             hook, before_send = before_send, None
@@ -221,12 +280,14 @@ class NorthboundClient:
                     method, path, priority, token=token, before_send=hook, **kwargs
                 )
             except InvalidToken:
-                if relogged:
+                if replaced >= MAX_TOKEN_REPLACEMENTS:
                     raise
-                relogged = True
+                replaced += 1
                 token = await self.tokens.replace(token)
             except Throttled:
-                continue  # refused and not counted: safe to send again after the cool-down
+                # refused and not counted: safe to send again after the cool-down, with the
+                # host's newest token (another process may have refreshed it meanwhile)
+                token = await self.tokens.access_token()
         raise Throttled(
             403, "1010009", "still throttled after many attempts", method=method, path=path
         )
@@ -257,14 +318,21 @@ class NorthboundClient:
         raise Throttled(403, "1010009", "login throttled", method="POST", path=LOGIN_PATH)
 
     async def _refresh(self, refresh_token: str) -> Token:
+        """A throttled refresh (another client spending the budget) is waited out like a
+        login: the call did not act and goes again after the cool-down."""
         body = {
             "appId": self.config.app_id,
             "secret": self.config.secret.get_secret_value(),
             "refreshToken": refresh_token,
         }
-        return Token.model_validate(
-            await self._send("POST", REFRESH_PATH, Priority.AUTH, body=body)
-        )
+        for _ in range(MAX_THROTTLED_ATTEMPTS):
+            try:
+                return Token.model_validate(
+                    await self._send("POST", REFRESH_PATH, Priority.AUTH, body=body)
+                )
+            except Throttled:
+                continue
+        raise Throttled(403, "1010009", "refresh throttled", method="POST", path=REFRESH_PATH)
 
     async def login(self) -> None:
         """Make sure a valid token is held (logs in if needed)."""

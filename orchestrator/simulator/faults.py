@@ -11,7 +11,11 @@ Kinds:
 - a platform clock running ahead of or behind simulated time (`clock_offset_s`);
 - task replies without `extendPara` (`omit_extend_para`);
 - the next N valid creates refused before commit with a chosen HTTP status
-  (`reject_next_creates`, `reject_status`).
+  (`reject_next_creates`, `reject_status`);
+- the next N calls (of one API, or any) refused with 1010009 as if another client had just
+  filled the app's window (`throttle_next_calls`, `throttle_only_api`);
+- the app's token revoked before each of the next N authenticated calls, as another
+  client's login would (`revoke_next_tokens`): each of them draws 1010005.
 
 Decisions draw from one seeded generator, so a test that sets the same knobs and sends the
 same calls sees the same faults.
@@ -44,6 +48,9 @@ class FaultConfig:
     omit_extend_para: bool = False  # task replies carry no extendPara key
     reject_next_creates: int = 0  # refuse this many more valid creates before commit
     reject_status: int = 400  # their HTTP status: 400 platform error, else a gateway reply
+    throttle_next_calls: int = 0  # refuse this many more calls with 1010009 (not counted)
+    throttle_only_api: str = ""  # ...only calls of this API (e.g. "refreshToken"); "": any
+    revoke_next_tokens: int = 0  # revoke the app's token before this many more calls
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,9 +84,12 @@ class FaultInjector:
             elif key == "omit_extend_para":
                 if not isinstance(value, bool):
                     raise ValueError("omit_extend_para must be true or false")
-            elif key == "reject_next_creates":
+            elif key in ("reject_next_creates", "throttle_next_calls", "revoke_next_tokens"):
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                    raise ValueError("reject_next_creates must be an integer >= 0")
+                    raise ValueError(f"{key} must be an integer >= 0")
+            elif key == "throttle_only_api":
+                if not isinstance(value, str):
+                    raise ValueError("throttle_only_api must be an API name or empty")
             elif key == "reject_status":
                 if not isinstance(value, int) or isinstance(value, bool) or not 400 <= value <= 599:
                     raise ValueError("reject_status must be an HTTP error status (400-599)")
@@ -126,6 +136,23 @@ class FaultInjector:
         self.config.reject_next_creates -= 1
         self._count("reject")
         return self.config.reject_status
+
+    def take_throttle(self, api: str) -> bool:
+        """Whether to refuse this call of `api` with 1010009 now; counts one down."""
+        config = self.config
+        if config.throttle_next_calls <= 0 or config.throttle_only_api not in ("", api):
+            return False
+        config.throttle_next_calls -= 1
+        self._count("throttle")
+        return True
+
+    def take_revoke(self) -> bool:
+        """Whether to revoke the app's token before this authenticated call; counts one down."""
+        if self.config.revoke_next_tokens <= 0:
+            return False
+        self.config.revoke_next_tokens -= 1
+        self._count("revoke")
+        return True
 
     def _count(self, kind: str) -> str:
         self.injected[kind] = self.injected.get(kind, 0) + 1
