@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -48,6 +49,9 @@ from .errors import (
 )
 from .journal import approve_wave, has_run
 from .logs import configure_logging
+from .northbound.hoststate import ENV_VAR as STATE_ENV_VAR
+from .northbound.hoststate import AppState, known_apps, state_root
+from .northbound.ledger import BudgetView, read_budget
 from .plan import LoadedPlan, check_times, load_plan
 from .planner import chunk_count
 from .report import WRITERS, collect
@@ -140,11 +144,23 @@ def _rate_limit(_ctx: click.Context, _param: click.Parameter, value: str) -> tup
     default="info",
     show_default=True,
 )
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar=STATE_ENV_VAR,
+    help="Where this host keeps each app's shared token and call ledger "
+    f"(default: ${STATE_ENV_VAR}, else the user's state directory; docs/host-state.md).",
+)
 @click.pass_context
-def main(ctx: click.Context, log_format: str, log_level: str) -> None:
+def main(ctx: click.Context, log_format: str, log_level: str, state_dir: Path | None) -> None:
     """Exactly-once firmware rollouts for NB-IoT fleets through the platform's northbound API."""
     configure_logging(log_format, log_level)
-    ctx.obj = {"log_format": log_format}
+    ctx.obj = {"log_format": log_format, "state_dir": state_dir}
+
+
+def _state_dir() -> Path | None:
+    value = (click.get_current_context().obj or {}).get("state_dir")
+    return value if isinstance(value, Path) else None
 
 
 @main.command()
@@ -276,17 +292,18 @@ def main(ctx: click.Context, log_format: str, log_level: str) -> None:
     help="Refuse the next N calls with 1010009, as if another client had filled the window.",
 )
 @click.option(
-    "--throttle-only-api",
-    default="",
-    metavar="API",
-    help="...only calls of this API (login, refreshToken, createTask, listTasks, ...).",
-)
-@click.option(
     "--revoke-next-tokens",
     default=0,
     type=click.IntRange(min=0),
     metavar="N",
     help="Revoke the app's token before each of the next N authenticated calls (1010005).",
+)
+@click.option(
+    "--only-api",
+    default="",
+    metavar="API",
+    help="The two knobs above act only on calls of this API (login, refreshToken, "
+    "createTask, listTasks, ...).",
 )
 def simulator(
     host: str,
@@ -318,8 +335,8 @@ def simulator(
     reject_next_creates: int,
     reject_status: int,
     throttle_next_calls: int,
-    throttle_only_api: str,
     revoke_next_tokens: int,
+    only_api: str,
     failure_rate: float | None,
 ) -> None:
     """Serve the simulated platform (the northbound API of platform-api.md) on loopback.
@@ -365,8 +382,8 @@ def simulator(
             reject_next_creates=reject_next_creates,
             reject_status=reject_status,
             throttle_next_calls=throttle_next_calls,
-            throttle_only_api=throttle_only_api,
             revoke_next_tokens=revoke_next_tokens,
+            only_api=only_api,
         ),
     )
 
@@ -485,6 +502,7 @@ def _drive(
         follow=follow,
         unknown_tasks=UnknownTasks(unknown_tasks),
         ignore_census=ignore_census,
+        state_dir=_state_dir(),
     )
 
     result = _interruptible(lambda: execute(loaded, options, update), bar)
@@ -613,7 +631,8 @@ def resume(
 def watch(plan: Path, journal: Path | None) -> None:
     """Follow PLAN's submitted tasks to their end (statuses, failure details); submit nothing."""
     loaded = _load(plan)
-    result = _interruptible(lambda: watch_run(loaded, journal))
+    state_dir = _state_dir()
+    result = _interruptible(lambda: watch_run(loaded, journal, state_dir=state_dir))
     _show_status(read_status(result.journal, loaded.plan.name))
 
 
@@ -735,7 +754,7 @@ def report(
     devices, failure reasons and the calls spent — as CSV, JSON or a self-contained HTML page."""
     loaded = _load(plan)
     if refresh_first:
-        anyio.run(refresh, loaded, journal)
+        anyio.run(refresh, loaded, journal, _state_dir())
     data = collect(journal_path(loaded, journal), loaded.plan.name)
     if output is None:
         WRITERS[fmt](data, sys.stdout)
@@ -743,3 +762,73 @@ def report(
     with output.open("w", encoding="utf-8", newline="") as handle:
         WRITERS[fmt](data, handle)
     stderr.print(f"{fmt} report written to {output}")
+
+
+PRIORITY_NAMES = {0: "login", 1: "submit", 2: "monitor"}
+
+
+@main.command()
+@click.argument("plan", type=click.Path(path_type=Path), required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the budget as JSON on stdout.")
+@exits_cleanly
+def budget(plan: Path | None, as_json: bool) -> None:
+    """Which processes of this host share an app's call budget now, and how many calls each
+    made in the last window — PLAN's app, or every app with state on this host."""
+    root = state_root(_state_dir())
+    if plan is not None:
+        loaded = _load(plan)
+        platform = loaded.plan.platform
+        if platform.is_simulator:
+            stderr.print("the embedded simulator's budget belongs to one process: nothing shared")
+            apps: list[AppState] = []
+        else:
+            apps = [AppState.locate(root, platform.url, platform.app_id)]
+    else:
+        apps = list(known_apps(root))
+    views: list[tuple[AppState, BudgetView | None]] = []
+    for app in apps:
+        try:
+            views.append((app, read_budget(app.ledger_file)))
+        except sqlite3.Error as exc:
+            raise JournalError(
+                f"{app.ledger_file}: the pacing ledger cannot be read ({exc})"
+            ) from None
+    if as_json:
+        rows = [
+            {"base_url": app.base_url, "app_id": app.app_id, "budget": v.as_dict() if v else None}
+            for app, v in views
+        ]
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not any(view for _, view in views):
+        click.echo(f"no process of this host has used an app's budget lately (state: {root})")
+        return
+    for app, view in views:
+        if view is not None:
+            _print_budget(app, view)
+
+
+def _print_budget(app: AppState, view: BudgetView) -> None:
+    title = (
+        f"app {app.app_id} at {app.base_url}: {view.calls} calls / {view.seconds:g} s, "
+        f"{view.taken} slots taken now"
+    )
+    if view.share < 1:
+        title += f", this host grants itself {view.share:.0%} (throttled lately)"
+    if view.paused_for > 0:
+        title += f", paused {view.paused_for:.1f} s"
+    table = Table(title=title)
+    for column in ("process", "pid", "state", f"calls in the last {view.seconds:g} s", "throttled"):
+        table.add_column(column)
+    for owner in view.owners:
+        state = owner.state
+        if owner.waiting_priority is not None:
+            state += f" ({PRIORITY_NAMES.get(owner.waiting_priority, owner.waiting_priority)})"
+        table.add_row(
+            owner.label,
+            str(owner.pid),
+            state,
+            str(owner.calls_last_window),
+            str(owner.throttled_last_window),
+        )
+    Console().print(table)

@@ -60,8 +60,7 @@ LOGIN_PATH = "/iocm/app/sec/v1.1.0/login"
 REFRESH_PATH = "/iocm/app/sec/v1.1.0/refreshToken"
 UPGRADE = "/iodm/northbound/v1.5.0"
 MAX_PAGE_SIZE = 100
-MAX_THROTTLED_ATTEMPTS = 20
-MAX_TOKEN_REPLACEMENTS = 3  # 1010005 replies one call may draw before it fails
+MAX_THROTTLED_ATTEMPTS = 20  # attempts of one call refused by flow control or for its token
 BeforeSend = Callable[[], None]
 
 
@@ -266,31 +265,29 @@ class NorthboundClient:
         """One logical call: token, waits out throttling, replaces a refused token.
 
         A 1010005 reply did not act: the token is replaced — by the host's newer one if
-        another process already got it, else by a new login — and the call goes again, up
-        to MAX_TOKEN_REPLACEMENTS times. `before_send` runs once, when the first attempt has
-        its pacing slot and is about to leave — the engine journals its intent there, so a
-        process killed while waiting for a slot leaves nothing to reconcile.
+        another process already got it, else by a new login — and the call goes again (at
+        most MAX_THROTTLED_ATTEMPTS attempts in all). `before_send` runs once, when the first
+        attempt has its pacing slot and is about to leave — the engine journals its intent
+        there, so a process killed while waiting for a slot leaves nothing to reconcile.
         """
-        replaced = 0
         token = await self.tokens.access_token()
-        for _ in range(MAX_THROTTLED_ATTEMPTS):
+        for attempt in range(1, MAX_THROTTLED_ATTEMPTS + 1):
             hook, before_send = before_send, None
             try:
                 return await self._send(
                     method, path, priority, token=token, before_send=hook, **kwargs
                 )
             except InvalidToken:
-                if replaced >= MAX_TOKEN_REPLACEMENTS:
+                if attempt == MAX_THROTTLED_ATTEMPTS:
                     raise
-                replaced += 1
                 token = await self.tokens.replace(token)
             except Throttled:
+                if attempt == MAX_THROTTLED_ATTEMPTS:
+                    raise
                 # refused and not counted: safe to send again after the cool-down, with the
                 # host's newest token (another process may have refreshed it meanwhile)
                 token = await self.tokens.access_token()
-        raise Throttled(
-            403, "1010009", "still throttled after many attempts", method=method, path=path
-        )
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _get(
         self, path: str, priority: Priority, params: Mapping[str, str] | None = None

@@ -30,9 +30,10 @@ All processes of the app on the host share the file (WAL; each decision is one
   line) — round robin. A slot left free for GRACE by the process whose turn it is goes to
   whoever asks, so no slot idles for a late process.
 - *Throttled* (1010009 — a client on another host, or a platform that counts differently):
-  every process pauses for a cool-down (`paused_until`), and the share of CALLS the host
-  grants itself drops to 0.9 × what it held; each later reply raises it again by RECOVERY
-  (of CALLS) up to the full budget.
+  every process pauses for a cool-down (`paused_until`: min(SECONDS, 4 × SECONDS/CALLS ×
+  the number of throttles in a row)), and the share of CALLS the host grants itself drops
+  by a quarter (SHRINK; never under one call per window); each later reply raises it again
+  by RECOVERY of CALLS, up to the full budget. A throttled slot stays taken like any other.
 
 Times are CLOCK_MONOTONIC (`time.monotonic`, one clock for all processes of a boot); the
 ledger remembers the boot and forgets slots of an earlier one.
@@ -61,7 +62,7 @@ STALE_WAITER = 1.0  # a waiter not seen for this long is not waited for
 MAX_POLL = 0.25  # a waiting process looks again at least this often
 MIN_SHARE_CALLS = 1  # the host never grants itself less than one call per window
 RECOVERY = 0.02  # of CALLS: the share regained per reply after a throttle
-SHRINK = 0.9
+SHRINK = 0.75  # the share kept after a throttle
 PRUNE_EVERY = 64
 BUSY_TIMEOUT_MS = 10_000
 
@@ -334,13 +335,8 @@ class PacingLedger:
 
     def _throttled(self, now: float, calls: int, seconds: float) -> Throttle:
         share, streak = self._db.execute("SELECT share, streak FROM budget WHERE id = 1").fetchone()
-        mine = self._db.execute(
-            "SELECT COUNT(*) FROM slots WHERE until > ? AND (outcome IS NULL OR outcome != ?)",
-            (now, Outcome.THROTTLED.value),
-        ).fetchone()[0]
         streak += 1
-        # what the host held when the platform said "full" is more than its share now
-        share = max(MIN_SHARE_CALLS / calls, min(share, mine / calls) * SHRINK)
+        share = max(MIN_SHARE_CALLS / calls, share * SHRINK)
         cooldown = min(seconds, seconds / calls * 4 * streak)
         self._db.execute(
             "UPDATE budget SET share = ?, streak = ?, throttled = throttled + 1,"

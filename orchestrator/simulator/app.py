@@ -128,7 +128,7 @@ async def _platform_reply(
             raise PlatformReject("1010009")
         platform.stats.calls[api] += 1
         if api not in UNAUTHENTICATED:
-            if platform.faults.take_revoke():
+            if platform.faults.take_revoke(api):
                 platform.tokens.revoke(app_id)
             _check_token(platform, request, app_id)
         response = await handler(request)

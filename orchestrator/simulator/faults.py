@@ -12,10 +12,11 @@ Kinds:
 - task replies without `extendPara` (`omit_extend_para`);
 - the next N valid creates refused before commit with a chosen HTTP status
   (`reject_next_creates`, `reject_status`);
-- the next N calls (of one API, or any) refused with 1010009 as if another client had just
-  filled the app's window (`throttle_next_calls`, `throttle_only_api`);
+- the next N calls refused with 1010009 as if another client had just filled the app's
+  window (`throttle_next_calls`);
 - the app's token revoked before each of the next N authenticated calls, as another
-  client's login would (`revoke_next_tokens`): each of them draws 1010005.
+  client's login would (`revoke_next_tokens`): each of them draws 1010005;
+  both only for calls of one API when `only_api` names it.
 
 Decisions draw from one seeded generator, so a test that sets the same knobs and sends the
 same calls sees the same faults.
@@ -49,8 +50,8 @@ class FaultConfig:
     reject_next_creates: int = 0  # refuse this many more valid creates before commit
     reject_status: int = 400  # their HTTP status: 400 platform error, else a gateway reply
     throttle_next_calls: int = 0  # refuse this many more calls with 1010009 (not counted)
-    throttle_only_api: str = ""  # ...only calls of this API (e.g. "refreshToken"); "": any
     revoke_next_tokens: int = 0  # revoke the app's token before this many more calls
+    only_api: str = ""  # the two knobs above act on calls of this API only; "": any
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,9 +88,9 @@ class FaultInjector:
             elif key in ("reject_next_creates", "throttle_next_calls", "revoke_next_tokens"):
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                     raise ValueError(f"{key} must be an integer >= 0")
-            elif key == "throttle_only_api":
+            elif key == "only_api":
                 if not isinstance(value, str):
-                    raise ValueError("throttle_only_api must be an API name or empty")
+                    raise ValueError("only_api must be an API name or empty")
             elif key == "reject_status":
                 if not isinstance(value, int) or isinstance(value, bool) or not 400 <= value <= 599:
                     raise ValueError("reject_status must be an HTTP error status (400-599)")
@@ -140,15 +141,15 @@ class FaultInjector:
     def take_throttle(self, api: str) -> bool:
         """Whether to refuse this call of `api` with 1010009 now; counts one down."""
         config = self.config
-        if config.throttle_next_calls <= 0 or config.throttle_only_api not in ("", api):
+        if config.throttle_next_calls <= 0 or config.only_api not in ("", api):
             return False
         config.throttle_next_calls -= 1
         self._count("throttle")
         return True
 
-    def take_revoke(self) -> bool:
-        """Whether to revoke the app's token before this authenticated call; counts one down."""
-        if self.config.revoke_next_tokens <= 0:
+    def take_revoke(self, api: str) -> bool:
+        """Whether to revoke the app's token before this call of `api`; counts one down."""
+        if self.config.revoke_next_tokens <= 0 or self.config.only_api not in ("", api):
             return False
         self.config.revoke_next_tokens -= 1
         self._count("revoke")
