@@ -39,7 +39,7 @@ async def _hammer(client: NorthboundClient, file_id: str, total: int, workers: i
 async def test_pacing_uses_the_budget_and_is_never_throttled(live_sim: SimulatorServer) -> None:
     """Over 10+ windows with 40 callers: no call refused, ≥ 95 % of the limit achieved."""
     _scale(live_sim)
-    async with NorthboundClient(client_config(live_sim, pacing_margin=0.03)) as client:
+    async with NorthboundClient(client_config(live_sim)) as client:
         file_id = newest_package(live_sim).file_id
         started = time.monotonic()
         await client.login()
@@ -56,7 +56,7 @@ async def test_backs_off_when_another_client_spends_half(live_sim: SimulatorServ
     _scale(live_sim)
     live_sim.platform.faults.update({"storm_share": 0.5})
     live_sim.platform.throttle.set_storm(0.5)
-    async with NorthboundClient(client_config(live_sim, pacing_margin=0.03)) as client:
+    async with NorthboundClient(client_config(live_sim)) as client:
         file_id = newest_package(live_sim).file_id
         done = await _hammer(client, file_id, total=3 * CALLS, workers=10)
     assert len(done) == 3 * CALLS

@@ -29,6 +29,10 @@ All processes of the app on the host share the file (WAL; each decision is one
   with the lowest ticket; a process that got a slot takes a new ticket (the back of the
   line) — round robin. A slot left free for GRACE by the process whose turn it is goes to
   whoever asks, so no slot idles for a late process.
+- *Smooth*: besides the slots, grants are paced at CALLS per SECONDS + margin with a burst
+  of at most BURST_SHARE of CALLS (a token bucket shared by the processes). This is not
+  what keeps the limit — the slots do — it keeps the calls spread over the window, instead
+  of CALLS at once and then a window of silence.
 - *Throttled* (1010009 — a client on another host, or a platform that counts differently):
   every process pauses for a cool-down (`paused_until`: min(SECONDS, 4 × SECONDS/CALLS ×
   the number of throttles in a row)), and the share of CALLS the host grants itself drops
@@ -63,9 +67,11 @@ MAX_POLL = 0.25  # a waiting process looks again at least this often
 MIN_SHARE_CALLS = 1  # the host never grants itself less than one call per window
 RECOVERY = 0.02  # of CALLS: the share regained per reply after a throttle
 SHRINK = 0.75  # the share kept after a throttle
+BURST_SHARE = 0.05  # of CALLS: grants that may go out at once after a quiet spell
 PRUNE_EVERY = 64
 BUSY_TIMEOUT_MS = 10_000
 
+SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS budget (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -74,7 +80,9 @@ CREATE TABLE IF NOT EXISTS budget (
     paused_until REAL NOT NULL DEFAULT 0,
     streak INTEGER NOT NULL DEFAULT 0,
     next_ticket INTEGER NOT NULL DEFAULT 1,
-    throttled INTEGER NOT NULL DEFAULT 0
+    throttled INTEGER NOT NULL DEFAULT 0,
+    tokens REAL NOT NULL DEFAULT 0,
+    tokens_at REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS owners (
     owner TEXT PRIMARY KEY,
@@ -126,7 +134,7 @@ class Wait:
     """No slot now. Look again at `at` (monotonic seconds) or when woken."""
 
     at: float
-    reason: str  # "paused" | "full" | "priority" | "turn"
+    reason: str  # "paused" | "full" | "pace" | "priority" | "turn"
     firm: bool = True  # False: a release here may free a slot before `at`
     free_since: float | None = None  # "turn": when this process first saw the slot free
 
@@ -166,6 +174,11 @@ class PacingLedger:
             # the ledger need not survive a power cut: after a reboot its slots are void
             self._db.execute("PRAGMA synchronous = OFF")
         with self._write() as db:
+            if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                # another version's ledger: its slots are a window old at most, start afresh
+                for table in ("budget", "owners", "waiters", "slots"):
+                    db.execute(f"DROP TABLE IF EXISTS {table}")
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
@@ -247,8 +260,8 @@ class PacingLedger:
         waiters). `hold`: SECONDS + margin. `free_since`: from the previous `Wait("turn")`."""
         with self._write() as db:
             now = self.now()
-            share, paused_until = db.execute(
-                "SELECT share, paused_until FROM budget WHERE id = 1"
+            share, paused_until, tokens, tokens_at = db.execute(
+                "SELECT share, paused_until, tokens, tokens_at FROM budget WHERE id = 1"
             ).fetchone()
             if now < paused_until:
                 self._wait_as(priority, now)
@@ -265,6 +278,14 @@ class PacingLedger:
                     (now, taken - limit),
                 ).fetchone()
                 return Wait(until, "full", firm=bool(released))
+            # smoothing, not the limit: grants flow at CALLS per window with a small burst, so
+            # the slots (and the platform's windows) fill evenly instead of all at once
+            rate = calls / hold
+            burst = max(1.0, calls * BURST_SHARE)
+            tokens = min(burst, tokens + (now - tokens_at) * rate)
+            if tokens < 1.0:
+                self._wait_as(priority, now)
+                return Wait(now + (1.0 - tokens) / rate, "pace")
             ticket = self._wait_as(priority, now)
             ahead = self._ahead_of_me(priority, ticket, now)
             if ahead == "priority":
@@ -280,6 +301,9 @@ class PacingLedger:
             )
             slot = cursor.lastrowid
             assert slot is not None
+            db.execute(
+                "UPDATE budget SET tokens = ?, tokens_at = ? WHERE id = 1", (tokens - 1.0, now)
+            )
             if then is None:
                 db.execute("DELETE FROM waiters WHERE owner = ?", (self.owner,))
             else:
@@ -294,11 +318,12 @@ class PacingLedger:
         left). A throttle starts the app's cool-down and shrinks the host's share."""
         with self._write() as db:
             now = self.now()
-            if outcome is Outcome.UNSENT:
+            if outcome is Outcome.UNSENT:  # the slot and its pacing token go back
                 db.execute(
                     "UPDATE slots SET released_at = ?, until = ?, outcome = ? WHERE id = ?",
                     (now, now, outcome.value, slot),
                 )
+                db.execute("UPDATE budget SET tokens = tokens + 1.0 WHERE id = 1")
                 return None
             db.execute(
                 "UPDATE slots SET released_at = ?, until = ? + hold, outcome = ? WHERE id = ?",
