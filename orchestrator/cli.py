@@ -423,7 +423,8 @@ def plan_command(plan: Path, as_json: bool) -> None:
     # the last: at least a page each, ceil(chunks / 100) when only this plan's tasks exist
     census_calls = 2 * max(1, -(-chunks // 100))
     calls = chunks + 2 + census_calls  # a login, the package lookup, the creates, the census
-    spacing = window * 1.01 / calls_per_window
+    # the pacer spreads calls at CALLS per window (+ margin); a round trip per slot is extra
+    spacing = (window + (p.platform.pacing_margin or 0.0)) / calls_per_window
     preview: dict[str, Any] = {
         "plan": p.name,
         "operation": p.operation.value,
