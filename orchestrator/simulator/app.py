@@ -341,8 +341,9 @@ async def sim_stats(request: web.Request) -> web.Response:
 
 async def sim_arrivals(request: web.Request) -> web.Response:
     """Calls as flow control saw them arrive (the last 200 000): `[time, app, api, admitted]`,
-    time on the host's monotonic clock (CLOCK_MONOTONIC: comparable across processes of the
-    host). `?since=T` keeps the later ones. Storm attempts are not listed."""
+    time on the simulator's monotonic clock — the host's CLOCK_MONOTONIC, comparable across
+    its processes, unless a test drives a manual clock. `?since=T` keeps the later ones.
+    Storm attempts are not listed."""
     platform = _platform(request)
     try:
         since = float(request.query.get("since", "-inf"))
