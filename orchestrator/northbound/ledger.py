@@ -452,11 +452,23 @@ class PacingLedger:
         return reaped
 
     def _prune(self, now: float) -> None:
-        """Forget slots a window past counting, and owners that ended a window ago."""
+        """Forget slots a window past counting, processes that ended a window ago (a process
+        that died without a word ends when this notices), and waiters long silent."""
         horizon = self._db.execute("SELECT MAX(hold) FROM slots").fetchone()[0] or 0.0
         self._db.execute("DELETE FROM slots WHERE until < ?", (now - horizon,))
+        for owner, pid, pid_start in self._db.execute(
+            "SELECT owner, pid, pid_start FROM owners WHERE ended_at IS NULL AND owner != ?",
+            (self.owner,),
+        ).fetchall():
+            if not process_alive(pid, pid_start):
+                self._db.execute("UPDATE owners SET ended_at = ? WHERE owner = ?", (now, owner))
         self._db.execute(
             "DELETE FROM owners WHERE ended_at IS NOT NULL AND ended_at < ?", (now - horizon,)
+        )
+        self._db.execute(
+            "DELETE FROM waiters WHERE seen_at < ? OR owner NOT IN"
+            " (SELECT owner FROM owners WHERE ended_at IS NULL)",
+            (now - max(horizon, STALE_WAITER),),
         )
 
     @staticmethod
