@@ -796,7 +796,12 @@ def budget(plan: Path | None, as_json: bool) -> None:
             ) from None
     if as_json:
         rows = [
-            {"base_url": app.base_url, "app_id": app.app_id, "budget": v.as_dict() if v else None}
+            {
+                "base_url": app.base_url,
+                "app_id": app.app_id,
+                "directory": str(app.directory),
+                "budget": v.as_dict() if v else None,
+            }
             for app, v in views
         ]
         click.echo(json.dumps(rows, indent=2))

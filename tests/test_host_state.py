@@ -272,3 +272,32 @@ def test_the_open_slot_of_a_killed_process_is_spent_for_one_window(tmp_path: Pat
     after = ledger.try_reserve(1, None, 1, 0.5, 30.0)
     assert isinstance(after, Wait) and after.firm
     assert 0.4 < after.at - ledger.now() <= 0.5
+
+
+# ---- rollout budget ------------------------------------------------------------------------
+def _budget(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", "budget", *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, COLUMNS="160"),
+        check=False,
+    )
+
+
+async def test_budget_shows_who_used_the_app_in_the_last_window(
+    live_sim: SimulatorServer,
+) -> None:
+    """`rollout budget` lists each process of the app with its calls in the last window."""
+    empty = await asyncio.to_thread(_budget)
+    assert empty.returncode == 0 and "no process of this host" in empty.stdout
+    async with NorthboundClient(client_config(live_sim, label="run meters")) as client:
+        for _ in range(3):
+            await client.list_packages()  # a login and three calls
+    shown = await asyncio.to_thread(_budget)
+    assert shown.returncode == 0, shown.stderr
+    assert f"app {APP_ID} at {live_sim.url}" in shown.stdout
+    row = next(line for line in shown.stdout.splitlines() if "run meters" in line)
+    assert "ended" in row and " 4 " in row
+    data = (await asyncio.to_thread(_budget, "--json")).stdout
+    assert '"calls_last_window": 4' in data and SECRET not in data
