@@ -62,6 +62,7 @@ concurrency = {args.concurrency}
 follow = false
 """)
         os.environ["BENCH_SECRET"] = "demo-secret"
+        os.environ["ROLLOUT_STATE_DIR"] = str(directory / "state")  # not the user's ledger
         journal = directory / "overhead.sqlite"
         loaded = load_plan(directory / "plan.toml")
         started = time.perf_counter()

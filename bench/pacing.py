@@ -5,8 +5,9 @@ the platform's 100/60 so the run takes seconds, not hours) and 50 concurrent cal
 GETs for WINDOWS windows; a throttled call is sent again, as any client must. Printed per
 limiter: calls the platform accepted per window ÷ the limit, and how many it refused.
 
-- ours: `orchestrator.northbound.Pacer` (one slot per (SECONDS + 1 %) / CALLS, priorities,
-  pause on throttle);
+- ours: `orchestrator.northbound.Pacer` (a slot taken from the send until SECONDS after the
+  reply, grants spread at CALLS per window; priorities; pause on throttle), on a private
+  ledger;
 - naive: `aiolimiter.AsyncLimiter(CALLS, SECONDS)`, the leaky bucket the aiolimiter docs
   suggest for "CALLS per SECONDS" — it admits a full bucket and then its refill in the same
   window, so the platform refuses the excess.
@@ -19,20 +20,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import aiohttp
 from aiolimiter import AsyncLimiter
 
 from orchestrator.northbound import Pacer
+from orchestrator.northbound.ledger import Outcome
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
 
 CALLERS = 50
 
 
+Limiter = Callable[[], AbstractAsyncContextManager[Callable[[bool], None]]]
+
+
 async def _run(
-    acquire: Callable[[], Awaitable[None]],
-    on_throttled: Callable[[], None],
+    limit: Limiter,
     calls: int,
     seconds: float,
     windows: int,
@@ -52,17 +57,15 @@ async def _run(
         async def caller() -> None:
             nonlocal accepted
             while time.monotonic() < deadline:
-                await acquire()
-                if time.monotonic() >= deadline:
-                    return
-                async with session.get(
-                    f"{url}/iodm/northbound/v1.5.0/category", headers=headers
-                ) as reply:
-                    await reply.read()
-                    if reply.status == 200:
-                        accepted += 1
-                    else:
-                        on_throttled()
+                async with limit() as outcome:
+                    if time.monotonic() >= deadline:
+                        return
+                    async with session.get(
+                        f"{url}/iodm/northbound/v1.5.0/category", headers=headers
+                    ) as reply:
+                        await reply.read()
+                        accepted += reply.status == 200
+                        outcome(reply.status == 200)
 
         await asyncio.gather(*(caller() for _ in range(CALLERS)))
         return accepted / windows / calls, server.platform.stats.throttled
@@ -75,9 +78,29 @@ async def main() -> None:
     parser.add_argument("--windows", type=int, default=10)
     args = parser.parse_args()
     pacer = Pacer(args.calls, args.seconds)
-    ours = await _run(pacer.acquire, pacer.on_throttled, args.calls, args.seconds, args.windows)
+
+    @asynccontextmanager
+    async def paced() -> AsyncIterator[Callable[[bool], None]]:
+        slot = await pacer.acquire()
+        seen = [Outcome.UNSENT]
+
+        def outcome(ok: bool) -> None:
+            seen[0] = Outcome.REPLIED if ok else Outcome.THROTTLED
+
+        try:
+            yield outcome
+        finally:
+            pacer.release(slot, seen[0])
+
+    ours = await _run(paced, args.calls, args.seconds, args.windows)
     bucket = AsyncLimiter(args.calls, args.seconds)
-    naive = await _run(bucket.acquire, lambda: None, args.calls, args.seconds, args.windows)
+
+    @asynccontextmanager
+    async def leaky() -> AsyncIterator[Callable[[bool], None]]:
+        await bucket.acquire()
+        yield lambda ok: None
+
+    naive = await _run(leaky, args.calls, args.seconds, args.windows)
     print(
         f"limit {args.calls} calls / {args.seconds:g} s, {args.windows} windows, {CALLERS} callers"
     )

@@ -51,6 +51,9 @@ from .errors import (
 )
 from .journal import approve_wave, has_run, unfinished_pass
 from .logs import configure_logging
+from .northbound.hoststate import ENV_VAR as STATE_ENV_VAR
+from .northbound.hoststate import AppState, known_apps, state_root
+from .northbound.ledger import BudgetView, read_budget
 from .passes import RETRY_CHOICES, RetryOptions, retry
 from .plan import LoadedPlan, check_times, load_plan
 from .planner import chunk_count
@@ -160,11 +163,23 @@ def _rate_limit(_ctx: click.Context, _param: click.Parameter, value: str) -> tup
     default="info",
     show_default=True,
 )
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar=STATE_ENV_VAR,
+    help="Where this host keeps each app's shared token and call ledger "
+    f"(default: ${STATE_ENV_VAR}, else the user's state directory; docs/host-state.md).",
+)
 @click.pass_context
-def main(ctx: click.Context, log_format: str, log_level: str) -> None:
+def main(ctx: click.Context, log_format: str, log_level: str, state_dir: Path | None) -> None:
     """Exactly-once firmware rollouts for NB-IoT fleets through the platform's northbound API."""
     configure_logging(log_format, log_level)
-    ctx.obj = {"log_format": log_format}
+    ctx.obj = {"log_format": log_format, "state_dir": state_dir}
+
+
+def _state_dir() -> Path | None:
+    value = (click.get_current_context().obj or {}).get("state_dir")
+    return value if isinstance(value, Path) else None
 
 
 @main.command()
@@ -317,6 +332,27 @@ def main(ctx: click.Context, log_format: str, log_level: str) -> None:
     "half a second of each change and on shutdown — a restarted simulator goes on where it "
     "stopped (tasks, groups, tokens, clock, counters) and never repeats an operationId.",
 )
+@click.option(
+    "--throttle-next-calls",
+    default=0,
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Refuse the next N calls with 1010009, as if another client had filled the window.",
+)
+@click.option(
+    "--revoke-next-tokens",
+    default=0,
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Revoke the app's token before each of the next N authenticated calls (1010005).",
+)
+@click.option(
+    "--only-api",
+    default="",
+    metavar="API",
+    help="The two knobs above act only on calls of this API (login, refreshToken, "
+    "createTask, listTasks, ...).",
+)
 @exits_cleanly
 def simulator(
     host: str,
@@ -351,12 +387,15 @@ def simulator(
     outage: float,
     outage_status: str,
     state_file: Path | None,
+    throttle_next_calls: int,
+    revoke_next_tokens: int,
+    only_api: str,
     failure_rate: float | None,
 ) -> None:
     """Serve the simulated platform (the northbound API of platform-api.md) on loopback.
 
     Admin endpoints, not part of the platform and without token: GET /_sim/stats,
-    GET /_sim/tasks, GET|POST /_sim/faults, GET|POST /_sim/clock.
+    GET /_sim/tasks, GET /_sim/arrivals, GET|POST /_sim/faults, GET|POST /_sim/clock.
     """
     if (cert is None) != (key is None):
         raise click.UsageError("--cert and --key go together")
@@ -398,6 +437,9 @@ def simulator(
             rollback_rate=rollback_rate,
             outage_s=outage,
             outage_status=int(outage_status),
+            throttle_next_calls=throttle_next_calls,
+            revoke_next_tokens=revoke_next_tokens,
+            only_api=only_api,
         ),
         state_file=state_file,
     )
@@ -477,7 +519,8 @@ def plan_command(plan: Path, as_json: bool, offline: bool) -> None:
     # the last: at least a page each, ceil(chunks / 100) when only this plan's tasks exist
     census_calls = 2 * max(1, -(-chunks // 100))
     calls = chunks + 2 + census_calls  # a login, the package lookup, the creates, the census
-    spacing = window * 1.01 / calls_per_window
+    # the pacer spreads calls at CALLS per window (+ margin); a round trip per slot is extra
+    spacing = (window + (p.platform.pacing_margin or 0.0)) / calls_per_window
     preview: dict[str, Any] = {
         "plan": p.name,
         "operation": p.operation.value,
@@ -621,6 +664,7 @@ def _drive(
         follow=follow,
         unknown_tasks=UnknownTasks(unknown_tasks),
         ignore_census=ignore_census,
+        state_dir=_state_dir(),
     )
 
     result = _interruptible(lambda: execute(loaded, options, update), bar)
@@ -803,7 +847,8 @@ def retry_command(
 def watch(plan: Path, journal: Path | None) -> None:
     """Follow PLAN's submitted tasks to their end (statuses, failure details); submit nothing."""
     loaded = _load(plan)
-    result = _interruptible(lambda: watch_run(loaded, journal))
+    state_dir = _state_dir()
+    result = _interruptible(lambda: watch_run(loaded, journal, state_dir=state_dir))
     _show_status(read_status(result.journal, loaded.plan.name))
 
 
@@ -969,7 +1014,7 @@ def report(
     devices, failure reasons and the calls spent — as CSV, JSON or a self-contained HTML page."""
     loaded = _load(plan)
     if refresh_first:
-        anyio.run(refresh, loaded, journal)
+        anyio.run(refresh, loaded, journal, _state_dir())
     data = collect(journal_path(loaded, journal), loaded.plan.name)
     if output is None:
         WRITERS[fmt](data, sys.stdout)
@@ -983,3 +1028,78 @@ def report(
             str(output), "--output", f"cannot write the report there: {_one_line(exc)}"
         ) from None
     stderr.print(f"{fmt} report written to {output}")
+
+
+PRIORITY_NAMES = {0: "login", 1: "submit", 2: "monitor"}
+
+
+@main.command()
+@click.argument("plan", type=click.Path(path_type=Path), required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the budget as JSON on stdout.")
+@exits_cleanly
+def budget(plan: Path | None, as_json: bool) -> None:
+    """Which processes of this host share an app's call budget now, and how many calls each
+    made in the last window — PLAN's app, or every app with state on this host."""
+    root = state_root(_state_dir())
+    if plan is not None:
+        loaded = _load(plan)
+        platform = loaded.plan.platform
+        if platform.is_simulator:
+            stderr.print("the embedded simulator's budget belongs to one process: nothing shared")
+            apps: list[AppState] = []
+        else:
+            apps = [AppState.locate(root, platform.url, platform.app_id)]
+    else:
+        apps = list(known_apps(root))
+    views: list[tuple[AppState, BudgetView | None]] = []
+    for app in apps:
+        try:
+            views.append((app, read_budget(app.ledger_file)))
+        except sqlite3.Error as exc:
+            raise JournalError(
+                f"{app.ledger_file}: the pacing ledger cannot be read ({exc})"
+            ) from None
+    if as_json:
+        rows = [
+            {
+                "base_url": app.base_url,
+                "app_id": app.app_id,
+                "directory": str(app.directory),
+                "budget": v.as_dict() if v else None,
+            }
+            for app, v in views
+        ]
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not any(view for _, view in views):
+        click.echo(f"no process of this host has used an app's budget lately (state: {root})")
+        return
+    for app, view in views:
+        if view is not None:
+            _print_budget(app, view)
+
+
+def _print_budget(app: AppState, view: BudgetView) -> None:
+    title = (
+        f"app {app.app_id} at {app.base_url}: {view.calls} calls / {view.seconds:g} s, "
+        f"{view.taken} slots taken now"
+    )
+    if view.share < 1:
+        title += f", this host grants itself {view.share:.0%} (throttled lately)"
+    if view.paused_for > 0:
+        title += f", paused {view.paused_for:.1f} s"
+    table = Table(title=title)
+    for column in ("process", "pid", "state", f"calls in the last {view.seconds:g} s", "throttled"):
+        table.add_column(column)
+    for owner in view.owners:
+        state = owner.state
+        if owner.waiting_priority is not None:
+            state += f" ({PRIORITY_NAMES.get(owner.waiting_priority, owner.waiting_priority)})"
+        table.add_row(
+            owner.label,
+            str(owner.pid),
+            state,
+            str(owner.calls_last_window),
+            str(owner.throttled_last_window),
+        )
+    Console().print(table)

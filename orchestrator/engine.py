@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -80,6 +81,7 @@ class RunOptions:
     follow: bool | None = None  # None: the plan's monitor.follow
     unknown_tasks: UnknownTasks = UnknownTasks.STOP  # targets in tasks of unknown package
     ignore_census: bool = False  # send targets the platform already holds (loud)
+    state_dir: Path | None = None  # the host's shared state (None: $ROLLOUT_STATE_DIR or default)
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,14 @@ def journal_path(loaded: LoadedPlan, override: Path | None) -> Path:
     return default_journal_path(loaded.plan.name, loaded.base_dir)
 
 
-def _client_config(plan: Plan, base_url: str, secret: str, tls: TLSConfig) -> ClientConfig:
+def _client_config(
+    plan: Plan,
+    base_url: str,
+    secret: str,
+    tls: TLSConfig,
+    state_dir: Path | None,
+    label: str,
+) -> ClientConfig:
     platform = plan.platform
     return ClientConfig(
         base_url=base_url,
@@ -108,13 +117,23 @@ def _client_config(plan: Plan, base_url: str, secret: str, tls: TLSConfig) -> Cl
         connect_timeout=platform.connect_timeout,
         total_timeout=platform.request_timeout,
         outage_budget=plan.execution.outage_budget,
+        state_dir=state_dir,
+        label=label,
     )
 
 
 @asynccontextmanager
-async def platform_client(loaded: LoadedPlan) -> AsyncIterator[NorthboundClient]:
-    """A client for the plan's platform; with `url = "simulator"`, an embedded one."""
+async def platform_client(
+    loaded: LoadedPlan, state_dir: Path | None = None, purpose: str = "run"
+) -> AsyncIterator[NorthboundClient]:
+    """A client for the plan's platform; with `url = "simulator"`, an embedded one.
+
+    The client shares the app's token and call budget with the host's other processes
+    through `state_dir` (None: $ROLLOUT_STATE_DIR, else the user's state directory); an
+    embedded simulator is this process's alone, so its state lives in a temporary directory.
+    `purpose` names what the process does in `rollout budget` ("run", "watch", …)."""
     platform = loaded.plan.platform
+    label = f"{purpose} {loaded.plan.name}"
     if platform.is_simulator:
         sim = platform.simulator
         server = SimulatorServer(
@@ -128,12 +147,15 @@ async def platform_client(loaded: LoadedPlan) -> AsyncIterator[NorthboundClient]
                 rate_limit=platform.rate,
             )
         )
-        async with server:
-            log.info("embedded simulator started", url=server.url, devices=sim.devices)
-            tls = TLSConfig(ca_file=server.cert_file)
-            config = _client_config(loaded.plan, server.url, DEFAULT_SECRET, tls)
-            async with NorthboundClient(config) as client:
-                yield client
+        with tempfile.TemporaryDirectory(prefix="rollout-state-") as private:
+            async with server:
+                log.info("embedded simulator started", url=server.url, devices=sim.devices)
+                tls = TLSConfig(ca_file=server.cert_file)
+                config = _client_config(
+                    loaded.plan, server.url, DEFAULT_SECRET, tls, Path(private), label
+                )
+                async with NorthboundClient(config) as client:
+                    yield client
         return
     base = loaded.base_dir
     tls = TLSConfig(
@@ -142,7 +164,7 @@ async def platform_client(loaded: LoadedPlan) -> AsyncIterator[NorthboundClient]
         client_key=base / platform.client_key if platform.client_key else None,
         insecure=platform.insecure,
     )
-    config = _client_config(loaded.plan, platform.url, loaded.secret(), tls)
+    config = _client_config(loaded.plan, platform.url, loaded.secret(), tls, state_dir, label)
     async with NorthboundClient(config) as client:
         yield client
 
@@ -559,7 +581,7 @@ async def execute(
                     f"retry pass {passes[-1].pass_no} of run {existing.run_id} is "
                     f"{passes[-1].status}: `rollout retry PLAN` finishes it"
                 )
-        async with platform_client(loaded) as client:
+        async with platform_client(loaded, options.state_dir, "run") as client:
             package = await resolve_package(loaded, client)
             if existing is not None and continuing:
                 run_id = existing.run_id
@@ -581,6 +603,7 @@ async def execute(
                         "groups-resolved",
                         {name: len(group.devices) for name, group in groups.items()},
                     )
+            client.pacer.describe(f"run {loaded.plan.name} (run {run_id})")
             journal.set_package(run_id, package.file_id, package.version)
             journal.set_status(run_id, RUNNING)
             requeued = journal.requeue_failed(run_id)
@@ -640,7 +663,11 @@ def _finish(journal: Journal, run_id: int, status: str) -> None:
 
 @asynccontextmanager
 async def _existing_run(
-    loaded: LoadedPlan, journal_file: Path | None, sleep: Sleep | None = None
+    loaded: LoadedPlan,
+    journal_file: Path | None,
+    sleep: Sleep | None = None,
+    state_dir: Path | None = None,
+    purpose: str = "watch",
 ) -> AsyncIterator[tuple[Journal, int, Rollout]]:
     """The journal's latest run of the plan, with a platform session, for monitoring only."""
     path = journal_path(loaded, journal_file)
@@ -651,7 +678,7 @@ async def _existing_run(
         existing = journal.latest_run(loaded.plan.name)
         if existing is None:
             raise JournalError(f"{path}: no run of plan {loaded.plan.name!r}")
-        async with platform_client(loaded) as client:
+        async with platform_client(loaded, state_dir, purpose) as client:
             package = await resolve_package(loaded, client)
             rollout = Rollout(
                 RunSession(loaded, journal, client, existing.run_id, package), None, sleep
@@ -665,17 +692,23 @@ async def _existing_run(
 
 
 async def watch(
-    loaded: LoadedPlan, journal_file: Path | None, *, sleep: Sleep | None = None
+    loaded: LoadedPlan,
+    journal_file: Path | None,
+    *,
+    sleep: Sleep | None = None,
+    state_dir: Path | None = None,
 ) -> RunResult:
     """Follow the journal's run to the end without submitting anything."""
-    async with _existing_run(loaded, journal_file, sleep) as (journal, run_id, rollout):
+    async with _existing_run(loaded, journal_file, sleep, state_dir) as (journal, run_id, rollout):
         await rollout.monitor.follow()
         return RunResult(run_id, journal.path, journal.counts(run_id))
 
 
-async def refresh(loaded: LoadedPlan, journal_file: Path | None) -> None:
+async def refresh(
+    loaded: LoadedPlan, journal_file: Path | None, state_dir: Path | None = None
+) -> None:
     """One monitor poll, so a report shows the platform's latest word (costs calls)."""
-    async with _existing_run(loaded, journal_file) as (_, _, rollout):
+    async with _existing_run(loaded, journal_file, None, state_dir, "report") as (_, _, rollout):
         await rollout.monitor.poll()
 
 

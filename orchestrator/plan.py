@@ -72,7 +72,7 @@ class PlatformSection(_Section):
     client_key: Path | None = None
     insecure: bool = False
     rate_limit: str = "100/60"
-    pacing_margin: float | None = Field(default=None, ge=0, le=60)  # None: 1 % of the window
+    pacing_margin: float | None = Field(default=None, ge=0, le=60)  # None: 0 s
     connect_timeout: float = Field(default=10.0, gt=0, le=300)
     request_timeout: float = Field(default=30.0, gt=0, le=600)
     simulator: SimulatorSection = Field(default_factory=SimulatorSection)

@@ -22,10 +22,13 @@ For each chunk, in order, under the shared pacing:
    clock, is not older than our first intent. Found → adopt the oldest match; absent →
    what the run's census found of the chunk is adopted, the rest is sent again.
 
-A run of identical failures stops the run rather than burn the budget. Device-level refusals
-are not such failures: they are the bisection's own work, bounded on its own; transient
-faults (the platform down: refused connections, gateway 502/503/504) are not either — the
-worker waits until the platform answers again, and the outage's budget decides when to stop.
+A run of identical failures stops the run rather than burn the budget. Refusals that are not
+the run's fault never count: 1010005 (another process or host replaced the app's token) and
+1010009 (another client spent the app's budget), also when a login or refresh drew them —
+they did not act, the chunk is simply sent again; device-level refusals, the bisection's own
+work, bounded on its own; transient faults (the platform down: refused connections, gateway
+502/503/504) — the worker waits until the platform answers again, and the outage's budget
+decides when to stop.
 
 **Bisection.** A chunk refused for a device-level cause is split in halves (`planner.bisect`);
 the left half is sent first. Accepted → every offending target of the parent is in the right
@@ -57,10 +60,12 @@ from .errors import (
     BadRequest,
     CannotConnect,
     InputError,
+    InvalidToken,
     PlatformCallError,
     PlatformError,
     PlatformUnreachable,
     RunAborted,
+    Throttled,
 )
 from .journal import FAILED, INTENT, PENDING
 from .northbound import (
@@ -84,6 +89,8 @@ DEVICE_LEVEL_CODES = frozenset({"123002", "123016"})
 START_LEAD = 2.0  # seconds: a custom window's start must not have passed when the create arrives
 MIN_WINDOW_SECONDS = 300.0
 RETRY_PAUSE = 1.0
+# the app's token or budget taken by another process or client: not a sign the run is failing
+NOT_THE_RUNS_FAULT = (InvalidToken, Throttled)
 
 
 @dataclass
@@ -417,7 +424,8 @@ class Submitter:
             await self.session.client.wait_until_reachable()
         else:
             code = error.code if isinstance(error, PlatformError) else type(error).__name__
-            self._count_failure(code, str(error))
+            if not isinstance(error, NOT_THE_RUNS_FAULT):
+                self._count_failure(code, str(error))
             await self._sleep(RETRY_PAUSE)
         self._enqueue(chunk)
 
@@ -457,7 +465,8 @@ class Submitter:
             self._release(chunk.chunk_id, refused_there=False)
             self._isolate(chunk, code, error.desc)
             return
-        if not error.transient:  # the platform down is not a failure of this run
+        # the platform down, or another client's doing, is not a failure of this run
+        if not error.transient and not isinstance(error, NOT_THE_RUNS_FAULT):
             self._count_failure(code, detail)
         # the held right half of a bisected chunk is sent: nothing is known of this left half
         self._release(chunk.chunk_id, refused_there=False)

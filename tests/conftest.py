@@ -69,6 +69,15 @@ class RawPlatform:
             return await reply.json()
 
 
+@pytest.fixture(autouse=True)
+def private_host_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test has its own host state (token cache, pacing ledger), inherited by the
+    processes it starts: never the user's, never another test's."""
+    root = tmp_path / "host-state"
+    monkeypatch.setenv("ROLLOUT_STATE_DIR", str(root))
+    return root
+
+
 @pytest.fixture
 def manual_clock() -> ManualClock:
     return ManualClock()

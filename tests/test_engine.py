@@ -190,4 +190,4 @@ async def test_plan_rate_limit_and_margin_reach_the_pacer(
     async with platform_client(load_plan(plan)) as client:
         pacer = client.pacer
     assert (pacer.calls, pacer.seconds, pacer.margin) == (1000, 1.0, 0.25)
-    assert pacer.spacing == pytest.approx(1.25 / 1000)
+    assert pacer.hold == pytest.approx(1.25)  # a slot stays taken this long after its reply

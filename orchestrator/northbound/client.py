@@ -1,7 +1,9 @@
 """The async platform client: typed calls, shared pacing, tokens, one error boundary.
 
-Every call takes a pacing slot first (retries and logins too). Faults are sorted at the one
-boundary with aiohttp (`_send`):
+Every call takes a pacing slot first (retries and logins too) and gives it back when its
+reply or failure is seen. The pacing ledger and the token are shared with every other
+process of the app on this host (hoststate.py, ledger.py, tokencache.py). Faults are sorted
+at the one boundary with aiohttp (`_exchange`):
 
 - *transient* — connection refused or unreachable, a connect or DNS timeout, a gateway's
   502/503/504: the platform is down. GETs and logins pause and go again (`outage.py`) until
@@ -13,8 +15,9 @@ boundary with aiohttp (`_send`):
   times with backoff (stamina); creates never are here, because they may have taken effect —
   the engine settles them.
 
-A throttle reply (1010009) certainly did not act, so any call — a create included — waits
-for the pacer's cool-down and goes again.
+A throttle reply (1010009) certainly did not act, so any call — a create, a login, a
+refresh — waits for the pacer's cool-down and goes again; an invalid token (1010005) is
+replaced (from the host's cache, or by a new login) and the call goes again.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import structlog
 
 from ..errors import (
     GATEWAY_STATUSES,
+    CannotConnect,
     ConnectFailed,
     ConnectionLost,
     HostNotFound,
@@ -51,6 +55,8 @@ from ..errors import (
 from .auth import TokenKeeper
 from .clock import PlatformClock
 from .config import ClientConfig
+from .hoststate import AppState, state_root
+from .ledger import Outcome
 from .models import (
     SUBTASK_STATUS_TO_WIRE,
     TASK_STATUS_TO_WIRE,
@@ -66,6 +72,7 @@ from .models import (
 )
 from .outage import Outage
 from .pacing import Pacer, Priority, shared_pacer
+from .tokencache import TokenCache
 
 log = structlog.get_logger("orchestrator.northbound")
 T = TypeVar("T")
@@ -76,7 +83,7 @@ UPGRADE = "/iodm/northbound/v1.5.0"
 GROUPS = "/iocm/app/devgroup/v1.3.0/devGroups"
 GROUP_MEMBERS = "/iocm/app/dm/v1.2.0/devices/ids"
 MAX_PAGE_SIZE = 100
-MAX_THROTTLED_ATTEMPTS = 20
+MAX_THROTTLED_ATTEMPTS = 20  # attempts of one call refused by flow control or for its token
 BeforeSend = Callable[[], None]
 
 
@@ -102,6 +109,9 @@ class NorthboundClient:
         self._where = f"{self._host}:{self._port}"
         self._probe_timeout = min(config.connect_timeout, 5.0)
         self._pacer = pacer
+        self._shares_pacer = pacer is None  # the app's shared pacer: counted users, closed
+        self._attached: Pacer | None = None
+        self._state: AppState | None = None
         self._session: aiohttp.ClientSession | None = None
         self.tokens = TokenKeeper(self._login, self._refresh, config.refresh_before)
         self.calls = 0
@@ -114,22 +124,41 @@ class NorthboundClient:
         return counts
 
     @property
+    def state(self) -> AppState:
+        """The app's directory of shared state on this host (created on first use; raises
+        InputError naming it when it cannot be)."""
+        if self._state is None:
+            root = state_root(self.config.state_dir)
+            self._state = AppState.open(root, self._base, self.config.app_id)
+        return self._state
+
+    @property
     def pacer(self) -> Pacer:
         if self._pacer is None:
             calls, seconds = self.config.rate_limit
             self._pacer = shared_pacer(
-                self._base, self.config.app_id, calls, seconds, self.config.pacing_margin
+                self._base,
+                self.config.app_id,
+                calls,
+                seconds,
+                self.config.pacing_margin,
+                state=self.state,
+                request_timeout=self.config.total_timeout,
+                label=self.config.label,
             )
         return self._pacer
 
     async def __aenter__(self) -> NorthboundClient:
+        self.tokens.cache = TokenCache(self.state)
+        if self._shares_pacer:
+            self._attached = self.pacer
+            self._attached.attach()
         ssl_context = self.config.tls.context() if self._tls else None
         connector = aiohttp.TCPConnector(ssl=ssl_context if ssl_context is not None else True)
         timeout = aiohttp.ClientTimeout(
             total=self.config.total_timeout, connect=self.config.connect_timeout
         )
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
-        _ = self.pacer
         return self
 
     async def __aexit__(
@@ -141,6 +170,9 @@ class NorthboundClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._attached is not None:
+            await self._attached.detach()
+            self._attached = None
 
     # ---- the one boundary with aiohttp ------------------------------------------------------
     async def _send(
@@ -160,13 +192,40 @@ class NorthboundClient:
         headers: dict[str, str] = {}
         if token is not None:
             headers = {"app_key": self.config.app_id, "Authorization": f"Bearer {token}"}
-        await self.pacer.acquire(priority)
-        if callable(body):  # built first: a body that cannot be built leaves no intent behind
-            body = body()
-        if before_send is not None:
-            before_send()
-        self.calls += 1
-        self._calls_by_api[_api_name(method, path)] += 1
+        slot = await self.pacer.acquire(priority)
+        outcome = Outcome.UNSENT
+        try:
+            if callable(body):  # built first: a body that cannot be built leaves no intent
+                body = body()
+            if before_send is not None:
+                before_send()
+            self.calls += 1
+            self._calls_by_api[_api_name(method, path)] += 1
+            outcome = Outcome.FAILED  # from here on the call may reach the platform
+            status, raw = await self._exchange(method, path, params, body, form, headers)
+            outcome = Outcome.REPLIED
+            try:
+                return self._interpret(method, path, status, raw)
+            except Throttled:
+                outcome = Outcome.THROTTLED
+                raise
+        except (ConnectFailed, CannotConnect):
+            outcome = Outcome.UNSENT  # the connection never opened: nothing arrived
+            raise
+        finally:
+            # the slot stays taken until SECONDS after this moment: the call arrived by now
+            self.pacer.release(slot, outcome)
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        params: Mapping[str, str] | None,
+        body: Any,
+        form: Mapping[str, str] | None,
+        headers: dict[str, str],
+    ) -> tuple[int, bytes]:
+        assert self._session is not None
         sent = self.clock.local()
         try:
             async with self._session.request(
@@ -191,7 +250,7 @@ class NorthboundClient:
             self.outage.begin(f"HTTP {status} from a gateway")
         else:
             self.outage.answered()
-        return self._interpret(method, path, status, raw)
+        return status, raw
 
     async def _transport_error(
         self, exc: aiohttp.ClientError, method: str, path: str
@@ -259,10 +318,7 @@ class NorthboundClient:
                 path=path,
             )
         else:
-            self.pacer.on_success()
             return payload
-        if isinstance(error, Throttled):
-            self.pacer.on_throttled()
         raise error
 
     # ---- authenticated calls ----------------------------------------------------------------
@@ -274,31 +330,33 @@ class NorthboundClient:
         before_send: BeforeSend | None = None,
         **kwargs: Any,
     ) -> Any:
-        """One logical call: token, one re-login on 1010005, waits out throttling.
+        """One logical call: token, waits out throttling, replaces a refused token.
 
-        `before_send` runs each time an attempt has its pacing slot and is about to leave —
-        the engine journals its intent there (the first time) and the send time of the
-        attempt that really leaves (after a throttled or re-authenticated one, which certainly
-        did not act), so a process killed while waiting for a slot leaves nothing to reconcile
-        and the settle time counts from the last send.
+        A 1010005 reply did not act: the token is replaced — by the host's newer one if
+        another process already got it, else by a new login — and the call goes again (at
+        most MAX_THROTTLED_ATTEMPTS attempts in all). `before_send` runs each time an attempt
+        has its pacing slot and is about to leave — the engine journals its intent there (the
+        first time) and the send time of the attempt that really leaves (after a throttled or
+        re-authenticated one, which certainly did not act), so a process killed while waiting
+        for a slot leaves nothing to reconcile and the settle time counts from the last send.
         """
-        relogged = False
         token = await self.tokens.access_token()
-        for _ in range(MAX_THROTTLED_ATTEMPTS):
+        for attempt in range(1, MAX_THROTTLED_ATTEMPTS + 1):
             try:
                 return await self._send(
                     method, path, priority, token=token, before_send=before_send, **kwargs
                 )
             except InvalidToken:
-                if relogged:
+                if attempt == MAX_THROTTLED_ATTEMPTS:
                     raise
-                relogged = True
                 token = await self.tokens.replace(token)
             except Throttled:
-                continue  # refused and not counted: safe to send again after the cool-down
-        raise Throttled(
-            403, "1010009", "still throttled after many attempts", method=method, path=path
-        )
+                if attempt == MAX_THROTTLED_ATTEMPTS:
+                    raise
+                # refused and not counted: safe to send again after the cool-down, with the
+                # host's newest token (another process may have refreshed it meanwhile)
+                token = await self.tokens.access_token()
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def ride_out(self, call: Callable[[], Awaitable[T]]) -> T:
         """`call()`, sent again after a pause while it meets transient faults (the platform
@@ -348,14 +406,23 @@ class NorthboundClient:
         raise Throttled(403, "1010009", "login throttled", method="POST", path=LOGIN_PATH)
 
     async def _refresh(self, refresh_token: str) -> Token:
+        """A throttled refresh (another client spending the budget) is waited out like a
+        login: the call did not act and goes again after the cool-down."""
         body = {
             "appId": self.config.app_id,
             "secret": self.config.secret.get_secret_value(),
             "refreshToken": refresh_token,
         }
-        return Token.model_validate(
-            await self.ride_out(lambda: self._send("POST", REFRESH_PATH, Priority.AUTH, body=body))
-        )
+        for _ in range(MAX_THROTTLED_ATTEMPTS):
+            try:
+                return Token.model_validate(
+                    await self.ride_out(
+                        lambda: self._send("POST", REFRESH_PATH, Priority.AUTH, body=body)
+                    )
+                )
+            except Throttled:
+                continue
+        raise Throttled(403, "1010009", "refresh throttled", method="POST", path=REFRESH_PATH)
 
     async def login(self) -> None:
         """Make sure a valid token is held (logs in if needed)."""

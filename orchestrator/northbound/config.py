@@ -52,9 +52,13 @@ class ClientConfig:
     secret: SecretStr = field(repr=False)
     tls: TLSConfig = field(default_factory=TLSConfig)
     rate_limit: tuple[int, float] = DEFAULT_RATE_LIMIT
-    pacing_margin: float | None = None  # seconds; None: 1 % of the window
+    pacing_margin: float | None = None  # seconds a slot stays taken beyond the window; None: 0
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     total_timeout: float = DEFAULT_TOTAL_TIMEOUT
     refresh_before: float = DEFAULT_REFRESH_BEFORE
     get_attempts: int = DEFAULT_GET_ATTEMPTS
     outage_budget: float = DEFAULT_OUTAGE_BUDGET
+    # the host's shared state of the app (token cache, pacing ledger): hoststate.py;
+    # None: $ROLLOUT_STATE_DIR, else the user's state directory
+    state_dir: Path | None = None
+    label: str = ""  # who is calling, as `rollout budget` shows it (e.g. "run meters-fw")

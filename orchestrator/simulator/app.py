@@ -125,11 +125,16 @@ async def _platform_reply(
         await asyncio.sleep(delay)
     try:
         app_id = await _app_id_of(request, api)
-        if not platform.throttle.admit(app_id):
+        # an injected throttle refuses before the window: like a real refusal, it does not count
+        admitted = not platform.faults.take_throttle(api) and platform.throttle.admit(app_id)
+        platform.stats.arrivals.append((platform.clock.monotonic(), app_id, api, admitted))
+        if not admitted:
             platform.stats.throttled += 1
             raise PlatformReject("1010009")
         platform.stats.calls[api] += 1
         if api not in UNAUTHENTICATED:
+            if platform.faults.take_revoke(api):
+                platform.tokens.revoke(app_id)
             _check_token(platform, request, app_id)
         response = await handler(request)
     except PlatformReject as reject:
@@ -361,6 +366,20 @@ async def sim_stats(request: web.Request) -> web.Response:
     return json_reply(stats)
 
 
+async def sim_arrivals(request: web.Request) -> web.Response:
+    """Calls as flow control saw them arrive (the last 200 000): `[time, app, api, admitted]`,
+    time on the simulator's monotonic clock — the host's CLOCK_MONOTONIC, comparable across
+    its processes, unless a test drives a manual clock. `?since=T` keeps the later ones.
+    Storm attempts are not listed."""
+    platform = _platform(request)
+    try:
+        since = float(request.query.get("since", "-inf"))
+    except ValueError:
+        return json_reply({"error": "since must be a number (monotonic seconds)"}, 400)
+    rows = [list(row) for row in platform.stats.arrivals if row[0] > since]
+    return json_reply({"now": platform.clock.monotonic(), "arrivals": rows})
+
+
 async def sim_tasks(request: web.Request) -> web.Response:
     return json_reply({"tasks": _platform(request).truth()})
 
@@ -439,6 +458,7 @@ def build_app(platform: Platform) -> web.Application:
     )
     r.add_get("/_sim/stats", sim_stats)
     r.add_get("/_sim/tasks", sim_tasks)
+    r.add_get("/_sim/arrivals", sim_arrivals)
     r.add_route("*", "/_sim/faults", sim_faults)
     r.add_route("*", "/_sim/clock", sim_clock)
     return app

@@ -17,6 +17,11 @@ Kinds:
   at, like the rest of its devices' behaviour).
 - a gateway with no platform behind it: every platform call answers 502/503/504 without
   acting, for some real seconds (`outage_s`, `outage_status`).
+- the next N calls refused with 1010009 as if another client had just filled the app's
+  window (`throttle_next_calls`);
+- the app's token revoked before each of the next N authenticated calls, as another
+  client's login would (`revoke_next_tokens`): each of them draws 1010005;
+  both only for calls of one API when `only_api` names it.
 
 Decisions draw from one seeded generator, so a test that sets the same knobs and sends the
 same calls sees the same faults.
@@ -52,6 +57,9 @@ class FaultConfig:
     rollback_rate: float = 0.0  # share of succeeded upgrades that report the old version
     outage_s: float = 0.0  # from the next call on, for this many real seconds: a gateway ...
     outage_status: int = 503  # ... answers every platform call with this (502/503/504)
+    throttle_next_calls: int = 0  # refuse this many more calls with 1010009 (not counted)
+    revoke_next_tokens: int = 0  # revoke the app's token before this many more calls
+    only_api: str = ""  # the two knobs above act on calls of this API only; "": any
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,9 +94,12 @@ class FaultInjector:
             elif key == "omit_extend_para":
                 if not isinstance(value, bool):
                     raise ValueError("omit_extend_para must be true or false")
-            elif key == "reject_next_creates":
+            elif key in ("reject_next_creates", "throttle_next_calls", "revoke_next_tokens"):
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                    raise ValueError("reject_next_creates must be an integer >= 0")
+                    raise ValueError(f"{key} must be an integer >= 0")
+            elif key == "only_api":
+                if not isinstance(value, str):
+                    raise ValueError("only_api must be an API name or empty")
             elif key == "reject_status":
                 if not isinstance(value, int) or isinstance(value, bool) or not 400 <= value <= 599:
                     raise ValueError("reject_status must be an HTTP error status (400-599)")
@@ -154,6 +165,23 @@ class FaultInjector:
         self.config.reject_next_creates -= 1
         self._count("reject")
         return self.config.reject_status
+
+    def take_throttle(self, api: str) -> bool:
+        """Whether to refuse this call of `api` with 1010009 now; counts one down."""
+        config = self.config
+        if config.throttle_next_calls <= 0 or config.only_api not in ("", api):
+            return False
+        config.throttle_next_calls -= 1
+        self._count("throttle")
+        return True
+
+    def take_revoke(self, api: str) -> bool:
+        """Whether to revoke the app's token before this call of `api`; counts one down."""
+        if self.config.revoke_next_tokens <= 0 or self.config.only_api not in ("", api):
+            return False
+        self.config.revoke_next_tokens -= 1
+        self._count("revoke")
+        return True
 
     def _count(self, kind: str) -> str:
         self.injected[kind] = self.injected.get(kind, 0) + 1

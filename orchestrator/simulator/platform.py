@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,12 +41,19 @@ class CheckedCreate:
     device_ids: list[str]
 
 
+ARRIVALS_KEPT = 200_000
+
+
 @dataclass
 class Stats:
     calls: Counter[str] = field(default_factory=Counter)
     replies: Counter[str] = field(default_factory=Counter)
     throttled: int = 0
     tasks_created: int = 0
+    # every call that reached flow control, newest last: (monotonic time, app, API, admitted)
+    arrivals: deque[tuple[float, str, str, bool]] = field(
+        default_factory=lambda: deque(maxlen=ARRIVALS_KEPT)
+    )
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -50,6 +50,10 @@ class TokenStore:
             "scope": "default",
         }
 
+    def revoke(self, app_id: str) -> None:
+        """The app's current access token stops working (as when another client logs in)."""
+        self._current.pop(app_id, None)
+
     def refresh_ok(self, app_id: str, refresh_token: str) -> bool:
         entry = self._refresh.get(refresh_token)
         return entry is not None and entry[0] == app_id and entry[1] > self._monotonic()
