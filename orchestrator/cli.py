@@ -3,7 +3,8 @@
 Exit codes (docs/exit-codes.md): 0 done; 1 the run failed or stopped on a platform refusal, or
 targets remain in no task; 2 bad input (plan, fleet file, options) — nothing was sent; 3 the
 journal is locked or does not match the plan; 4 halted at a gate; 5 targets found in two tasks
-of the package; 130 interrupted (Ctrl-C), in-flight state recorded.
+of the package; 75 a step (`--step`) went as far as it can now, the rest needs time; 130
+interrupted (Ctrl-C), in-flight state recorded.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from .errors import (
     PlatformCallError,
     RunAborted,
     RunHalted,
+    RunWaiting,
 )
 from .journal import approve_wave, has_run
 from .logs import configure_logging
@@ -61,6 +63,7 @@ EXIT_BAD_INPUT = 2
 EXIT_JOURNAL = 3
 EXIT_HALTED = 4
 EXIT_DUPLICATES = 5
+EXIT_WAITING = 75  # sysexits' EX_TEMPFAIL: "try again later"
 EXIT_INTERRUPTED = 130
 
 stderr = Console(stderr=True)
@@ -72,6 +75,7 @@ R = TypeVar("R")
 ERROR_EXITS: tuple[tuple[type[BaseException], str, int], ...] = (
     (InputError, "[red]error:[/]", EXIT_BAD_INPUT),
     (JournalError, "[red]journal:[/]", EXIT_JOURNAL),
+    (RunWaiting, "[cyan]waiting:[/]", EXIT_WAITING),
     (RunHalted, "[yellow]halted at a gate:[/]", EXIT_HALTED),
     (DuplicatesFound, "[red]duplicates:[/]", EXIT_DUPLICATES),
     (RunAborted, "[red]run stopped:[/]", EXIT_FAILED),
@@ -445,6 +449,7 @@ def _drive(
     follow: bool | None,
     unknown_tasks: str,
     ignore_census: bool,
+    step: bool,
 ) -> None:
     loaded = _load(plan)
     if not resume_only and (
@@ -459,9 +464,16 @@ def _drive(
         follow=follow,
         unknown_tasks=UnknownTasks(unknown_tasks),
         ignore_census=ignore_census,
+        step=step,
     )
 
     result = _interruptible(lambda: execute(loaded, options, update), bar)
+    if result.already_completed:
+        stderr.print(
+            f"run {result.run_id} of {loaded.plan.name} is already completed; nothing was sent "
+            "(--new-run starts another)",
+            highlight=False,
+        )
     _show_status(read_status(result.journal, loaded.plan.name))
 
 
@@ -533,6 +545,13 @@ unknown_tasks_option = click.option(
     help="Targets already in a task whose package the platform does not report: stop and "
     "ask, skip them (count them as in that task), or send them anyway.",
 )
+step_option = click.option(
+    "--step",
+    is_flag=True,
+    help="For schedulers (systemd timer, CronJob): go as far as possible now — census, "
+    "submit what may be submitted, one monitor poll, judge the gates — then exit 75 when the "
+    "rest needs time (tasks running, a soak, an approval) instead of sleeping. Call again.",
+)
 ignore_census_option = click.option(
     "--ignore-census",
     is_flag=True,
@@ -553,6 +572,7 @@ ignore_census_option = click.option(
 @follow_option
 @unknown_tasks_option
 @ignore_census_option
+@step_option
 @exits_cleanly
 def run(
     plan: Path,
@@ -561,9 +581,10 @@ def run(
     follow: bool | None,
     unknown_tasks: str,
     ignore_census: bool,
+    step: bool,
 ) -> None:
     """Run PLAN: submit one upgrade task per chunk, exactly once, wave by wave; watch them."""
-    _drive(plan, journal, new_run, False, follow, unknown_tasks, ignore_census)
+    _drive(plan, journal, new_run, False, follow, unknown_tasks, ignore_census, step)
 
 
 @main.command()
@@ -572,12 +593,18 @@ def run(
 @follow_option
 @unknown_tasks_option
 @ignore_census_option
+@step_option
 @exits_cleanly
 def resume(
-    plan: Path, journal: Path | None, follow: bool | None, unknown_tasks: str, ignore_census: bool
+    plan: Path,
+    journal: Path | None,
+    follow: bool | None,
+    unknown_tasks: str,
+    ignore_census: bool,
+    step: bool,
 ) -> None:
     """Finish the journal's run of PLAN: census, settle in-flight chunks, then go on."""
-    _drive(plan, journal, False, True, follow, unknown_tasks, ignore_census)
+    _drive(plan, journal, False, True, follow, unknown_tasks, ignore_census, step)
 
 
 @main.command()

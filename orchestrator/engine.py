@@ -27,6 +27,7 @@ from .errors import (
     JournalMismatch,
     RunAborted,
     RunHalted,
+    RunWaiting,
 )
 from .gates import Verdict, evaluate
 from .journal import (
@@ -37,12 +38,13 @@ from .journal import (
     INTERRUPTED,
     PENDING,
     RUNNING,
+    WAITING,
     Journal,
     RunRow,
     default_journal_path,
 )
 from .monitor import Monitor, Sleep
-from .northbound import ClientConfig, NorthboundClient, TLSConfig
+from .northbound import ClientConfig, NorthboundClient, Package, TLSConfig
 from .plan import PLATFORM_TIME_FORMAT, LoadedPlan, PlatformSection, WaveSection, check_times
 from .planner import plan_chunks
 from .session import RunSession
@@ -63,6 +65,9 @@ class RunOptions:
     follow: bool | None = None  # None: the plan's monitor.follow
     unknown_tasks: UnknownTasks = UnknownTasks.STOP  # targets in tasks of unknown package
     ignore_census: bool = False  # send targets the platform already holds (loud)
+    # advance as far as possible now — census, submit what may be submitted, one monitor
+    # poll, judge the gates — then raise RunWaiting instead of sleeping (schedulers)
+    step: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,7 @@ class RunResult:
     run_id: int
     journal: Path
     counts: dict[str, int]
+    already_completed: bool = False  # the journal's run was completed: nothing was done
 
 
 def journal_path(loaded: LoadedPlan, override: Path | None) -> Path:
@@ -262,12 +268,17 @@ class Rollout:
         progress: ProgressHook | None,
         sleep: Sleep | None = None,
         census: CensusView | None = None,
+        *,
+        step: bool = False,
     ) -> None:
         self.session = session
         self.hook = progress
         self.progress = Progress(total_targets=len(session.loaded.fleet.members))
         self.monitor = Monitor(session, **({"sleep": sleep} if sleep is not None else {}))
         self.census = census
+        self.step = step
+        self._polled = False  # step mode: at most one monitor poll per step
+        self._fresh = False  # step mode: this step created tasks (none of them can be done)
 
     async def drive(self, follow: bool) -> None:
         rows = {row.wave: row for row in self.session.journal.waves(self.session.run_id)}
@@ -277,6 +288,7 @@ class Rollout:
             if rows[wave.index].gate_state == "passed":
                 continue
             log.info("wave", wave=wave.name, targets=len(wave.members))
+            creates = self.progress.creates
             await Submitter(
                 self.session,
                 self.hook,
@@ -286,6 +298,7 @@ class Rollout:
                 census=self.census,
                 sleep=self.monitor.sleep,
             ).run()
+            self._fresh = self._fresh or self.progress.creates > creates
             self.session.journal.add_calls(
                 self.session.run_id, self.session.client.take_call_counts()
             )
@@ -296,8 +309,40 @@ class Rollout:
                     self.session.run_id, wave.index, "none", "the last wave has no gate"
                 )
         await self.closing_census()
-        if follow:
+        if follow and self.step:
+            await self._poll()
+            unfinished = len(self.session.journal.unfinished_tasks(self.session.run_id))
+            if unfinished:
+                raise RunWaiting(
+                    f"{unfinished} tasks still running ({self._devices_open()}); "
+                    "the next step polls again",
+                    waiting_for="tasks",
+                )
+        elif follow:
             await self.monitor.follow(first_wait=self.session.plan.monitor.poll_interval)
+
+    async def _poll(self) -> None:
+        """One monitor poll; in step mode at most one per step, none when this step has just
+        created tasks (they cannot be done yet: the next step looks)."""
+        if not self.step:
+            await self.monitor.poll()
+            return
+        if self._fresh:
+            raise RunWaiting(
+                f"tasks were just created ({self._devices_open()}); the next step polls them",
+                waiting_for="tasks",
+            )
+        if not self._polled:
+            self._polled = True
+            await self.monitor.poll()
+
+    def _devices_open(self) -> str:
+        in_tasks = finished = 0
+        for wave in self.session.journal.waves(self.session.run_id):
+            counts = self.session.journal.wave_counts(self.session.run_id, wave.wave)
+            in_tasks += counts.submitted
+            finished += counts.finished
+        return f"{in_tasks - finished} of {in_tasks} devices in tasks not finished"
 
     async def closing_census(self) -> None:
         """After the run's last create (once the platform has surely finished with every
@@ -341,10 +386,10 @@ class Rollout:
         gate = section.gate
         interval = self.session.plan.monitor.poll_interval
         seen = self.session.journal.wave_counts(self.session.run_id, wave)
-        if seen.tasks == 0 or seen.final_tasks < seen.tasks:
+        if not self.step and (seen.tasks == 0 or seen.final_tasks < seen.tasks):
             await self.monitor.sleep(interval)  # tasks created a moment ago cannot be done
         while True:
-            await self.monitor.poll()
+            await self._poll()
             counts = self.session.journal.wave_counts(self.session.run_id, wave)
             verdict, reason = evaluate(gate, counts)
             row = next(r for r in self.session.journal.waves(self.session.run_id) if r.wave == wave)
@@ -365,6 +410,11 @@ class Rollout:
                 )
             if verdict is Verdict.WAIT:
                 self.session.journal.set_gate(self.session.run_id, wave, "waiting", reason)
+                if self.step:
+                    raise RunWaiting(
+                        f"wave {name!r} gate waits: {reason}; the next step polls again",
+                        waiting_for="tasks",
+                    )
                 await self.monitor.sleep(interval)
                 interval = min(self.session.plan.monitor.max_poll_interval, interval * 1.5)
                 continue
@@ -374,16 +424,24 @@ class Rollout:
                     self.session.journal.set_gate(
                         self.session.run_id, wave, "soaking", reason, soak_until
                     )
+                    if self.step:
+                        until = datetime.fromtimestamp(soak_until, UTC)
+                        raise RunWaiting(
+                            f"wave {name!r} passed its gate ({reason}) and soaks until "
+                            f"{until.isoformat(timespec='seconds')}; failures are watched "
+                            "on every step meanwhile",
+                            waiting_for="soak",
+                            until=soak_until,
+                        )
                     await self.monitor.sleep(min(interval, max(0.0, soak_until - time.time())))
                     continue
             if gate.approval and not approved:
                 self.session.journal.set_gate(
                     self.session.run_id, wave, "awaiting-approval", reason
                 )
-                raise RunHalted(
-                    f"wave {name!r} passed its gate ({reason}) and waits for approval: "
-                    f"rollout approve PLAN --wave {name}, then rollout resume"
-                )
+                if self.step:
+                    raise RunWaiting(_approval_message(name, reason), waiting_for="approval")
+                raise RunHalted(_approval_message(name, reason))
             self.session.journal.set_gate(self.session.run_id, wave, "passed", reason)
             log.info("gate passed", wave=name, reason=reason)
             return
@@ -397,7 +455,13 @@ async def execute(
     sleep: Sleep | None = None,
 ) -> RunResult:
     """`rollout run` / `rollout resume`. Raises the orchestrator's errors (exit codes in
-    docs/exit-codes.md); returns only when every target is in a task or quarantined."""
+    docs/exit-codes.md); returns only when every target is in a task or quarantined.
+
+    A run the journal shows completed is not touched: no login, no call (`--new-run` starts
+    another). With `options.step`, raises RunWaiting (exit 75) when the rest needs time; a
+    step that follows a clean step (run status `waiting`) goes on as a continuous run does
+    after a sleep: no census and no package look-up again, and none of any call while a
+    gate only waits for an operator's approval."""
     if not loaded.plan.platform.is_simulator:
         loaded.secret()  # an unset secret is bad input: fail before a journal or a call exists
     path = journal_path(loaded, options.journal)
@@ -409,8 +473,23 @@ async def execute(
         continuing = existing is not None and not options.new_run
         if existing is not None and continuing:
             _check_same_inputs(loaded, existing, path, journal)
+            if existing.status == COMPLETED:
+                _completed_already(journal, existing)
+                return RunResult(existing.run_id, path, journal.counts(existing.run_id), True)
+        stepping_on = (
+            options.step and existing is not None and continuing and existing.status == WAITING
+        )
+        if stepping_on:
+            assert existing is not None
+            _approval_pending(journal, existing.run_id)
         async with platform_client(loaded) as client:
-            package = await resolve_package(loaded, client)
+            remembered = (
+                journal.recall(existing.run_id, "package") if existing and stepping_on else None
+            )
+            if remembered is not None:
+                package = Package.model_validate(remembered)
+            else:
+                package = await resolve_package(loaded, client)
             if existing is not None and continuing:
                 run_id = existing.run_id
                 if existing.file_id not in (None, package.file_id):
@@ -425,6 +504,7 @@ async def execute(
                 )
                 run_id = start_run(journal, loaded)
             journal.set_package(run_id, package.file_id, package.version)
+            journal.remember(run_id, "package", package.model_dump(by_alias=True))
             journal.set_status(run_id, RUNNING)
             requeued = journal.requeue_failed(run_id)
             if requeued:
@@ -432,9 +512,16 @@ async def execute(
             session = RunSession(loaded, journal, client, run_id, package)
             follow = loaded.plan.monitor.follow if options.follow is None else options.follow
             try:
-                census = await open_census(session, options)
-                rollout = Rollout(session, progress, sleep, census)
+                if stepping_on and not requeued:
+                    # the last step ended cleanly: its census still stands, as in a run
+                    census = CensusView(None, PackageJudge(client, package, {}))
+                else:
+                    census = await open_census(session, options)
+                rollout = Rollout(session, progress, sleep, census, step=options.step)
                 await rollout.drive(follow)
+            except RunWaiting as exc:
+                journal.set_status(run_id, WAITING, str(exc))
+                raise
             except RunAborted as exc:
                 journal.set_status(run_id, ABORTED, str(exc))
                 raise
@@ -450,6 +537,40 @@ async def execute(
             return RunResult(run_id, path, journal.counts(run_id))
     finally:
         journal.close()
+
+
+def _completed_already(journal: Journal, run: RunRow) -> None:
+    """A completed run is said so, from the journal alone; its duplicates still exit 5."""
+    log.info(
+        "run already completed; nothing to do (--new-run starts another)",
+        run=run.run_id,
+        plan=run.plan_name,
+    )
+    duplicates = journal.duplicates(run.run_id)
+    if duplicates:
+        raise DuplicatesFound(
+            f"run {run.run_id} completed with {len(duplicates)} targets in two or more tasks "
+            "of this package; `rollout status` lists them"
+        )
+
+
+def _approval_message(name: str, reason: str) -> str:
+    return (
+        f"wave {name!r} passed its gate ({reason}) and waits for approval: "
+        f"rollout approve PLAN --wave {name}, then rollout resume"
+    )
+
+
+def _approval_pending(journal: Journal, run_id: int) -> None:
+    """Step mode: a gate that only waits for an operator's approval needs no call."""
+    for row in journal.waves(run_id):
+        if row.gate_state == "passed":
+            continue
+        if row.gate_state == "awaiting-approval" and not journal.approved(run_id, row.wave):
+            raise RunWaiting(
+                _approval_message(row.name, row.gate_reason or "passed"), waiting_for="approval"
+            )
+        return
 
 
 def _finish(journal: Journal, run_id: int, status: str) -> None:

@@ -187,6 +187,7 @@ PENDING, INTENT, SUBMITTED, SPLIT, QUARANTINED, FAILED = (
 )
 FINAL_STATES = frozenset({SUBMITTED, SPLIT, QUARANTINED})
 RUNNING, INTERRUPTED, COMPLETED, ABORTED = "running", "interrupted", "completed", "aborted"
+WAITING = "waiting"  # a step (`--step`) ended cleanly; the rest needs time
 SENT, RECONCILED, CENSUS, SECOND_CLAIM = 0, 1, 2, 3  # chunks.adopted
 UNIQUE_CLAIMS = (
     "CREATE UNIQUE INDEX IF NOT EXISTS chunks_operation ON chunks(run_id, operation_id)"
@@ -443,6 +444,23 @@ class Journal:
     def event(self, run_id: int, kind: str, detail: dict[str, Any]) -> None:
         with self._tx() as db:
             self._event(db, run_id, kind, detail)
+
+    def remember(self, run_id: int, key: str, value: Any) -> None:
+        """Keep a small JSON value of the run between processes (the `meta` table): the
+        package a step resolved, the monitor's page cursor."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO meta VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+                (f"run{run_id}:{key}", json.dumps(value, sort_keys=True)),
+            )
+
+    def recall(self, run_id: int, key: str) -> Any:
+        """What `remember` kept (None when nothing was)."""
+        row = self._db.execute(
+            "SELECT value FROM meta WHERE key=?", (f"run{run_id}:{key}",)
+        ).fetchone()
+        return json.loads(row[0]) if row else None
 
     @staticmethod
     def _event(db: sqlite3.Connection, run_id: int, kind: str, detail: dict[str, Any]) -> None:
