@@ -9,36 +9,16 @@ interrupted (Ctrl-C), in-flight state recorded.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
-import signal
 import sys
-import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from functools import wraps
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-import anyio
 import click
-import structlog
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
 
 from . import __version__
-from .census import UnknownTasks
-from .engine import RunOptions, execute, journal_path, refresh
-from .engine import watch as watch_run
 from .errors import (
     DuplicatesFound,
     InputError,
@@ -48,14 +28,12 @@ from .errors import (
     RunHalted,
     RunWaiting,
 )
-from .journal import approve_wave, has_run
-from .logs import configure_logging
-from .plan import LoadedPlan, check_times, load_plan
-from .planner import chunk_count
-from .report import WRITERS, collect
-from .simulator import FaultConfig, SimulatorConfig, SimulatorServer, write_fleet_csv
-from .status import read_status
-from .submitter import Progress as RunProgress
+
+if TYPE_CHECKING:  # a command imports what it needs when it runs: `--help` starts fast
+    from rich.console import Console
+
+    from .display import RunDisplay
+    from .plan import LoadedPlan
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -66,7 +44,6 @@ EXIT_DUPLICATES = 5
 EXIT_WAITING = 75  # sysexits' EX_TEMPFAIL: "try again later"
 EXIT_INTERRUPTED = 130
 
-stderr = Console(stderr=True)
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -83,6 +60,29 @@ ERROR_EXITS: tuple[tuple[type[BaseException], str, int], ...] = (
 )
 
 
+def err() -> Console:
+    """stderr: logs, the live display, one-line errors (orchestrator.logs)."""
+    from .logs import stderr_console
+
+    return stderr_console()
+
+
+def out() -> Console:
+    """stdout: human results (status, plan, the closing summary); never wrapped in a file."""
+    from .logs import stdout_console
+
+    return stdout_console()
+
+
+def _say(label: str, message: str) -> None:
+    """One line on stderr: a styled label, then the message as plain text."""
+    from rich.text import Text
+
+    line = Text.from_markup(label + " ")
+    line.append(message)
+    err().print(line, highlight=False, soft_wrap=True)
+
+
 def exits_cleanly(command: Callable[P, R]) -> Callable[P, R]:
     """Map the orchestrator's errors to one line on stderr and a documented exit code."""
 
@@ -91,14 +91,14 @@ def exits_cleanly(command: Callable[P, R]) -> Callable[P, R]:
         try:
             return command(*args, **kwargs)
         except KeyboardInterrupt:
-            stderr.print(
-                "[yellow]interrupted[/]: in-flight state is in the journal; "
-                "`rollout resume` finishes the run"
+            _say(
+                "[yellow]interrupted:[/]",
+                "in-flight state is in the journal; `rollout resume` finishes the run",
             )
             sys.exit(EXIT_INTERRUPTED)
         except tuple(cls for cls, _, _ in ERROR_EXITS) as exc:
             label, code = next((lbl, c) for cls, lbl, c in ERROR_EXITS if isinstance(exc, cls))
-            stderr.print(f"{label} {exc}", highlight=False, soft_wrap=True)
+            _say(label, str(exc))
             sys.exit(code)
 
     return wrapper
@@ -107,7 +107,26 @@ def exits_cleanly(command: Callable[P, R]) -> Callable[P, R]:
 def _load(plan: Path) -> LoadedPlan:
     """The plan without the start-time check: reading commands and `resume` must work once a
     custom start has passed (the submitter moves it forward on the platform's clock)."""
+    from .plan import load_plan
+
     return load_plan(plan)
+
+
+def _journal_of(plan: Path, journal: Path | None) -> tuple[Path, str]:
+    """The journal and the plan's name, from the plan file alone (its fleet is not read)."""
+    from .journal import default_journal_path
+    from .plan import read_plan
+
+    name = read_plan(plan).name
+    return (journal or default_journal_path(name, plan.parent)), name
+
+
+def _start_logging() -> None:
+    """structlog on the shared console, for the commands that talk to a platform."""
+    from .logs import configure_logging
+
+    settings = click.get_current_context().obj or {}
+    configure_logging(settings.get("log_format", "console"), settings.get("log_level", "info"))
 
 
 plan_argument = click.argument("plan", type=click.Path(path_type=Path))
@@ -147,8 +166,7 @@ def _rate_limit(_ctx: click.Context, _param: click.Parameter, value: str) -> tup
 @click.pass_context
 def main(ctx: click.Context, log_format: str, log_level: str) -> None:
     """Exactly-once firmware rollouts for NB-IoT fleets through the platform's northbound API."""
-    configure_logging(log_format, log_level)
-    ctx.obj = {"log_format": log_format}
+    ctx.obj = {"log_format": log_format, "log_level": log_level}
 
 
 @main.command()
@@ -315,6 +333,14 @@ def simulator(
         raise click.BadParameter("a comma list of 500, drop, delay", param_hint="--ambiguous-kinds")
     if not abs(clock_offset) < 1e9:  # also refuses nan and inf
         raise click.BadParameter("a finite number of seconds", param_hint="--clock-offset")
+    import signal
+
+    import anyio
+
+    from .simulator import FaultConfig, SimulatorConfig, SimulatorServer, write_fleet_csv
+
+    _start_logging()
+    stderr = err()
     config = SimulatorConfig(
         host=host,
         port=port,
@@ -376,6 +402,13 @@ def simulator(
 @exits_cleanly
 def plan_command(plan: Path, as_json: bool) -> None:
     """Check PLAN offline and preview it: chunks, calls, ETA. Nothing is sent."""
+    import json
+
+    from rich.table import Table
+
+    from .plan import load_plan
+    from .planner import chunk_count
+
     loaded = load_plan(plan, check_start=True)
     p = loaded.plan
     calls_per_window, window = p.platform.rate
@@ -409,36 +442,7 @@ def plan_command(plan: Path, as_json: bool) -> None:
         elif key == "eta_seconds":
             key, value = "ETA of submission", f"{value:.0f} s at {p.platform.rate_limit}"
         table.add_row(key, str(value))
-    stderr.print(table)
-
-
-def _progress_bar(total: int) -> tuple[Progress, Callable[[RunProgress], None]]:
-    """A progress bar that appears with the first progress, so errors before it stay alone.
-
-    With `--log-format json` (a pipeline reads stderr) there is no bar, only the log lines."""
-    json_logs = (click.get_current_context().obj or {}).get("log_format") == "json"
-    bar = Progress(
-        TextColumn("[bold]targets in tasks"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=stderr,
-        transient=False,
-        disable=json_logs,
-    )
-    task = bar.add_task("submit", total=total, rate="")
-
-    def update(progress: RunProgress) -> None:
-        if not bar.live.is_started:
-            bar.start()
-        elapsed = max(1e-6, time.monotonic() - progress.started)
-        rate = f"{progress.creates / elapsed * 60:.0f} creates/min"
-        bar.update(task, completed=progress.done_targets, rate=rate)
-
-    return bar, update
+    out().print(table)
 
 
 def _drive(
@@ -451,12 +455,20 @@ def _drive(
     ignore_census: bool,
     step: bool,
 ) -> None:
+    from .census import UnknownTasks
+    from .display import RunDisplay
+    from .engine import RunOptions, execute, journal_path
+    from .journal import has_run
+    from .plan import check_times
+    from .status import read_status
+
+    _start_logging()
     loaded = _load(plan)
     if not resume_only and (
         new_run or not has_run(journal_path(loaded, journal), loaded.plan.name)
     ):
         check_times(loaded.plan, str(loaded.path))  # a first run refuses a passed start
-    bar, update = _progress_bar(len(loaded.fleet.members))
+    display = RunDisplay(err(), len(loaded.fleet.members))
     options = RunOptions(
         journal=journal,
         new_run=new_run,
@@ -467,19 +479,24 @@ def _drive(
         step=step,
     )
 
-    result = _interruptible(lambda: execute(loaded, options, update), bar)
+    result = _interruptible(lambda: execute(loaded, options, display), display)
     if result.already_completed:
-        stderr.print(
-            f"run {result.run_id} of {loaded.plan.name} is already completed; nothing was sent "
-            "(--new-run starts another)",
-            highlight=False,
+        _say(
+            "[green]done:[/]",
+            f"run {result.run_id} of {loaded.plan.name} is already completed; nothing was "
+            "sent, no call made (--new-run starts another)",
         )
     _show_status(read_status(result.journal, loaded.plan.name))
 
 
-def _interruptible(work: Callable[[], Awaitable[R]], bar: Progress | None = None) -> R:
+def _interruptible(work: Callable[[], Awaitable[R]], display: RunDisplay | None = None) -> R:
     """Run `work`; Ctrl-C or SIGTERM cancels it cleanly (the engine records what was in
     flight) and ends the command with exit code 130."""
+    import asyncio
+    import signal
+
+    import anyio
+
     signals_seen: list[int] = []
 
     async def main_task() -> R | None:
@@ -503,8 +520,8 @@ def _interruptible(work: Callable[[], Awaitable[R]], bar: Progress | None = None
     try:
         outcome = anyio.run(main_task)
     finally:
-        if bar is not None:
-            bar.stop()
+        if display is not None:
+            display.stop()
     if signals_seen or outcome is None:
         raise KeyboardInterrupt
     return outcome
@@ -525,6 +542,8 @@ def _show_status(status: dict[str, Any]) -> None:
             "devices_failed",
             "calls",
         )
+        import structlog
+
         structlog.get_logger("orchestrator.cli").info(
             "run summary", **{key: status[key] for key in keys}
         )
@@ -537,10 +556,11 @@ follow_option = click.option(
     default=None,
     help="Watch the tasks to their end after submitting (default: the plan's monitor.follow).",
 )
+UNKNOWN_TASKS_CHOICES = ("stop", "skip", "send")  # census.UnknownTasks (a test pins it)
 unknown_tasks_option = click.option(
     "--unknown-tasks",
-    type=click.Choice([u.value for u in UnknownTasks]),
-    default=UnknownTasks.STOP.value,
+    type=click.Choice(UNKNOWN_TASKS_CHOICES),
+    default="stop",
     show_default=True,
     help="Targets already in a task whose package the platform does not report: stop and "
     "ask, skip them (count them as in that task), or send them anyway.",
@@ -613,8 +633,14 @@ def resume(
 @exits_cleanly
 def watch(plan: Path, journal: Path | None) -> None:
     """Follow PLAN's submitted tasks to their end (statuses, failure details); submit nothing."""
+    from .display import RunDisplay
+    from .engine import watch as watch_run
+    from .status import read_status
+
+    _start_logging()
     loaded = _load(plan)
-    result = _interruptible(lambda: watch_run(loaded, journal))
+    display = RunDisplay(err(), len(loaded.fleet.members))
+    result = _interruptible(lambda: watch_run(loaded, journal, observer=display), display)
     _show_status(read_status(result.journal, loaded.plan.name))
 
 
@@ -631,9 +657,11 @@ def watch(plan: Path, journal: Path | None) -> None:
 @exits_cleanly
 def approve(plan: Path, journal: Path | None, wave: str | None, by: str) -> None:
     """Approve a wave's gate: it passes (even a failed one) when the run resumes."""
-    loaded = _load(plan)
-    name = approve_wave(journal_path(loaded, journal), loaded.plan.name, wave, by)
-    stderr.print(f"wave {name!r} approved by {by}; `rollout resume` goes on")
+    from .journal import approve_wave
+
+    path, name = _journal_of(plan, journal)
+    approved = approve_wave(path, name, wave, by)
+    out().print(f"wave {approved!r} approved by {by}; `rollout resume` goes on", highlight=False)
 
 
 IN_TASK_BY = {
@@ -645,6 +673,11 @@ IN_TASK_BY = {
 
 
 def _print_status(status: dict[str, Any]) -> None:
+    from datetime import UTC, datetime
+
+    from rich.table import Table
+
+    console = out()
     table = Table(title=f"{status['plan']} — run {status['run_id']}: {status['status']}")
     table.add_column("what")
     table.add_column("value", justify="right")
@@ -669,7 +702,7 @@ def _print_status(status: dict[str, Any]) -> None:
         table.add_row("stop reason", str(status["stop_reason"]))
     updated = datetime.fromtimestamp(status["updated_at"], UTC).isoformat(timespec="seconds")
     table.add_row("updated", updated)
-    stderr.print(table)
+    console.print(table)
     if len(status["waves"]) > 1 or (status["waves"] and status["waves"][0]["name"] != "all"):
         waves = Table(title="waves")
         for column in ("wave", "targets", "in tasks", "upgraded", "failed", "gate", "reason"):
@@ -685,13 +718,16 @@ def _print_status(status: dict[str, Any]) -> None:
                 gate,
                 w["gate_reason"] or "",
             )
-        stderr.print(waves)
+        console.print(waves)
+    lines = []
     if status["calls"]:
-        stderr.print("calls spent: " + ", ".join(f"{k} {v}" for k, v in status["calls"].items()))
+        lines.append("calls spent: " + ", ".join(f"{k} {v}" for k, v in status["calls"].items()))
     for row in status["quarantined"][:20]:
-        stderr.print(f"  quarantined {row['target']}: {row['error_code']} {row['reason']}")
+        lines.append(f"  quarantined {row['target']}: {row['error_code']} {row['reason']}")
     for row in status["duplicate_examples"]:
-        stderr.print(f"  in two tasks {row['target']}: {', '.join(row['operation_ids'])}")
+        lines.append(f"  in two tasks {row['target']}: {', '.join(row['operation_ids'])}")
+    for line in lines:
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 @main.command()
@@ -701,19 +737,26 @@ def _print_status(status: dict[str, Any]) -> None:
 @exits_cleanly
 def status(plan: Path, journal: Path | None, as_json: bool) -> None:
     """Show the state of PLAN's latest run, from the journal alone."""
-    loaded = _load(plan)
-    result = read_status(journal_path(loaded, journal), loaded.plan.name)
+    from .status import read_status
+
+    path, name = _journal_of(plan, journal)
+    result = read_status(path, name)
     if as_json:
+        import json
+
         click.echo(json.dumps(result, indent=2))
     else:
         _print_status(result)
+
+
+REPORT_FORMATS = ("csv", "html", "json")  # report.WRITERS (a test pins it)
 
 
 @main.command()
 @plan_argument
 @journal_option
 @click.option(
-    "--format", "fmt", type=click.Choice(sorted(WRITERS)), default="html", show_default=True
+    "--format", "fmt", type=click.Choice(REPORT_FORMATS), default="html", show_default=True
 )
 @click.option(
     "--output",
@@ -734,13 +777,20 @@ def report(
 ) -> None:
     """Report PLAN's run: one row per device, per-task and per-wave summaries, quarantined
     devices, failure reasons and the calls spent — as CSV, JSON or a self-contained HTML page."""
-    loaded = _load(plan)
+    from .report import WRITERS, collect
+
     if refresh_first:
-        anyio.run(refresh, loaded, journal)
-    data = collect(journal_path(loaded, journal), loaded.plan.name)
+        import anyio
+
+        from .engine import refresh
+
+        _start_logging()
+        anyio.run(refresh, _load(plan), journal)
+    path, name = _journal_of(plan, journal)
+    data = collect(path, name)
     if output is None:
         WRITERS[fmt](data, sys.stdout)
         return
     with output.open("w", encoding="utf-8", newline="") as handle:
         WRITERS[fmt](data, handle)
-    stderr.print(f"{fmt} report written to {output}")
+    err().print(f"{fmt} report written to {output}", highlight=False)

@@ -25,9 +25,12 @@ from .errors import (
     DuplicatesFound,
     JournalError,
     JournalMismatch,
+    PlatformCallError,
     RunAborted,
     RunHalted,
     RunWaiting,
+    ServerError,
+    TransportError,
 )
 from .gates import Verdict, evaluate
 from .journal import (
@@ -45,11 +48,13 @@ from .journal import (
 )
 from .monitor import Monitor, Sleep
 from .northbound import ClientConfig, NorthboundClient, Package, TLSConfig
+from .notify import notifying, webhook_urls
+from .observe import Notice, NoticeKind, Observer, run_view
 from .plan import PLATFORM_TIME_FORMAT, LoadedPlan, PlatformSection, WaveSection, check_times
 from .planner import plan_chunks
 from .session import RunSession
 from .simulator import DEFAULT_SECRET, SimulatorConfig, SimulatorServer
-from .submitter import CensusView, Progress, ProgressHook, Submitter, resolve_package
+from .submitter import CensusView, Progress, Submitter, resolve_package
 
 log = structlog.get_logger("orchestrator.engine")
 
@@ -265,16 +270,17 @@ class Rollout:
     def __init__(
         self,
         session: RunSession,
-        progress: ProgressHook | None,
+        observer: Observer | None,
         sleep: Sleep | None = None,
         census: CensusView | None = None,
         *,
         step: bool = False,
     ) -> None:
         self.session = session
-        self.hook = progress
+        self.observer = observer or Observer()
         self.progress = Progress(total_targets=len(session.loaded.fleet.members))
         self.monitor = Monitor(session, **({"sleep": sleep} if sleep is not None else {}))
+        self.monitor.on_poll = lambda _: self.publish()
         self.census = census
         self.step = step
         self._polled = False  # step mode: at most one monitor poll per step
@@ -291,7 +297,7 @@ class Rollout:
             creates = self.progress.creates
             await Submitter(
                 self.session,
-                self.hook,
+                self.observer.progress,
                 wave=wave.index,
                 policy=_wave_policy(self.session.loaded, section, self.session.client.clock.now()),
                 shared_progress=self.progress,
@@ -305,9 +311,7 @@ class Rollout:
             if section is not None and wave.index < last:
                 await self._gate(wave.index, wave.name, section)
             elif wave.index == last:
-                self.session.journal.set_gate(
-                    self.session.run_id, wave.index, "none", "the last wave has no gate"
-                )
+                self._set_gate(wave.index, wave.name, "none", "the last wave has no gate")
         await self.closing_census()
         if follow and self.step:
             await self._poll()
@@ -320,6 +324,38 @@ class Rollout:
                 )
         elif follow:
             await self.monitor.follow(first_wait=self.session.plan.monitor.poll_interval)
+
+    GATE_NOTICES = {  # noqa: RUF012
+        "passed": NoticeKind.GATE_PASSED,
+        "failed": NoticeKind.GATE_FAILED,
+        "awaiting-approval": NoticeKind.GATE_AWAITING_APPROVAL,
+    }
+
+    def _set_gate(
+        self, wave: int, name: str, state: str, reason: str, soak_until: float | None = None
+    ) -> None:
+        """Journal a gate's state, show it, and tell people when it passed, failed or
+        awaits approval (once per change, not on every poll)."""
+        journal, run_id = self.session.journal, self.session.run_id
+        before = next((r.gate_state for r in journal.waves(run_id) if r.wave == wave), None)
+        journal.set_gate(run_id, wave, state, reason, soak_until)
+        self.publish()
+        kind = self.GATE_NOTICES.get(state)
+        if kind is not None and before != state:
+            words = {"passed": "passed its gate", "failed": "FAILED its gate"}
+            what = words.get(state, "passed its gate and waits for approval")
+            self.notice(kind, f"wave {name!r} {what}: {reason}", wave=name, reason=reason)
+
+    def publish(self) -> None:
+        """Show where the waves stand now (from the journal)."""
+        self.observer.view(
+            run_view(self.session.journal, self.session.plan.name, self.session.run_id)
+        )
+
+    def notice(self, kind: NoticeKind, text: str, **detail: object) -> None:
+        self.observer.notice(
+            Notice(kind, self.session.plan.name, self.session.run_id, text, dict(detail))
+        )
 
     async def _poll(self) -> None:
         """One monitor poll; in step mode at most one per step, none when this step has just
@@ -376,6 +412,11 @@ class Rollout:
         duplicates = census.duplicates()
         journal.record_duplicates(run_id, duplicates)
         if duplicates:
+            self.notice(
+                NoticeKind.DUPLICATES_FOUND,
+                f"{len(duplicates)} targets are in two or more tasks of this package",
+                targets=len(duplicates),
+            )
             log.error(
                 "targets in two tasks of this package",
                 targets=len(duplicates),
@@ -396,20 +437,17 @@ class Rollout:
             approved = self.session.journal.approved(self.session.run_id, wave)
             if verdict is Verdict.FAIL:
                 if approved:
-                    self.session.journal.set_gate(
-                        self.session.run_id,
-                        wave,
-                        "passed",
-                        f"failed gate overridden by approval: {reason}",
+                    self._set_gate(
+                        wave, name, "passed", f"failed gate overridden by approval: {reason}"
                     )
                     return
-                self.session.journal.set_gate(self.session.run_id, wave, "failed", reason)
+                self._set_gate(wave, name, "failed", reason)
                 raise RunHalted(
                     f"wave {name!r} failed its gate: {reason}. Nothing more was submitted. "
                     f"To go on anyway: rollout approve PLAN --wave {name}, then rollout resume"
                 )
             if verdict is Verdict.WAIT:
-                self.session.journal.set_gate(self.session.run_id, wave, "waiting", reason)
+                self._set_gate(wave, name, "waiting", reason)
                 if self.step:
                     raise RunWaiting(
                         f"wave {name!r} gate waits: {reason}; the next step polls again",
@@ -421,9 +459,7 @@ class Rollout:
             if gate.soak > 0:
                 soak_until = row.soak_until or time.time() + gate.soak
                 if time.time() < soak_until:
-                    self.session.journal.set_gate(
-                        self.session.run_id, wave, "soaking", reason, soak_until
-                    )
+                    self._set_gate(wave, name, "soaking", reason, soak_until)
                     if self.step:
                         until = datetime.fromtimestamp(soak_until, UTC)
                         raise RunWaiting(
@@ -436,13 +472,11 @@ class Rollout:
                     await self.monitor.sleep(min(interval, max(0.0, soak_until - time.time())))
                     continue
             if gate.approval and not approved:
-                self.session.journal.set_gate(
-                    self.session.run_id, wave, "awaiting-approval", reason
-                )
+                self._set_gate(wave, name, "awaiting-approval", reason)
                 if self.step:
                     raise RunWaiting(_approval_message(name, reason), waiting_for="approval")
                 raise RunHalted(_approval_message(name, reason))
-            self.session.journal.set_gate(self.session.run_id, wave, "passed", reason)
+            self._set_gate(wave, name, "passed", reason)
             log.info("gate passed", wave=name, reason=reason)
             return
 
@@ -450,7 +484,7 @@ class Rollout:
 async def execute(
     loaded: LoadedPlan,
     options: RunOptions,
-    progress: ProgressHook | None = None,
+    observer: Observer | None = None,
     *,
     sleep: Sleep | None = None,
 ) -> RunResult:
@@ -461,9 +495,13 @@ async def execute(
     another). With `options.step`, raises RunWaiting (exit 75) when the rest needs time; a
     step that follows a clean step (run status `waiting`) goes on as a continuous run does
     after a sleep: no census and no package look-up again, and none of any call while a
-    gate only waits for an operator's approval."""
+    gate only waits for an operator's approval.
+
+    `observer` watches (the live display, metrics); the plan's `[[notify]]` webhooks are
+    added here and flushed, within their time limit, before this returns."""
     if not loaded.plan.platform.is_simulator:
         loaded.secret()  # an unset secret is bad input: fail before a journal or a call exists
+    webhook_urls(loaded)  # so is an unset webhook URL
     path = journal_path(loaded, options.journal)
     journal = Journal.open(path)
     try:
@@ -482,7 +520,7 @@ async def execute(
         if stepping_on:
             assert existing is not None
             _approval_pending(journal, existing.run_id)
-        async with platform_client(loaded) as client:
+        async with notifying(loaded, observer) as watching, platform_client(loaded) as client:
             remembered = (
                 journal.recall(existing.run_id, "package") if existing and stepping_on else None
             )
@@ -511,30 +549,55 @@ async def execute(
                 log.info("chunks refused for a plan-level reason are sent again", chunks=requeued)
             session = RunSession(loaded, journal, client, run_id, package)
             follow = loaded.plan.monitor.follow if options.follow is None else options.follow
+            rollout = Rollout(session, watching, sleep, step=options.step)
+            rollout.publish()
             try:
                 if stepping_on and not requeued:
                     # the last step ended cleanly: its census still stands, as in a run
-                    census = CensusView(None, PackageJudge(client, package, {}))
+                    rollout.census = CensusView(None, PackageJudge(client, package, {}))
                 else:
-                    census = await open_census(session, options)
-                rollout = Rollout(session, progress, sleep, census, step=options.step)
+                    rollout.census = await open_census(session, options)
                 await rollout.drive(follow)
             except RunWaiting as exc:
                 journal.set_status(run_id, WAITING, str(exc))
                 raise
             except RunAborted as exc:
                 journal.set_status(run_id, ABORTED, str(exc))
+                rollout.notice(NoticeKind.RUN_ABORTED, f"run stopped: {exc}")
                 raise
             except RunHalted as exc:
                 journal.set_status(run_id, HALTED, str(exc))
+                rollout.notice(NoticeKind.RUN_HALTED, f"halted at a gate: {exc}")
                 raise
-            except BaseException:
+            except BaseException as exc:
                 journal.set_status(run_id, INTERRUPTED, "interrupted; in-flight state recorded")
+                if isinstance(exc, TransportError | ServerError):
+                    rollout.notice(
+                        NoticeKind.OUTAGE,
+                        f"the platform is out of reach ({exc}); the run stopped with its "
+                        "state recorded, `rollout resume` goes on",
+                    )
+                elif isinstance(exc, PlatformCallError):
+                    rollout.notice(NoticeKind.RUN_ABORTED, f"run stopped: {exc}")
                 raise
             finally:
                 journal.add_calls(run_id, client.take_call_counts())
-            _finish(journal, run_id, COMPLETED if follow else SUBMITTED_ALL)
-            return RunResult(run_id, path, journal.counts(run_id))
+                rollout.publish()
+            try:
+                _finish(journal, run_id, COMPLETED if follow else SUBMITTED_ALL)
+            except RunAborted as exc:
+                rollout.notice(NoticeKind.RUN_ABORTED, f"run stopped: {exc}")
+                raise
+            except DuplicatesFound:
+                raise  # told by the closing census
+            counts = journal.counts(run_id)
+            rollout.notice(
+                NoticeKind.RUN_COMPLETED,
+                f"run {run_id} {'completed' if follow else 'submitted'}: "
+                f"{counts.get('targets_submitted', 0)} targets in tasks, "
+                f"{counts.get('targets_quarantined', 0)} quarantined",
+            )
+            return RunResult(run_id, path, counts)
     finally:
         journal.close()
 
@@ -596,7 +659,10 @@ def _finish(journal: Journal, run_id: int, status: str) -> None:
 
 @asynccontextmanager
 async def _existing_run(
-    loaded: LoadedPlan, journal_file: Path | None, sleep: Sleep | None = None
+    loaded: LoadedPlan,
+    journal_file: Path | None,
+    sleep: Sleep | None = None,
+    observer: Observer | None = None,
 ) -> AsyncIterator[tuple[Journal, int, Rollout]]:
     """The journal's latest run of the plan, with a platform session, for monitoring only."""
     path = journal_path(loaded, journal_file)
@@ -610,8 +676,9 @@ async def _existing_run(
         async with platform_client(loaded) as client:
             package = await resolve_package(loaded, client)
             rollout = Rollout(
-                RunSession(loaded, journal, client, existing.run_id, package), None, sleep
+                RunSession(loaded, journal, client, existing.run_id, package), observer, sleep
             )
+            rollout.publish()
             try:
                 yield journal, existing.run_id, rollout
             finally:
@@ -621,10 +688,14 @@ async def _existing_run(
 
 
 async def watch(
-    loaded: LoadedPlan, journal_file: Path | None, *, sleep: Sleep | None = None
+    loaded: LoadedPlan,
+    journal_file: Path | None,
+    *,
+    sleep: Sleep | None = None,
+    observer: Observer | None = None,
 ) -> RunResult:
     """Follow the journal's run to the end without submitting anything."""
-    async with _existing_run(loaded, journal_file, sleep) as (journal, run_id, rollout):
+    async with _existing_run(loaded, journal_file, sleep, observer) as (journal, run_id, rollout):
         await rollout.monitor.follow()
         return RunResult(run_id, journal.path, journal.counts(run_id))
 

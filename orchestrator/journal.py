@@ -31,11 +31,13 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import JournalError
-from .northbound import SubOperation, Task
 from .planner import Chunk, Wave
+
+if TYPE_CHECKING:  # the journal keeps what the client read; it needs not the client itself
+    from .northbound import SubOperation, Task
 
 SCHEMA_VERSION = 2
 SCHEMA = """

@@ -51,6 +51,7 @@ class Monitor:
         self._cursor = int(session.journal.recall(session.run_id, "monitor-cursor") or 0)
         self._last_seen: dict[str, StaResult] = {}
         self.polls = 0
+        self.on_poll: Callable[[PollResult], None] | None = None  # e.g. the live display
 
     async def poll(self) -> PollResult:
         """One sweep over our unfinished tasks, then the details of newly finished ones."""
@@ -69,7 +70,10 @@ class Monitor:
         self.session.journal.add_progress_sample(self.session.run_id)
         remaining = len(self.session.journal.unfinished_tasks(self.session.run_id))
         log.info("monitor poll", unfinished=remaining, changed=changed)
-        return PollResult(changed, remaining)
+        result = PollResult(changed, remaining)
+        if self.on_poll is not None:
+            self.on_poll(result)
+        return result
 
     async def _sweep(
         self, ours: dict[str, tuple[str, int, bool]], wanted: set[str]
