@@ -40,7 +40,12 @@ log = structlog.get_logger("orchestrator.notify")
 
 
 class _Retry(Exception):
-    """A reply worth sending again (429, 5xx)."""
+    """Worth sending again: no reply (connection, timeout), 429 or 5xx. The text never holds
+    the URL."""
+
+
+class _Refused(Exception):
+    """A 4xx other than 429: sending again would not help."""
 
 
 def payload(notice: Notice) -> dict[str, object]:
@@ -80,7 +85,7 @@ class Webhook:
                     "notification not delivered",
                     webhook=self.index,
                     notice=notice.kind.value,
-                    error=_describe(exc),
+                    error=str(exc) if isinstance(exc, _Retry | _Refused) else type(exc).__name__,
                 )
             finally:
                 self.queue.task_done()
@@ -92,30 +97,29 @@ class Webhook:
         body = json.dumps(payload(notice)).encode()
         timeout = aiohttp.ClientTimeout(total=self.section.timeout)
         async for attempt in stamina.retry_context(
-            on=(aiohttp.ClientError, TimeoutError, _Retry),
+            on=_Retry,
             attempts=self.section.attempts,
-            wait_initial=0.5,
+            wait_initial=0.2,
+            wait_jitter=0.2,
             wait_max=10.0,
             timeout=self.section.give_up_after,
         ):
             with attempt:
-                async with session.post(
-                    self._url,
-                    data=body,
-                    headers={"Content-Type": "application/json"},
-                    timeout=timeout,
-                ) as reply:
-                    if reply.status == 429 or reply.status >= 500:
-                        raise _Retry(f"HTTP {reply.status}")
-                    if reply.status >= 400:
-                        raise RuntimeError(f"HTTP {reply.status}")  # not worth a retry
-
-
-def _describe(exc: BaseException) -> str:
-    """An error without its URL (aiohttp's texts may carry it, and with it the secret)."""
-    if isinstance(exc, _Retry | RuntimeError):
-        return str(exc)
-    return type(exc).__name__
+                try:
+                    async with session.post(
+                        self._url,
+                        data=body,
+                        headers={"Content-Type": "application/json"},
+                        timeout=timeout,
+                    ) as reply:
+                        status = reply.status
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    # aiohttp's texts may carry the URL, and with it the secret: the type only
+                    raise _Retry(type(exc).__name__) from None
+                if status == 429 or status >= 500:
+                    raise _Retry(f"HTTP {status}")
+                if status >= 400:
+                    raise _Refused(f"HTTP {status}")  # not worth a retry
 
 
 class Notifier(Observer):
