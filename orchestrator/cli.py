@@ -401,47 +401,34 @@ def simulator(
 @click.option("--json", "as_json", is_flag=True, help="Print the preview as JSON on stdout.")
 @exits_cleanly
 def plan_command(plan: Path, as_json: bool) -> None:
-    """Check PLAN offline and preview it: chunks, calls, ETA. Nothing is sent."""
+    """Check PLAN offline and preview it: package, fleet, policy, waves and gates, calls,
+    ETA, the secret. Nothing is sent."""
     import json
+    from datetime import UTC, datetime
 
-    from rich.table import Table
-
+    from .engine import journal_path
+    from .journal import has_run
     from .plan import load_plan
     from .planner import chunk_count
+    from .preview import preview, rows
+    from .status import read_status
 
     loaded = load_plan(plan, check_start=True)
-    p = loaded.plan
-    calls_per_window, window = p.platform.rate
-    chunks = chunk_count(loaded.waves)
-    # the census reads the task list (100 tasks a page) before the first create and after
-    # the last: at least a page each, ceil(chunks / 100) when only this plan's tasks exist
-    census_calls = 2 * max(1, -(-chunks // 100))
-    calls = chunks + 2 + census_calls  # a login, the package lookup, the creates, the census
-    spacing = window * 1.01 / calls_per_window
-    preview: dict[str, Any] = {
-        "plan": p.name,
-        "operation": p.operation.value,
-        "platform": p.platform.url,
-        "targets": len(loaded.fleet.members),
-        "target_kind": loaded.fleet.kind,
-        "chunks": chunks,
-        "calls": calls,
-        "census_calls": census_calls,
-        "rate_limit": p.platform.rate_limit,
-        "eta_seconds": round(max(calls - 1, 0) * spacing, 1),
-        "policy": p.policy.wire(),
-        "waves": [{"name": w.name, "targets": len(w.members)} for w in loaded.waves],
-    }
+    data = preview(loaded, chunk_count(loaded.waves), datetime.now(UTC))
+    path = journal_path(loaded, None)
+    known = read_status(path, loaded.plan.name) if has_run(path, loaded.plan.name) else None
     if as_json:
-        click.echo(json.dumps(preview, indent=2))
+        if known is not None:
+            data["journal"] = {k: known[k] for k in ("run_id", "status", "targets_in_tasks_by")}
+        click.echo(json.dumps(data, indent=2))
         return
-    table = Table(title=f"plan {p.name}: checked, nothing sent", show_header=False)
-    for key, value in preview.items():
-        if key == "waves":
-            value = ", ".join(f"{w['name']} {w['targets']}" for w in preview["waves"])
-        elif key == "eta_seconds":
-            key, value = "ETA of submission", f"{value:.0f} s at {p.platform.rate_limit}"
-        table.add_row(key, str(value))
+    from rich.table import Table
+
+    table = Table(title=f"plan {loaded.plan.name}: checked, nothing sent", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value", overflow="fold")
+    for what, value in rows(data, known):
+        table.add_row(what, value)
     out().print(table)
 
 
