@@ -16,8 +16,6 @@ import sys
 from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -98,6 +96,8 @@ def configure_logging(
     log_format: str = "console", level: str = "info", console: Console | None = None
 ) -> None:
     """structlog on the shared stderr console (or on `console`, which then becomes it)."""
+    import structlog  # here: commands that only read the journal start without it
+
     if console is not None:
         use_consoles(stderr=console, stdout=_consoles.get("stdout"))
     renderer: Any

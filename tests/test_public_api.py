@@ -33,3 +33,13 @@ def test_northbound_exports_are_pinned() -> None:
 def test_simulator_exports_resolve() -> None:
     """Every name the simulator package exports exists."""
     assert all(hasattr(simulator, name) for name in simulator.__all__)
+
+
+def test_cli_choices_match_what_they_name() -> None:
+    """The CLI's choices, spelled out so `--help` imports nothing, are the engine's values."""
+    from orchestrator.census import UnknownTasks
+    from orchestrator.cli import REPORT_FORMATS, UNKNOWN_TASKS_CHOICES
+    from orchestrator.report import WRITERS
+
+    assert set(UNKNOWN_TASKS_CHOICES) == {u.value for u in UnknownTasks}
+    assert set(REPORT_FORMATS) == set(WRITERS)
