@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -441,6 +442,7 @@ def _drive(
     unknown_tasks: str,
     ignore_census: bool,
     step: bool,
+    metrics: tuple[int | None, str],
 ) -> None:
     from .census import UnknownTasks
     from .display import RunDisplay
@@ -466,7 +468,8 @@ def _drive(
         step=step,
     )
 
-    result = _interruptible(lambda: execute(loaded, options, display), display)
+    with _metrics(journal_path(loaded, journal), loaded.plan.name, *metrics):
+        result = _interruptible(lambda: execute(loaded, options, display), display)
     if result.already_completed:
         _say(
             "[green]done:[/]",
@@ -474,6 +477,28 @@ def _drive(
             "sent, no call made (--new-run starts another)",
         )
     _show_status(read_status(result.journal, loaded.plan.name))
+
+
+@contextmanager
+def _metrics(path: Path, plan_name: str, port: int | None, host: str) -> Iterator[None]:
+    """Serve the run's metrics (from its journal) while the block runs, when asked."""
+    if port is None:
+        yield
+        return
+    from .metrics import serve
+
+    try:
+        server = serve(path, plan_name, port, host)
+    except OSError as exc:
+        raise InputError(
+            "--metrics-port", "", f"cannot listen on {host}:{port}: {exc.strerror}"
+        ) from None
+    _say("[dim]metrics:[/]", f"http://{host}:{server.server_port}/metrics")
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def _interruptible(work: Callable[[], Awaitable[R]], display: RunDisplay | None = None) -> R:
@@ -552,6 +577,19 @@ unknown_tasks_option = click.option(
     help="Targets already in a task whose package the platform does not report: stop and "
     "ask, skip them (count them as in that task), or send them anyway.",
 )
+metrics_port_option = click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    metavar="PORT",
+    help="Serve Prometheus metrics of the run at http://HOST:PORT/metrics while it goes.",
+)
+metrics_host_option = click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the metrics endpoint listens on (0.0.0.0: every interface).",
+)
 step_option = click.option(
     "--step",
     is_flag=True,
@@ -580,6 +618,8 @@ ignore_census_option = click.option(
 @unknown_tasks_option
 @ignore_census_option
 @step_option
+@metrics_port_option
+@metrics_host_option
 @exits_cleanly
 def run(
     plan: Path,
@@ -589,9 +629,12 @@ def run(
     unknown_tasks: str,
     ignore_census: bool,
     step: bool,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """Run PLAN: submit one upgrade task per chunk, exactly once, wave by wave; watch them."""
-    _drive(plan, journal, new_run, False, follow, unknown_tasks, ignore_census, step)
+    metrics = (metrics_port, metrics_host)
+    _drive(plan, journal, new_run, False, follow, unknown_tasks, ignore_census, step, metrics)
 
 
 @main.command()
@@ -601,6 +644,8 @@ def run(
 @unknown_tasks_option
 @ignore_census_option
 @step_option
+@metrics_port_option
+@metrics_host_option
 @exits_cleanly
 def resume(
     plan: Path,
@@ -609,25 +654,32 @@ def resume(
     unknown_tasks: str,
     ignore_census: bool,
     step: bool,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """Finish the journal's run of PLAN: census, settle in-flight chunks, then go on."""
-    _drive(plan, journal, False, True, follow, unknown_tasks, ignore_census, step)
+    metrics = (metrics_port, metrics_host)
+    _drive(plan, journal, False, True, follow, unknown_tasks, ignore_census, step, metrics)
 
 
 @main.command()
 @plan_argument
 @journal_option
+@metrics_port_option
+@metrics_host_option
 @exits_cleanly
-def watch(plan: Path, journal: Path | None) -> None:
+def watch(plan: Path, journal: Path | None, metrics_port: int | None, metrics_host: str) -> None:
     """Follow PLAN's submitted tasks to their end (statuses, failure details); submit nothing."""
     from .display import RunDisplay
+    from .engine import journal_path
     from .engine import watch as watch_run
     from .status import read_status
 
     _start_logging()
     loaded = _load(plan)
     display = RunDisplay(err(), len(loaded.fleet.members))
-    result = _interruptible(lambda: watch_run(loaded, journal, observer=display), display)
+    with _metrics(journal_path(loaded, journal), loaded.plan.name, metrics_port, metrics_host):
+        result = _interruptible(lambda: watch_run(loaded, journal, observer=display), display)
     _show_status(read_status(result.journal, loaded.plan.name))
 
 
@@ -720,15 +772,28 @@ def _print_status(status: dict[str, Any]) -> None:
 @main.command()
 @plan_argument
 @journal_option
-@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON on stdout.")
+@click.option("--json", "as_json", is_flag=True, help="The same as --format json.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "prometheus"]),
+    default="table",
+    show_default=True,
+    help="prometheus: the run's metrics as a textfile for node_exporter.",
+)
 @exits_cleanly
-def status(plan: Path, journal: Path | None, as_json: bool) -> None:
+def status(plan: Path, journal: Path | None, as_json: bool, fmt: str) -> None:
     """Show the state of PLAN's latest run, from the journal alone."""
+    path, name = _journal_of(plan, journal)
+    if fmt == "prometheus":
+        from .metrics import textfile
+
+        click.echo(textfile(path, name), nl=False)
+        return
     from .status import read_status
 
-    path, name = _journal_of(plan, journal)
     result = read_status(path, name)
-    if as_json:
+    if as_json or fmt == "json":
         import json
 
         click.echo(json.dumps(result, indent=2))

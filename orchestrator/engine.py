@@ -283,6 +283,10 @@ class Rollout:
         self.monitor.on_poll = lambda _: self.publish()
         self.census = census
         self.step = step
+        # throttled replies of earlier processes of this run (journal) + this one's (client)
+        self._throttled_before: dict[str, int] = (
+            session.journal.recall(session.run_id, "throttled") or {}
+        )
         self._polled = False  # step mode: at most one monitor poll per step
         self._fresh = False  # step mode: this step created tasks (none of them can be done)
 
@@ -347,7 +351,15 @@ class Rollout:
             self.notice(kind, f"wave {name!r} {what}: {reason}", wave=name, reason=reason)
 
     def publish(self) -> None:
-        """Show where the waves stand now (from the journal)."""
+        """Show where the waves stand now (from the journal); keep the throttled replies
+        (for metrics)."""
+        throttled = self.session.client.throttled
+        if throttled:
+            total = {
+                k: self._throttled_before.get(k, 0) + throttled.get(k, 0)
+                for k in self._throttled_before.keys() | throttled.keys()
+            }
+            self.session.journal.remember(self.session.run_id, "throttled", total)
         self.observer.view(
             run_view(self.session.journal, self.session.plan.name, self.session.run_id)
         )

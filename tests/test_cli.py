@@ -247,3 +247,5 @@ def test_status_and_plan_to_a_file_hold_their_tables_unwrapped(
     assert "reading the failures (one per task with any)" in monitor and len(monitor) > 80
     assert any("2.1.0 for WM-200 (WaterMeter, Aqualis)" in line for line in lines)
     assert any("run 1 completed: 256 targets in tasks" in line for line in lines)
+    metrics = _rollout("status", "--format", "prometheus", str(plan), cwd=tmp_path).stdout
+    assert 'rollout_platform_calls_total{api="createTask",plan="cli"} 1.0' in metrics

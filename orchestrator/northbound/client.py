@@ -75,6 +75,7 @@ class NorthboundClient:
         self.tokens = TokenKeeper(self._login, self._refresh, config.refresh_before)
         self.calls = 0
         self._calls_by_api: Counter[str] = Counter()
+        self.throttled: Counter[str] = Counter()  # 1010009 replies per API since the start
 
     def take_call_counts(self) -> dict[str, int]:
         """Calls sent per API since the last time this was asked (for the journal)."""
@@ -194,6 +195,7 @@ class NorthboundClient:
             self.pacer.on_success()
             return payload
         if isinstance(error, Throttled):
+            self.throttled[_api_name(method, path)] += 1
             self.pacer.on_throttled()
         raise error
 
