@@ -65,4 +65,3 @@ name = "rest"
     for reason, _ in data.failure_reasons:
         assert f'<td class="reason">{reason}</td>' in html
     assert 'class="series-submitted"' in html and 'class="series-finished"' in html
-
