@@ -189,3 +189,42 @@ async def test_an_unset_webhook_variable_is_bad_input_before_any_call(
 def test_the_plan_knows_every_notice_the_engine_sends() -> None:
     """`notify.events` accepts exactly the notices the engine can send."""
     assert set(NOTICE_EVENTS) == {kind.value for kind in NoticeKind}
+
+
+async def test_a_platform_out_of_reach_is_told_as_an_outage(
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The platform going away while a gate waits stops the run with an `outage` notice."""
+    import asyncio
+
+    from orchestrator.errors import PlatformCallError
+    from orchestrator.status import read_status
+
+    monkeypatch.setenv(HOOK_ENV, receiver.url)
+    sim = SimulatorServer(  # real-time meters: the canary's gate waits
+        SimulatorConfig(tls=False, devices=3000, seed=4, rate_limit=(2000, 1.0), speed=1)
+    )
+    await sim.start()
+    plan = write_plan(
+        tmp_path,
+        sim,
+        devices_of(sim, "WM-200", 600),
+        monitor=MONITOR + "\n" + _notify(),
+        waves=_waves("min_finished = 0.9"),
+    )
+    journal = tmp_path / "j.sqlite"
+    run = asyncio.create_task(execute(load_plan(plan), RunOptions(journal=journal)))
+    try:
+        for _ in range(200):
+            await asyncio.sleep(0.05)
+            if journal.exists() and read_status(journal, "test-plan")["waves"][0]["gate"] == (
+                "waiting"
+            ):
+                break
+    finally:
+        await sim.close()
+    with pytest.raises(PlatformCallError):
+        await run
+    assert [body["event"] for body in receiver.bodies] == ["outage"]
+    assert "out of reach" in receiver.bodies[0]["text"]
+    assert "rollout resume" in receiver.bodies[0]["text"]
