@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 import trustme
 
 from orchestrator.simulator import ManualClock, SimulatorConfig, SimulatorServer
@@ -67,6 +68,17 @@ class RawPlatform:
         method = "POST" if json is not None else "GET"
         async with self.session.request(method, self.url + path, json=json) as reply:
             return await reply.json()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """Each test starts with structlog's defaults and the shared consoles unset: a command
+    run in-process (CliRunner) configures logging globally, for the tests after it too."""
+    yield
+    from orchestrator.logs import use_consoles
+
+    structlog.reset_defaults()
+    use_consoles()
 
 
 @pytest.fixture
