@@ -3,44 +3,24 @@
 Exit codes (docs/exit-codes.md): 0 done; 1 the run failed or stopped on a platform refusal, or
 targets remain in no task; 2 bad input (plan, fleet file, options) — nothing was sent; 3 the
 journal is locked or does not match the plan; 4 halted at a gate; 5 targets found in two tasks
-of the package; 130 interrupted (Ctrl-C), in-flight state recorded.
+of the package; 75 a step (`--step`) went as far as it can now, the rest needs time; 130
+interrupted (Ctrl-C), in-flight state recorded.
 """
 
 from __future__ import annotations
 
-import asyncio
-import errno
-import json
 import os
-import signal
 import sqlite3
 import sys
-import time
-from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-import anyio
 import click
-import structlog
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
 
 from . import __version__
-from .census import UnknownTasks
-from .engine import RunOptions, execute, journal_path, preview_groups, refresh
-from .engine import watch as watch_run
 from .errors import (
     DuplicatesFound,
     InputError,
@@ -48,20 +28,16 @@ from .errors import (
     PlatformCallError,
     RunAborted,
     RunHalted,
+    RunWaiting,
 )
-from .journal import approve_wave, has_run, unfinished_pass
-from .logs import configure_logging
-from .northbound.hoststate import ENV_VAR as STATE_ENV_VAR
-from .northbound.hoststate import AppState, known_apps, state_root
-from .northbound.ledger import BudgetView, read_budget
-from .passes import RETRY_CHOICES, RetryOptions, retry
-from .plan import LoadedPlan, check_times, load_plan
-from .planner import chunk_count
-from .report import WRITERS, collect
-from .simulator import FaultConfig, SimulatorConfig, SimulatorServer, write_fleet_csv
-from .simulator.state import StateError
-from .status import read_status
-from .submitter import Progress as RunProgress
+
+if TYPE_CHECKING:  # a command imports what it needs when it runs: `--help` starts fast
+    from rich.console import Console
+
+    from .display import RunDisplay
+    from .northbound.hoststate import AppState
+    from .northbound.ledger import BudgetView
+    from .plan import LoadedPlan
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -69,9 +45,9 @@ EXIT_BAD_INPUT = 2
 EXIT_JOURNAL = 3
 EXIT_HALTED = 4
 EXIT_DUPLICATES = 5
+EXIT_WAITING = 75  # sysexits' EX_TEMPFAIL: "try again later"
 EXIT_INTERRUPTED = 130
 
-stderr = Console(stderr=True)
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -81,6 +57,7 @@ R = TypeVar("R")
 ERROR_EXITS: tuple[tuple[type[BaseException], str, int], ...] = (
     (InputError, "[red]error:[/]", EXIT_BAD_INPUT),
     (JournalError, "[red]journal:[/]", EXIT_JOURNAL),
+    (RunWaiting, "[cyan]waiting:[/]", EXIT_WAITING),
     (RunHalted, "[yellow]halted at a gate:[/]", EXIT_HALTED),
     (DuplicatesFound, "[red]duplicates:[/]", EXIT_DUPLICATES),
     (RunAborted, "[red]run stopped:[/]", EXIT_FAILED),
@@ -88,6 +65,8 @@ ERROR_EXITS: tuple[tuple[type[BaseException], str, int], ...] = (
     (sqlite3.Error, "[red]journal:[/]", EXIT_JOURNAL),
     (OSError, "[red]system:[/]", EXIT_FAILED),
 )
+# northbound.hoststate.ENV_VAR, spelled out so `--help` imports nothing (a test pins it)
+STATE_ENV_VAR = "ROLLOUT_STATE_DIR"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -100,6 +79,29 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def err() -> Console:
+    """stderr: logs, the live display, one-line errors (orchestrator.logs)."""
+    from .logs import stderr_console
+
+    return stderr_console()
+
+
+def out() -> Console:
+    """stdout: human results (status, plan, the closing summary); never wrapped in a file."""
+    from .logs import stdout_console
+
+    return stdout_console()
+
+
+def _say(label: str, message: str) -> None:
+    """One line on stderr: a styled label, then the message as plain text."""
+    from rich.text import Text
+
+    line = Text.from_markup(label + " ")
+    line.append(message)
+    err().print(line, highlight=False, soft_wrap=True)
+
+
 def exits_cleanly(command: Callable[P, R]) -> Callable[P, R]:
     """Map the orchestrator's errors to one line on stderr and a documented exit code."""
 
@@ -108,16 +110,15 @@ def exits_cleanly(command: Callable[P, R]) -> Callable[P, R]:
         try:
             return command(*args, **kwargs)
         except KeyboardInterrupt:
-            stderr.print(
-                "[yellow]interrupted[/]: in-flight state is in the journal; `rollout resume "
-                "PLAN` finishes the run (`rollout run PLAN` if it had not started)",
-                soft_wrap=True,
+            _say(
+                "[yellow]interrupted:[/]",
+                "in-flight state is in the journal; `rollout resume PLAN` finishes the run "
+                "(`rollout run PLAN` if it had not started)",
             )
             sys.exit(EXIT_INTERRUPTED)
         except tuple(cls for cls, _, _ in ERROR_EXITS) as exc:
             label, code = next((lbl, c) for cls, lbl, c in ERROR_EXITS if isinstance(exc, cls))
-            text = escape(_one_line(exc))  # a path or a reason may hold [brackets]
-            stderr.print(f"{label} {text}", highlight=False, soft_wrap=True)
+            _say(label, _one_line(exc))
             sys.exit(code)
 
     return wrapper
@@ -126,7 +127,26 @@ def exits_cleanly(command: Callable[P, R]) -> Callable[P, R]:
 def _load(plan: Path) -> LoadedPlan:
     """The plan without the start-time check: reading commands and `resume` must work once a
     custom start has passed (the submitter moves it forward on the platform's clock)."""
+    from .plan import load_plan
+
     return load_plan(plan)
+
+
+def _journal_of(plan: Path, journal: Path | None) -> tuple[Path, str]:
+    """The journal and the plan's name, from the plan file alone (its fleet is not read)."""
+    from .journal import default_journal_path
+    from .plan import read_plan
+
+    name = read_plan(plan).name
+    return (journal or default_journal_path(name, plan.parent)), name
+
+
+def _start_logging() -> None:
+    """structlog on the shared console, for the commands that talk to a platform."""
+    from .logs import configure_logging
+
+    settings = click.get_current_context().obj or {}
+    configure_logging(settings.get("log_format", "console"), settings.get("log_level", "info"))
 
 
 plan_argument = click.argument("plan", type=click.Path(path_type=Path))
@@ -173,8 +193,7 @@ def _rate_limit(_ctx: click.Context, _param: click.Parameter, value: str) -> tup
 @click.pass_context
 def main(ctx: click.Context, log_format: str, log_level: str, state_dir: Path | None) -> None:
     """Exactly-once firmware rollouts for NB-IoT fleets through the platform's northbound API."""
-    configure_logging(log_format, log_level)
-    ctx.obj = {"log_format": log_format, "state_dir": state_dir}
+    ctx.obj = {"log_format": log_format, "log_level": log_level, "state_dir": state_dir}
 
 
 def _state_dir() -> Path | None:
@@ -404,6 +423,15 @@ def simulator(
         raise click.BadParameter("a comma list of 500, drop, delay", param_hint="--ambiguous-kinds")
     if not abs(clock_offset) < 1e9:  # also refuses nan and inf
         raise click.BadParameter("a finite number of seconds", param_hint="--clock-offset")
+    import signal
+
+    import anyio
+
+    from .simulator import FaultConfig, SimulatorConfig, SimulatorServer, write_fleet_csv
+    from .simulator.state import StateError
+
+    _start_logging()
+    stderr = err()
     config = SimulatorConfig(
         host=host,
         port=port,
@@ -489,6 +517,8 @@ def simulator(
 
 
 def _listen_fault(exc: OSError) -> str:
+    import errno
+
     if exc.errno == errno.EADDRINUSE:
         return "the port is in use (another simulator?): pick another --port, or 0 for any free one"
     if exc.errno in (errno.EACCES, errno.EPERM):
@@ -509,130 +539,48 @@ def _listen_fault(exc: OSError) -> str:
 )
 @exits_cleanly
 def plan_command(plan: Path, as_json: bool, offline: bool) -> None:
-    """Check PLAN offline and preview it: chunks, calls, ETA. Nothing is created; for a group
-    fleet, the groups' members are then read from the platform (the calls are shown)."""
+    """Check PLAN offline and preview it: package, fleet, policy, waves and gates, calls,
+    ETA, the secret. Nothing is created; for a group fleet, the groups' members are then read
+    from the platform (the calls are shown; `--offline`: no call)."""
+    import json
+    from datetime import UTC, datetime
+
+    from .engine import journal_path
+    from .journal import has_run
+    from .plan import load_plan
+    from .planner import chunk_count
+    from .preview import add_groups, preview, rows
+    from .status import read_status
+
     loaded = load_plan(plan, check_start=True)
-    p = loaded.plan
-    calls_per_window, window = p.platform.rate
-    chunks = chunk_count(loaded.waves)
-    # the census reads the task list (100 tasks a page) before the first create and after
-    # the last: at least a page each, ceil(chunks / 100) when only this plan's tasks exist
-    census_calls = 2 * max(1, -(-chunks // 100))
-    calls = chunks + 2 + census_calls  # a login, the package lookup, the creates, the census
-    # the pacer spreads calls at CALLS per window (+ margin); a round trip per slot is extra
-    spacing = (window + (p.platform.pacing_margin or 0.0)) / calls_per_window
-    preview: dict[str, Any] = {
-        "plan": p.name,
-        "operation": p.operation.value,
-        "platform": p.platform.url,
-        "targets": len(loaded.fleet.members),
-        "target_kind": loaded.fleet.kind,
-        # devices the fleet file says already run the target version (fleet.version_column)
-        "left_out_already_current": len(loaded.already_current),
-        "chunks": chunks,
-        "calls": calls,
-        "census_calls": census_calls,
-        "rate_limit": p.platform.rate_limit,
-        "eta_seconds": round(max(calls - 1, 0) * spacing, 1),
-        "policy": p.policy.wire(),
-        "waves": [{"name": w.name, "targets": len(w.members)} for w in loaded.waves],
-    }
+    data = preview(loaded, chunk_count(loaded.waves), datetime.now(UTC))
     if loaded.fleet.kind == "groups" and not offline:
         # the offline checks passed; learning the groups' members takes calls (shown)
-        if not p.platform.is_simulator:
+        import anyio
+
+        from .engine import preview_groups
+
+        _start_logging()
+        if not loaded.plan.platform.is_simulator:
             loaded.secret()
-        groups, spent = anyio.run(preview_groups, loaded)
-        members = {name: len(group.devices) for name, group in groups.items()}
-        preview["group_members"] = members
-        preview["devices_in_groups"] = len({d for g in groups.values() for d in g.devices})
-        for wave, shown in zip(loaded.waves, preview["waves"], strict=True):
-            shown["devices_in_groups"] = len(
-                {d for name in wave.members for d in groups[name].devices}
-            )
-        preview["calls_made_to_resolve_groups"] = spent
-    windows = _next_windows(loaded, datetime.now(UTC))
-    if windows:
-        preview["windows"] = windows
+        groups, spent = anyio.run(preview_groups, loaded, _state_dir())
+        add_groups(data, loaded, groups, spent)
+    path = journal_path(loaded, None)
+    known = read_status(path, loaded.plan.name) if has_run(path, loaded.plan.name) else None
     if as_json:
-        click.echo(json.dumps(preview, indent=2))
+        if known is not None:
+            data["journal"] = {k: known[k] for k in ("run_id", "status", "targets_in_tasks_by")}
+        click.echo(json.dumps(data, indent=2))
         return
-    sent = "group members read, nothing created" if "group_members" in preview else "nothing sent"
-    table = Table(title=f"plan {p.name}: checked, {sent}", show_header=False)
-    for key, value in preview.items():
-        if key == "waves":
-            value = ", ".join(
-                f"{w['name']} {w['targets']}"
-                + (f" ({w['devices_in_groups']} devices)" if "devices_in_groups" in w else "")
-                for w in preview["waves"]
-            )
-        elif key in ("group_members", "calls_made_to_resolve_groups"):
-            value = ", ".join(f"{k} {v}" for k, v in value.items())
-        elif key == "windows":
-            for wave, nights in value.items():
-                table.add_row(f"window of {wave} (UTC)", "\n".join(map(_night_line, nights)))
-            continue
-        elif key == "eta_seconds":
-            key, value = "ETA of submission", f"{value:.0f} s at {p.platform.rate_limit}"
-        table.add_row(key, str(value))
-    stderr.print(table)
+    from rich.table import Table
 
-
-WINDOW_PREVIEW = 3  # the next usable occurrences `rollout plan` shows per wave window
-
-
-def _next_windows(loaded: LoadedPlan, now: datetime) -> dict[str, list[dict[str, Any]]]:
-    """Each wave window's next occurrences in UTC, with the nights DST makes too short."""
-    shown: dict[str, list[dict[str, Any]]] = {}
-    for section in loaded.plan.waves:
-        if section.window is None:
-            continue
-        shown[section.name] = [
-            {
-                "night": occurrence.night.isoformat(),
-                "start": occurrence.start.isoformat().replace("+00:00", "Z"),
-                "end": occurrence.end.isoformat().replace("+00:00", "Z"),
-                "minutes": round(occurrence.minutes, 1),
-                "skipped": not occurrence.usable,
-            }
-            for occurrence in section.window.occurrences(now, WINDOW_PREVIEW)
-        ]
-    return shown
-
-
-def _night_line(night: dict[str, Any]) -> str:
-    span = f"{night['start'][:16]} → {night['end'][11:16]}"
-    if night["skipped"]:
-        return f"{span}  skipped: {night['minutes']:g} real min that night (DST)"
-    return f"{span}  {night['minutes']:g} min"
-
-
-def _progress_bar(total: int) -> tuple[Progress, Callable[[RunProgress], None]]:
-    """A progress bar that appears with the first progress, so errors before it stay alone.
-
-    With `--log-format json` (a pipeline reads stderr) there is no bar, only the log lines."""
-    json_logs = (click.get_current_context().obj or {}).get("log_format") == "json"
-    bar = Progress(
-        TextColumn("[bold]targets in tasks"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=stderr,
-        transient=False,
-        disable=json_logs,
-    )
-    task = bar.add_task("submit", total=total, rate="")
-
-    def update(progress: RunProgress) -> None:
-        if not bar.live.is_started:
-            bar.start()
-        elapsed = max(1e-6, time.monotonic() - progress.started)
-        rate = f"{progress.creates / elapsed * 60:.0f} creates/min"
-        bar.update(task, total=progress.total_targets, completed=progress.done_targets, rate=rate)
-
-    return bar, update
+    sent = "group members read, nothing created" if "group_members" in data else "nothing sent"
+    table = Table(title=f"plan {loaded.plan.name}: checked, {sent}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value", overflow="fold")
+    for what, value in rows(data, known):
+        table.add_row(what, value)
+    out().print(table)
 
 
 def _drive(
@@ -643,18 +591,34 @@ def _drive(
     follow: bool | None,
     unknown_tasks: str,
     ignore_census: bool,
+    step: bool,
+    metrics: tuple[int | None, str],
 ) -> None:
+    from .census import UnknownTasks
+    from .display import RunDisplay
+    from .engine import RunOptions, execute, journal_path
+    from .journal import has_run, unfinished_pass
+    from .plan import check_times
+    from .status import read_status
+
+    _start_logging()
     loaded = _load(plan)
     path = journal_path(loaded, journal)
     if not resume_only and (new_run or not has_run(path, loaded.plan.name)):
         check_times(loaded.plan, str(loaded.path))  # a first run refuses a passed start
-    bar, update = _progress_bar(len(loaded.fleet.members))
+    display = RunDisplay(err(), len(loaded.fleet.members))
     if resume_only and unfinished_pass(path, loaded.plan.name) is not None:
         # resuming means finishing what was under way: here a retry pass
+        from .passes import RetryOptions, retry
+
         again = RetryOptions(
-            journal=journal, follow=follow, unknown_tasks=UnknownTasks(unknown_tasks)
+            journal=journal,
+            follow=follow,
+            unknown_tasks=UnknownTasks(unknown_tasks),
+            state_dir=_state_dir(),
         )
-        done = _interruptible(lambda: retry(loaded, again, update), bar)
+        with _metrics(path, loaded.plan.name, *metrics):
+            done = _interruptible(lambda: retry(loaded, again, display), display)
         _show_status(read_status(done.journal, loaded.plan.name))
         return
     options = RunOptions(
@@ -665,15 +629,50 @@ def _drive(
         unknown_tasks=UnknownTasks(unknown_tasks),
         ignore_census=ignore_census,
         state_dir=_state_dir(),
+        step=step,
     )
 
-    result = _interruptible(lambda: execute(loaded, options, update), bar)
+    with _metrics(path, loaded.plan.name, *metrics):
+        result = _interruptible(lambda: execute(loaded, options, display), display)
+    if result.already_completed:
+        _say(
+            "[green]done:[/]",
+            f"run {result.run_id} of {loaded.plan.name} is already completed; nothing was "
+            "sent, no call made (--new-run starts another)",
+        )
     _show_status(read_status(result.journal, loaded.plan.name))
 
 
-def _interruptible(work: Callable[[], Awaitable[R]], bar: Progress | None = None) -> R:
+@contextmanager
+def _metrics(path: Path, plan_name: str, port: int | None, host: str) -> Iterator[None]:
+    """Serve the run's metrics (from its journal) while the block runs, when asked."""
+    if port is None:
+        yield
+        return
+    from .metrics import serve
+
+    try:
+        server = serve(path, plan_name, port, host)
+    except OSError as exc:
+        raise InputError(
+            "--metrics-port", "", f"cannot listen on {host}:{port}: {exc.strerror}"
+        ) from None
+    _say("[dim]metrics:[/]", f"http://{host}:{server.server_port}/metrics")
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _interruptible(work: Callable[[], Awaitable[R]], display: RunDisplay | None = None) -> R:
     """Run `work`; Ctrl-C or SIGTERM cancels it cleanly (the engine records what was in
     flight) and ends the command with exit code 130."""
+    import asyncio
+    import signal
+
+    import anyio
+
     signals_seen: list[int] = []
 
     async def main_task() -> R | None:
@@ -697,8 +696,8 @@ def _interruptible(work: Callable[[], Awaitable[R]], bar: Progress | None = None
     try:
         outcome = anyio.run(main_task)
     finally:
-        if bar is not None:
-            bar.stop()
+        if display is not None:
+            display.stop()
     if signals_seen or outcome is None:
         raise KeyboardInterrupt
     return outcome
@@ -720,6 +719,8 @@ def _show_status(status: dict[str, Any]) -> None:
             "devices_already_current",
             "calls",
         )
+        import structlog
+
         structlog.get_logger("orchestrator.cli").info(
             "run summary", **{key: status[key] for key in keys}
         )
@@ -732,13 +733,34 @@ follow_option = click.option(
     default=None,
     help="Watch the tasks to their end after submitting (default: the plan's monitor.follow).",
 )
+UNKNOWN_TASKS_CHOICES = ("stop", "skip", "send")  # census.UnknownTasks (a test pins it)
 unknown_tasks_option = click.option(
     "--unknown-tasks",
-    type=click.Choice([u.value for u in UnknownTasks]),
-    default=UnknownTasks.STOP.value,
+    type=click.Choice(UNKNOWN_TASKS_CHOICES),
+    default="stop",
     show_default=True,
     help="Targets already in a task whose package the platform does not report: stop and "
     "ask, skip them (count them as in that task), or send them anyway.",
+)
+metrics_port_option = click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    metavar="PORT",
+    help="Serve Prometheus metrics of the run at http://HOST:PORT/metrics while it goes.",
+)
+metrics_host_option = click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the metrics endpoint listens on (0.0.0.0: every interface).",
+)
+step_option = click.option(
+    "--step",
+    is_flag=True,
+    help="For schedulers (systemd timer, CronJob): go as far as possible now — census, "
+    "submit what may be submitted, one monitor poll, judge the gates — then exit 75 when the "
+    "rest needs time (tasks running, a soak, an approval) instead of sleeping. Call again.",
 )
 ignore_census_option = click.option(
     "--ignore-census",
@@ -760,6 +782,9 @@ ignore_census_option = click.option(
 @follow_option
 @unknown_tasks_option
 @ignore_census_option
+@step_option
+@metrics_port_option
+@metrics_host_option
 @exits_cleanly
 def run(
     plan: Path,
@@ -768,9 +793,13 @@ def run(
     follow: bool | None,
     unknown_tasks: str,
     ignore_census: bool,
+    step: bool,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """Run PLAN: submit one upgrade task per chunk, exactly once, wave by wave; watch them."""
-    _drive(plan, journal, new_run, False, follow, unknown_tasks, ignore_census)
+    metrics = (metrics_port, metrics_host)
+    _drive(plan, journal, new_run, False, follow, unknown_tasks, ignore_census, step, metrics)
 
 
 @main.command()
@@ -779,15 +808,31 @@ def run(
 @follow_option
 @unknown_tasks_option
 @ignore_census_option
+@step_option
+@metrics_port_option
+@metrics_host_option
 @exits_cleanly
 def resume(
-    plan: Path, journal: Path | None, follow: bool | None, unknown_tasks: str, ignore_census: bool
+    plan: Path,
+    journal: Path | None,
+    follow: bool | None,
+    unknown_tasks: str,
+    ignore_census: bool,
+    step: bool,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """Finish the journal's run of PLAN: census, settle in-flight chunks, then go on."""
-    _drive(plan, journal, False, True, follow, unknown_tasks, ignore_census)
+    metrics = (metrics_port, metrics_host)
+    _drive(plan, journal, False, True, follow, unknown_tasks, ignore_census, step, metrics)
+
+
+RETRY_CHOICE_NAMES = ("fail", "timeout", "stop", "never-started")  # passes.RETRY_CHOICES (pinned)
 
 
 def _retry_states(_ctx: click.Context, _param: click.Parameter, value: str) -> frozenset[str]:
+    from .passes import RETRY_CHOICES
+
     names = [name.strip() for name in value.split(",") if name.strip()]
     unknown = [name for name in names if name not in RETRY_CHOICES]
     if not names or unknown:
@@ -803,7 +848,7 @@ def _retry_states(_ctx: click.Context, _param: click.Parameter, value: str) -> f
 @journal_option
 @click.option(
     "--states",
-    default=",".join(RETRY_CHOICES),
+    default=",".join(RETRY_CHOICE_NAMES),
     show_default=True,
     callback=_retry_states,
     help="Which devices get another task, by how their subtask ended in their latest pass: "
@@ -824,12 +869,22 @@ def retry_command(
     """A retry pass: new tasks for the devices of PLAN's finished run whose latest outcome is
     one of --states — exactly once per pass, journaled, judged by the plan's last gate. An
     unfinished pass is finished first."""
+    from .census import UnknownTasks
+    from .display import RunDisplay
+    from .passes import RetryOptions, retry
+    from .status import read_status
+
+    _start_logging()
     loaded = _load(plan)
     options = RetryOptions(
-        journal=journal, states=states, follow=follow, unknown_tasks=UnknownTasks(unknown_tasks)
+        journal=journal,
+        states=states,
+        follow=follow,
+        unknown_tasks=UnknownTasks(unknown_tasks),
+        state_dir=_state_dir(),
     )
-    bar, update = _progress_bar(len(loaded.fleet.members))
-    result = _interruptible(lambda: retry(loaded, options, update), bar)
+    display = RunDisplay(err(), len(loaded.fleet.members))
+    result = _interruptible(lambda: retry(loaded, options, display), display)
     if result.pass_no is None:
         click.echo(
             f"nothing to retry: no device of run {result.run_id} ended as asked "
@@ -843,12 +898,24 @@ def retry_command(
 @main.command()
 @plan_argument
 @journal_option
+@metrics_port_option
+@metrics_host_option
 @exits_cleanly
-def watch(plan: Path, journal: Path | None) -> None:
+def watch(plan: Path, journal: Path | None, metrics_port: int | None, metrics_host: str) -> None:
     """Follow PLAN's submitted tasks to their end (statuses, failure details); submit nothing."""
+    from .display import RunDisplay
+    from .engine import journal_path
+    from .engine import watch as watch_run
+    from .status import read_status
+
+    _start_logging()
     loaded = _load(plan)
-    state_dir = _state_dir()
-    result = _interruptible(lambda: watch_run(loaded, journal, state_dir=state_dir))
+    display = RunDisplay(err(), len(loaded.fleet.members))
+    with _metrics(journal_path(loaded, journal), loaded.plan.name, metrics_port, metrics_host):
+        state_dir = _state_dir()
+        result = _interruptible(
+            lambda: watch_run(loaded, journal, observer=display, state_dir=state_dir), display
+        )
     _show_status(read_status(result.journal, loaded.plan.name))
 
 
@@ -867,10 +934,10 @@ def approve(plan: Path, journal: Path | None, wave: str | None, by: str) -> None
     """Approve the gate of a wave that waits for a decision (failed, or passed and awaiting
     approval): it passes when the run resumes — a failed gate only while its failure share
     is no worse than the one approved."""
-    loaded = _load(plan)
-    approval = approve_wave(
-        journal_path(loaded, journal), loaded.plan.name, wave, by, source=str(loaded.path)
-    )
+    from .journal import approve_wave
+
+    path, name = _journal_of(plan, journal)
+    approval = approve_wave(path, name, wave, by, source=str(plan))
     if approval.state == "failed":
         what = (
             f"its failed gate ({approval.reason}); a failure share worse than "
@@ -878,9 +945,7 @@ def approve(plan: Path, journal: Path | None, wave: str | None, by: str) -> None
         )
     else:
         what = f"its gate, passed and awaiting approval ({approval.reason})"
-    click.echo(
-        f"approved wave {approval.wave!r} by {by}: {what}. `rollout resume` goes on.",
-    )
+    click.echo(f"approved wave {approval.wave!r} by {by}: {what}. `rollout resume` goes on.")
 
 
 IN_TASK_BY = {
@@ -893,6 +958,11 @@ IN_TASK_BY = {
 
 
 def _print_status(status: dict[str, Any]) -> None:
+    from datetime import UTC, datetime
+
+    from rich.table import Table
+
+    console = out()
     table = Table(title=f"{status['plan']} — run {status['run_id']}: {status['status']}")
     table.add_column("what")
     table.add_column("value", justify="right")
@@ -926,7 +996,7 @@ def _print_status(status: dict[str, Any]) -> None:
         table.add_row("stop reason", str(status["stop_reason"]))
     updated = datetime.fromtimestamp(status["updated_at"], UTC).isoformat(timespec="seconds")
     table.add_row("updated", updated)
-    stderr.print(table)
+    console.print(table)
     if len(status["waves"]) > 1 or (status["waves"] and status["waves"][0]["name"] != "all"):
         waves = Table(title="waves")
         columns = ("wave", "targets", "in tasks", "upgraded", "failed", "current", "gate", "reason")
@@ -948,7 +1018,7 @@ def _print_status(status: dict[str, Any]) -> None:
                 gate,
                 w["gate_reason"] or "",
             )
-        stderr.print(waves)
+        console.print(waves)
     if status.get("passes"):
         passes = Table(title="retry passes")
         for column in ("pass", "retried", "devices", "upgraded", "failed", "current", "status"):
@@ -963,35 +1033,58 @@ def _print_status(status: dict[str, Any]) -> None:
                 str(r["already_current"]),
                 f"{r['pass_status']} (gate {r['gate']})",
             )
-        stderr.print(passes)
+        console.print(passes)
+    lines = []
     if status["calls"]:
-        stderr.print("calls spent: " + ", ".join(f"{k} {v}" for k, v in status["calls"].items()))
+        lines.append("calls spent: " + ", ".join(f"{k} {v}" for k, v in status["calls"].items()))
     for row in status["quarantined"][:20]:
-        stderr.print(f"  quarantined {row['target']}: {row['error_code']} {row['reason']}")
+        lines.append(f"  quarantined {row['target']}: {row['error_code']} {row['reason']}")
     for row in status["duplicate_examples"]:
-        stderr.print(f"  in two tasks {row['target']}: {', '.join(row['operation_ids'])}")
+        lines.append(f"  in two tasks {row['target']}: {', '.join(row['operation_ids'])}")
+    for line in lines:
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 @main.command()
 @plan_argument
 @journal_option
-@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON on stdout.")
+@click.option("--json", "as_json", is_flag=True, help="The same as --format json.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "prometheus"]),
+    default="table",
+    show_default=True,
+    help="prometheus: the run's metrics as a textfile for node_exporter.",
+)
 @exits_cleanly
-def status(plan: Path, journal: Path | None, as_json: bool) -> None:
+def status(plan: Path, journal: Path | None, as_json: bool, fmt: str) -> None:
     """Show the state of PLAN's latest run, from the journal alone."""
-    loaded = _load(plan)
-    result = read_status(journal_path(loaded, journal), loaded.plan.name)
-    if as_json:
+    path, name = _journal_of(plan, journal)
+    if fmt == "prometheus":
+        from .metrics import textfile
+
+        click.echo(textfile(path, name), nl=False)
+        return
+    from .status import read_status
+
+    result = read_status(path, name)
+    if as_json or fmt == "json":
+        import json
+
         click.echo(json.dumps(result, indent=2))
     else:
         _print_status(result)
+
+
+REPORT_FORMATS = ("csv", "html", "json")  # report.WRITERS (a test pins it)
 
 
 @main.command()
 @plan_argument
 @journal_option
 @click.option(
-    "--format", "fmt", type=click.Choice(sorted(WRITERS)), default="html", show_default=True
+    "--format", "fmt", type=click.Choice(REPORT_FORMATS), default="html", show_default=True
 )
 @click.option(
     "--output",
@@ -1012,10 +1105,17 @@ def report(
 ) -> None:
     """Report PLAN's run: one row per device, per-task and per-wave summaries, quarantined
     devices, failure reasons and the calls spent — as CSV, JSON or a self-contained HTML page."""
-    loaded = _load(plan)
+    from .report import WRITERS, collect
+
     if refresh_first:
-        anyio.run(refresh, loaded, journal, _state_dir())
-    data = collect(journal_path(loaded, journal), loaded.plan.name)
+        import anyio
+
+        from .engine import refresh
+
+        _start_logging()
+        anyio.run(refresh, _load(plan), journal, _state_dir())
+    path, name = _journal_of(plan, journal)
+    data = collect(path, name)
     if output is None:
         WRITERS[fmt](data, sys.stdout)
         return
@@ -1027,7 +1127,7 @@ def report(
         raise InputError(
             str(output), "--output", f"cannot write the report there: {_one_line(exc)}"
         ) from None
-    stderr.print(f"{fmt} report written to {output}")
+    err().print(f"{fmt} report written to {output}", highlight=False)
 
 
 PRIORITY_NAMES = {0: "login", 1: "submit", 2: "monitor"}
@@ -1040,12 +1140,20 @@ PRIORITY_NAMES = {0: "login", 1: "submit", 2: "monitor"}
 def budget(plan: Path | None, as_json: bool) -> None:
     """Which processes of this host share an app's call budget now, and how many calls each
     made in the last window — PLAN's app, or every app with state on this host."""
+    import json
+
+    from .northbound.hoststate import AppState, known_apps, state_root
+    from .northbound.ledger import read_budget
+
     root = state_root(_state_dir())
     if plan is not None:
         loaded = _load(plan)
         platform = loaded.plan.platform
         if platform.is_simulator:
-            stderr.print("the embedded simulator's budget belongs to one process: nothing shared")
+            err().print(
+                "the embedded simulator's budget belongs to one process: nothing shared",
+                highlight=False,
+            )
             apps: list[AppState] = []
         else:
             apps = [AppState.locate(root, platform.url, platform.app_id)]
@@ -1080,6 +1188,8 @@ def budget(plan: Path | None, as_json: bool) -> None:
 
 
 def _print_budget(app: AppState, view: BudgetView) -> None:
+    from rich.table import Table
+
     title = (
         f"app {app.app_id} at {app.base_url}: {view.calls} calls / {view.seconds:g} s, "
         f"{view.taken} slots taken now"
@@ -1102,4 +1212,4 @@ def _print_budget(app: AppState, view: BudgetView) -> None:
             str(owner.calls_last_window),
             str(owner.throttled_last_window),
         )
-    Console().print(table)
+    out().print(table)

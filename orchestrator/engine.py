@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sqlite3
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,11 +27,13 @@ from .census import Census, PackageJudge, UnknownTasks, plan_adoption, take_cens
 from .errors import (
     CensusUndecided,
     DuplicatesFound,
+    InputError,
     JournalError,
     JournalMismatch,
     PlatformCallError,
     RunAborted,
     RunHalted,
+    RunWaiting,
 )
 from .gates import Verdict, evaluate
 from .groups import ResolvedGroup, find_overlaps, refuse_overlaps, resolve_groups
@@ -45,6 +48,7 @@ from .journal import (
     RUNNING,
     SPLIT,
     UNCONFIRMED,
+    WAITING,
     ChunkRow,
     Journal,
     PassRow,
@@ -53,7 +57,9 @@ from .journal import (
     default_journal_path,
 )
 from .monitor import Monitor, Sleep
-from .northbound import ClientConfig, NorthboundClient, TLSConfig
+from .northbound import ClientConfig, NorthboundClient, Package, TLSConfig
+from .notify import notifying, webhook_urls
+from .observe import Notice, NoticeKind, Observer, run_view
 from .plan import (
     PLATFORM_TIME_FORMAT,
     GateSection,
@@ -65,7 +71,8 @@ from .plan import (
 from .planner import plan_chunks
 from .session import RunSession
 from .simulator import DEFAULT_SECRET, SimulatorConfig, SimulatorServer
-from .submitter import CensusView, Progress, ProgressHook, Submitter, resolve_package
+from .simulator.state import StateError
+from .submitter import CensusView, Progress, Submitter, resolve_package
 
 log = structlog.get_logger("orchestrator.engine")
 
@@ -82,6 +89,9 @@ class RunOptions:
     unknown_tasks: UnknownTasks = UnknownTasks.STOP  # targets in tasks of unknown package
     ignore_census: bool = False  # send targets the platform already holds (loud)
     state_dir: Path | None = None  # the host's shared state (None: $ROLLOUT_STATE_DIR or default)
+    # advance as far as possible now — census, submit what may be submitted, one monitor
+    # poll, judge the gates — then raise RunWaiting instead of sleeping (schedulers)
+    step: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,7 @@ class RunResult:
     run_id: int
     journal: Path
     counts: dict[str, int]
+    already_completed: bool = False  # the journal's run was completed: nothing was done
 
 
 def journal_path(loaded: LoadedPlan, override: Path | None) -> Path:
@@ -122,34 +133,63 @@ def _client_config(
     )
 
 
+def simulator_state_path(journal: Path, plan_name: str) -> Path:
+    """Where the embedded simulator of a plan keeps its platform: beside the journal."""
+    return journal.parent / f"{plan_name}.simulator-state.json"
+
+
 @asynccontextmanager
 async def platform_client(
-    loaded: LoadedPlan, state_dir: Path | None = None, purpose: str = "run"
+    loaded: LoadedPlan,
+    state_dir: Path | None = None,
+    purpose: str = "run",
+    journal: Path | None = None,
 ) -> AsyncIterator[NorthboundClient]:
     """A client for the plan's platform; with `url = "simulator"`, an embedded one.
 
     The client shares the app's token and call budget with the host's other processes
     through `state_dir` (None: $ROLLOUT_STATE_DIR, else the user's state directory); an
-    embedded simulator is this process's alone, so its state lives in a temporary directory.
+    embedded simulator is this process's alone, so the client's host state lives in a
+    temporary directory. Given the run's `journal`, the embedded simulator keeps its
+    platform (tasks, clock, tokens) beside it (`simulator_state_path`), so a `resume` after
+    Ctrl-C or a crash meets the platform the run left; without, it starts afresh. Raises
+    InputError when that saved platform is another fleet's (`[platform.simulator]` changed).
     `purpose` names what the process does in `rollout budget` ("run", "watch", …)."""
     platform = loaded.plan.platform
     label = f"{purpose} {loaded.plan.name}"
     if platform.is_simulator:
         sim = platform.simulator
-        server = SimulatorServer(
-            SimulatorConfig(
-                port=0,
-                tls=True,
-                app_id=platform.app_id,
-                devices=sim.devices,
-                seed=sim.seed,
-                speed=sim.speed,
-                rate_limit=platform.rate,
+        state_file = simulator_state_path(journal, loaded.plan.name) if journal else None
+        if state_file is not None:
+            state_file.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            server = SimulatorServer(
+                SimulatorConfig(
+                    port=0,
+                    tls=True,
+                    app_id=platform.app_id,
+                    devices=sim.devices,
+                    seed=sim.seed,
+                    speed=sim.speed,
+                    rate_limit=platform.rate,
+                    state_file=state_file,
+                )
             )
-        )
+        except StateError as exc:
+            raise InputError(
+                str(state_file),
+                "[platform.simulator]",
+                f"the embedded platform saved there does not fit the plan ({exc}); delete the "
+                "file to start it afresh",
+            ) from None
         with tempfile.TemporaryDirectory(prefix="rollout-state-") as private:
             async with server:
-                log.info("embedded simulator started", url=server.url, devices=sim.devices)
+                log.info(
+                    "embedded simulator started",
+                    url=server.url,
+                    devices=sim.devices,
+                    **({"restored_from": str(state_file)} if server.restored else {}),
+                )
                 tls = TLSConfig(ca_file=server.cert_file)
                 config = _client_config(
                     loaded.plan, server.url, DEFAULT_SECRET, tls, Path(private), label
@@ -181,10 +221,12 @@ async def check_groups(loaded: LoadedPlan, client: NorthboundClient) -> dict[str
     return groups
 
 
-async def preview_groups(loaded: LoadedPlan) -> tuple[dict[str, ResolvedGroup], dict[str, int]]:
+async def preview_groups(
+    loaded: LoadedPlan, state_dir: Path | None = None
+) -> tuple[dict[str, ResolvedGroup], dict[str, int]]:
     """`rollout plan` for a group fleet: the groups' members and the calls it took to learn
     them (a login, a list call per group, the member pages)."""
-    async with platform_client(loaded) as client:
+    async with platform_client(loaded, state_dir, "plan") as client:
         groups = await check_groups(loaded, client)
         return groups, client.take_call_counts()
 
@@ -280,7 +322,10 @@ async def _until_settled(session: RunSession, sent: float | None, sleep: Sleep) 
 
 
 async def open_census(
-    session: RunSession, options: RunOptions, sleep: Sleep = asyncio.sleep
+    session: RunSession,
+    options: RunOptions,
+    sleep: Sleep = asyncio.sleep,
+    notice: Callable[..., None] | None = None,
 ) -> CensusView:
     """Before the first create of a run, and on every resume: read the platform's tasks of
     this package and journal every target already in one as adopted — whatever process,
@@ -337,7 +382,7 @@ async def open_census(
             "ago): stop it or let it finish, then run this plan again"
         )
     journal.record_census(run_id, "opening", census.summary())
-    _record_duplicates(journal, run_id, census, options)
+    _record_duplicates(journal, run_id, census, options, notice)
     if census.other_package:
         log.warning(
             "targets already in tasks of another package of this model (sent anyway)",
@@ -372,11 +417,25 @@ def adopt_found(
         log.info("census: targets already in a task are not sent again", adopted=adopted)
 
 
-def _record_duplicates(journal: Journal, run_id: int, census: Census, options: RunOptions) -> None:
+def _record_duplicates(
+    journal: Journal,
+    run_id: int,
+    census: Census,
+    options: RunOptions,
+    notice: Callable[..., None] | None = None,
+) -> None:
     """Targets in two tasks of this package, and — unless the operator chose to send them —
-    in one of this package and one whose package is unknown."""
+    in one of this package and one whose package is unknown. `notice` (Rollout.notice) tells
+    people of targets not recorded as duplicates before."""
     duplicates = census.duplicates(with_unknown=options.unknown_tasks is not UnknownTasks.SEND)
+    new = set(duplicates) - set(journal.duplicates(run_id))
     journal.record_duplicates(run_id, duplicates)
+    if new and notice is not None:
+        notice(
+            NoticeKind.DUPLICATES_FOUND,
+            f"{len(duplicates)} targets are in two or more tasks of this package",
+            targets=len(duplicates),
+        )
     if duplicates:
         target, operations = next(iter(sorted(duplicates.items())))
         log.error(
@@ -406,17 +465,26 @@ class Rollout:
     def __init__(
         self,
         session: RunSession,
-        progress: ProgressHook | None,
+        observer: Observer | None,
         sleep: Sleep | None = None,
         census: CensusView | None = None,
         options: RunOptions | None = None,
     ) -> None:
         self.session = session
-        self.hook = progress
+        self.observer = observer or Observer()
         self.progress = Progress(total_targets=len(session.loaded.fleet.members))
         self.monitor = Monitor(session, **({"sleep": sleep} if sleep is not None else {}))
+        self.monitor.on_poll = lambda _: self.publish()
         self.census = census
         self.options = options or RunOptions()
+        self.step = self.options.step
+        # throttled replies of earlier processes of this run (journal) + this one's (client)
+        self._throttled_before: dict[str, int] = (
+            session.journal.recall(session.run_id, "throttled") or {}
+        )
+        self._polled = False  # step mode: at most one monitor poll per step
+        self._fresh = False  # step mode: this step created tasks (none of them can be done)
+        session.client.outage.on_begin = self._outage_began
 
     async def drive(self, follow: bool) -> None:
         rows = {row.wave: row for row in self.session.journal.waves(self.session.run_id)}
@@ -426,9 +494,10 @@ class Rollout:
             if rows[wave.index].gate_state == "passed":
                 continue
             log.info("wave", wave=wave.name, targets=len(wave.members))
+            creates = self.progress.creates
             await Submitter(
                 self.session,
-                self.hook,
+                self.observer.progress,
                 wave=wave.index,
                 policy=wave_policy(self.session.loaded, section, self.session.client.clock.now()),
                 shared_progress=self.progress,
@@ -436,18 +505,107 @@ class Rollout:
                 sleep=self.monitor.sleep,
                 window=section.window if section is not None else None,
             ).run()
+            self._fresh = self._fresh or self.progress.creates > creates
             self.session.journal.add_calls(
                 self.session.run_id, self.session.client.take_call_counts()
             )
             if section is not None and wave.index < last:
                 await self._gate(wave.index, wave.name, section)
             elif wave.index == last:
-                self.session.journal.set_gate(
-                    self.session.run_id, wave.index, "none", "the last wave has no gate"
-                )
+                self._set_gate(wave.index, wave.name, "none", "the last wave has no gate")
         await self.closing_census()
-        if follow:
+        if follow and self.step:
+            await self._poll()
+            unfinished = len(self.session.journal.unfinished_tasks(self.session.run_id))
+            if unfinished:
+                raise RunWaiting(
+                    f"{unfinished} tasks still running ({self._devices_open()}); "
+                    "the next step polls again",
+                    waiting_for="tasks",
+                )
+        elif follow:
             await self.monitor.follow(first_wait=self.session.plan.monitor.poll_interval)
+
+    GATE_NOTICES = {  # noqa: RUF012
+        "passed": NoticeKind.GATE_PASSED,
+        "failed": NoticeKind.GATE_FAILED,
+        "awaiting-approval": NoticeKind.GATE_AWAITING_APPROVAL,
+    }
+
+    def _set_gate(
+        self,
+        wave: int,
+        name: str,
+        state: str,
+        reason: str,
+        soak_until: float | None = None,
+        **numbers: int,
+    ) -> None:
+        """Journal a gate's state with the devices it judged (`finished`, `failed`), show it,
+        and tell people when it passed, failed or awaits approval (once per change, not on
+        every poll)."""
+        journal, run_id = self.session.journal, self.session.run_id
+        before = next((r.gate_state for r in journal.waves(run_id) if r.wave == wave), None)
+        journal.set_gate(run_id, wave, state, reason, soak_until, **numbers)
+        self.publish()
+        kind = self.GATE_NOTICES.get(state)
+        if kind is not None and before != state:
+            words = {"passed": "passed its gate", "failed": "FAILED its gate"}
+            what = words.get(state, "passed its gate and waits for approval")
+            self.notice(kind, f"wave {name!r} {what}: {reason}", wave=name, reason=reason)
+
+    def publish(self) -> None:
+        """Show where the waves stand now (from the journal); keep the throttled replies
+        (for metrics)."""
+        throttled = self.session.client.throttled
+        if throttled:
+            total = {
+                k: self._throttled_before.get(k, 0) + throttled.get(k, 0)
+                for k in self._throttled_before.keys() | throttled.keys()
+            }
+            self.session.journal.remember(self.session.run_id, "throttled", total)
+        self.observer.view(
+            run_view(self.session.journal, self.session.plan.name, self.session.run_id)
+        )
+
+    def notice(self, kind: NoticeKind, text: str, **detail: object) -> None:
+        self.observer.notice(
+            Notice(kind, self.session.plan.name, self.session.run_id, text, dict(detail))
+        )
+
+    def _outage_began(self, reason: str) -> None:
+        """The client met the platform out of reach and pauses (execution.outage_budget)."""
+        budget = self.session.plan.execution.outage_budget
+        self.notice(
+            NoticeKind.OUTAGE,
+            f"the platform is out of reach ({reason}); the run pauses and tries again for up "
+            f"to {budget:g} s, then stops with its state recorded: `rollout resume` goes on",
+            reason=reason,
+        )
+
+    async def _poll(self) -> None:
+        """One monitor poll; in step mode at most one per step, none when this step has just
+        created tasks (they cannot be done yet: the next step looks)."""
+        if not self.step:
+            await self.monitor.poll()
+            return
+        if self._fresh:
+            raise RunWaiting(
+                f"tasks were just created ({self._devices_open()}); the next step polls them",
+                waiting_for="tasks",
+            )
+        if not self._polled:
+            self._polled = True
+            await self.monitor.poll()
+
+    def _devices_open(self) -> str:
+        in_tasks = done = 0
+        journal, run_id = self.session.journal, self.session.run_id
+        for wave in journal.waves(run_id):
+            counts = journal.wave_counts(run_id, wave.wave)
+            in_tasks += counts.devices if counts.devices is not None else counts.submitted
+            done += counts.finished + counts.already_current
+        return f"{max(0, in_tasks - done)} of {in_tasks} devices in tasks not finished"
 
     async def closing_census(self, retry_pass: PassRow | None = None) -> None:
         """After the run's (or a retry pass's) last create, once the platform has surely
@@ -481,7 +639,7 @@ class Rollout:
         )
         summary = census.summary() | ({"pass": retry_pass.pass_no} if retry_pass else {})
         journal.record_census(run_id, "closing", summary)
-        _record_duplicates(journal, run_id, census, self.options)
+        _record_duplicates(journal, run_id, census, self.options, self.notice)
 
     async def _judge(self, wave: int, gate: GateSection) -> tuple[Verdict, str, WaveCounts]:
         """The gate's verdict on the journal's counts. A verdict that would decide while
@@ -499,27 +657,27 @@ class Rollout:
         gate = section.gate
         interval = self.session.plan.monitor.poll_interval
         seen = self.session.journal.wave_counts(self.session.run_id, wave)
-        if seen.tasks == 0 or seen.final_tasks < seen.tasks:
+        if not self.step and (seen.tasks == 0 or seen.final_tasks < seen.tasks):
             await self.monitor.sleep(interval)  # tasks created a moment ago cannot be done
         journal, run_id = self.session.journal, self.session.run_id
         while True:
-            await self.monitor.poll()
+            await self._poll()
             verdict, reason, counts = await self._judge(wave, gate)
             numbers = {"finished": counts.finished, "failed": counts.real_failed}
             row = next(r for r in journal.waves(run_id) if r.wave == wave)
             approval = journal.approval(run_id, wave)
             if verdict is Verdict.FAIL:
                 if approval is not None and approval.covers(False, **numbers):
-                    journal.set_gate(
-                        run_id,
+                    self._set_gate(
                         wave,
+                        name,
                         "passed",
                         f"failed gate overridden by {approval.by}'s approval (at "
                         f"{approval.failed} of {approval.finished} failed): {reason}",
                         **numbers,
                     )
                     return
-                journal.set_gate(run_id, wave, "failed", reason, **numbers)
+                self._set_gate(wave, name, "failed", reason, **numbers)
                 again = (
                     f" — worse than what {approval.by} approved ({approval.failed} of "
                     f"{approval.finished} failed)"
@@ -532,23 +690,36 @@ class Rollout:
                     "rollout resume"
                 )
             if verdict is Verdict.WAIT:
-                journal.set_gate(run_id, wave, "waiting", reason, **numbers)
+                self._set_gate(wave, name, "waiting", reason, **numbers)
+                if self.step:
+                    raise RunWaiting(
+                        f"wave {name!r} gate waits: {reason}; the next step polls again",
+                        waiting_for="tasks",
+                    )
                 await self.monitor.sleep(interval)
                 interval = min(self.session.plan.monitor.max_poll_interval, interval * 1.5)
                 continue
             if gate.soak > 0:
                 soak_until = row.soak_until or time.time() + gate.soak
                 if time.time() < soak_until:
-                    journal.set_gate(run_id, wave, "soaking", reason, soak_until, **numbers)
+                    self._set_gate(wave, name, "soaking", reason, soak_until, **numbers)
+                    if self.step:
+                        until = datetime.fromtimestamp(soak_until, UTC)
+                        raise RunWaiting(
+                            f"wave {name!r} passed its gate ({reason}) and soaks until "
+                            f"{until.isoformat(timespec='seconds')}; failures are watched "
+                            "on every step meanwhile",
+                            waiting_for="soak",
+                            until=soak_until,
+                        )
                     await self.monitor.sleep(min(interval, max(0.0, soak_until - time.time())))
                     continue
             if gate.approval and approval is None:
-                journal.set_gate(run_id, wave, "awaiting-approval", reason, **numbers)
-                raise RunHalted(
-                    f"wave {name!r} passed its gate ({reason}) and waits for approval: "
-                    f"rollout approve PLAN --wave {name}, then rollout resume"
-                )
-            journal.set_gate(run_id, wave, "passed", reason, **numbers)
+                self._set_gate(wave, name, "awaiting-approval", reason, **numbers)
+                if self.step:
+                    raise RunWaiting(_approval_message(name, reason), waiting_for="approval")
+                raise RunHalted(_approval_message(name, reason))
+            self._set_gate(wave, name, "passed", reason, **numbers)
             log.info("gate passed", wave=name, reason=reason)
             return
 
@@ -556,14 +727,24 @@ class Rollout:
 async def execute(
     loaded: LoadedPlan,
     options: RunOptions,
-    progress: ProgressHook | None = None,
+    observer: Observer | None = None,
     *,
     sleep: Sleep | None = None,
 ) -> RunResult:
     """`rollout run` / `rollout resume`. Raises the orchestrator's errors (exit codes in
-    docs/exit-codes.md); returns only when every target is in a task or quarantined."""
+    docs/exit-codes.md); returns only when every target is in a task or quarantined.
+
+    A run the journal shows completed is not touched: no login, no call (`--new-run` starts
+    another). With `options.step`, raises RunWaiting (exit 75) when the rest needs time; a
+    step that follows a clean step (run status `waiting`) goes on as a continuous run does
+    after a sleep: no census and no package look-up again, and none of any call while a
+    gate only waits for an operator's approval.
+
+    `observer` watches (the live display, metrics); the plan's `[[notify]]` webhooks are
+    added here and flushed, within their time limit, before this returns."""
     if not loaded.plan.platform.is_simulator:
         loaded.secret()  # an unset secret is bad input: fail before a journal or a call exists
+    webhook_urls(loaded)  # so is an unset webhook URL
     path = journal_path(loaded, options.journal)
     journal = Journal.open(path)
     try:
@@ -581,8 +762,26 @@ async def execute(
                     f"retry pass {passes[-1].pass_no} of run {existing.run_id} is "
                     f"{passes[-1].status}: `rollout retry PLAN` finishes it"
                 )
-        async with platform_client(loaded, options.state_dir, "run") as client:
-            package = await resolve_package(loaded, client)
+            if existing.status == COMPLETED:
+                _completed_already(journal, existing)
+                return RunResult(existing.run_id, path, journal.counts(existing.run_id), True)
+        stepping_on = (
+            options.step and existing is not None and continuing and existing.status == WAITING
+        )
+        if stepping_on:
+            assert existing is not None
+            _approval_pending(journal, existing.run_id)
+        async with (
+            notifying(loaded, observer) as watching,
+            platform_client(loaded, options.state_dir, "run", path) as client,
+        ):
+            remembered = (
+                journal.recall(existing.run_id, "package") if existing and stepping_on else None
+            )
+            if remembered is not None:
+                package = Package.model_validate(remembered)
+            else:
+                package = await resolve_package(loaded, client)
             if existing is not None and continuing:
                 run_id = existing.run_id
                 if existing.file_id not in (None, package.file_id):
@@ -605,30 +804,63 @@ async def execute(
                     )
             client.pacer.describe(f"run {loaded.plan.name} (run {run_id})")
             journal.set_package(run_id, package.file_id, package.version)
+            journal.remember(run_id, "package", package.model_dump(by_alias=True))
             journal.set_status(run_id, RUNNING)
             requeued = journal.requeue_failed(run_id)
             if requeued:
                 log.info("chunks refused for a plan-level reason are sent again", chunks=requeued)
             session = RunSession(loaded, journal, client, run_id, package)
             follow = loaded.plan.monitor.follow if options.follow is None else options.follow
+            rollout = Rollout(session, watching, sleep, None, options)
+            rollout.publish()
             try:
-                census = await open_census(session, options, sleep or asyncio.sleep)
-                rollout = Rollout(session, progress, sleep, census, options)
+                if stepping_on and not requeued:
+                    # the last step ended cleanly: its census still stands, as in a run
+                    judge = PackageJudge(
+                        client,
+                        package,
+                        journal.known_operations(),
+                        created_windows=journal.created_windows(),
+                    )
+                    rollout.census = CensusView(None, judge, options.unknown_tasks)
+                else:
+                    rollout.census = await open_census(
+                        session, options, sleep or asyncio.sleep, rollout.notice
+                    )
                 await rollout.drive(follow)
+            except RunWaiting as exc:
+                _record_stop(journal, run_id, WAITING, str(exc))
+                raise
             except (RunAborted, PlatformCallError) as exc:
                 _record_stop(journal, run_id, ABORTED, str(exc))
+                rollout.notice(NoticeKind.RUN_ABORTED, f"run stopped: {_one_line(exc)}")
                 raise
             except RunHalted as exc:
                 _record_stop(journal, run_id, HALTED, str(exc))
+                rollout.notice(NoticeKind.RUN_HALTED, f"halted at a gate: {exc}")
                 raise
             except BaseException:
                 _record_stop(journal, run_id, INTERRUPTED, "interrupted; in-flight state recorded")
                 raise
             finally:
-                with contextlib.suppress(JournalError):  # a full disk: the first error tells
-                    journal.add_calls(run_id, client.take_call_counts())
-            _finish(journal, run_id, COMPLETED if follow else SUBMITTED_ALL)
-            return RunResult(run_id, path, journal.counts(run_id))
+                with contextlib.suppress(JournalError, sqlite3.Error):  # a full disk: the
+                    journal.add_calls(run_id, client.take_call_counts())  # first error tells
+                    rollout.publish()
+            try:
+                _finish(journal, run_id, COMPLETED if follow else SUBMITTED_ALL)
+            except RunAborted as exc:
+                rollout.notice(NoticeKind.RUN_ABORTED, f"run stopped: {exc}")
+                raise
+            except DuplicatesFound:
+                raise  # told when the census found them
+            counts = journal.counts(run_id)
+            rollout.notice(
+                NoticeKind.RUN_COMPLETED,
+                f"run {run_id} {'completed' if follow else 'submitted'}: "
+                f"{counts.get('targets_submitted', 0)} targets in tasks, "
+                f"{counts.get('targets_quarantined', 0)} quarantined",
+            )
+            return RunResult(run_id, path, counts)
     finally:
         journal.close()
 
@@ -638,6 +870,44 @@ def _record_stop(journal: Journal, run_id: int, status: str, reason: str) -> Non
     then the error that stopped the run is the one to show, and `resume` needs no status."""
     with contextlib.suppress(JournalError):
         journal.set_status(run_id, status, reason)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _completed_already(journal: Journal, run: RunRow) -> None:
+    """A completed run is said so, from the journal alone; its duplicates still exit 5."""
+    log.info(
+        "run already completed; nothing to do (--new-run starts another)",
+        run=run.run_id,
+        plan=run.plan_name,
+    )
+    duplicates = journal.duplicates(run.run_id)
+    if duplicates:
+        raise DuplicatesFound(
+            f"run {run.run_id} completed with {len(duplicates)} targets in two or more tasks "
+            "of this package; `rollout status` lists them"
+        )
+
+
+def _approval_message(name: str, reason: str) -> str:
+    return (
+        f"wave {name!r} passed its gate ({reason}) and waits for approval: "
+        f"rollout approve PLAN --wave {name}, then rollout resume"
+    )
+
+
+def _approval_pending(journal: Journal, run_id: int) -> None:
+    """Step mode: a gate that only waits for an operator's approval needs no call."""
+    for row in journal.waves(run_id):
+        if row.gate_state == "passed":
+            continue
+        if row.gate_state == "awaiting-approval" and journal.approval(run_id, row.wave) is None:
+            raise RunWaiting(
+                _approval_message(row.name, row.gate_reason or "passed"), waiting_for="approval"
+            )
+        return
 
 
 def _finish(journal: Journal, run_id: int, status: str) -> None:
@@ -668,6 +938,7 @@ async def _existing_run(
     sleep: Sleep | None = None,
     state_dir: Path | None = None,
     purpose: str = "watch",
+    observer: Observer | None = None,
 ) -> AsyncIterator[tuple[Journal, int, Rollout]]:
     """The journal's latest run of the plan, with a platform session, for monitoring only."""
     path = journal_path(loaded, journal_file)
@@ -678,11 +949,12 @@ async def _existing_run(
         existing = journal.latest_run(loaded.plan.name)
         if existing is None:
             raise JournalError(f"{path}: no run of plan {loaded.plan.name!r}")
-        async with platform_client(loaded, state_dir, purpose) as client:
+        async with platform_client(loaded, state_dir, purpose, path) as client:
             package = await resolve_package(loaded, client)
             rollout = Rollout(
-                RunSession(loaded, journal, client, existing.run_id, package), None, sleep
+                RunSession(loaded, journal, client, existing.run_id, package), observer, sleep
             )
+            rollout.publish()
             try:
                 yield journal, existing.run_id, rollout
             finally:
@@ -697,9 +969,14 @@ async def watch(
     *,
     sleep: Sleep | None = None,
     state_dir: Path | None = None,
+    observer: Observer | None = None,
 ) -> RunResult:
     """Follow the journal's run to the end without submitting anything."""
-    async with _existing_run(loaded, journal_file, sleep, state_dir) as (journal, run_id, rollout):
+    async with _existing_run(loaded, journal_file, sleep, state_dir, "watch", observer) as (
+        journal,
+        run_id,
+        rollout,
+    ):
         await rollout.monitor.follow()
         return RunResult(run_id, journal.path, journal.counts(run_id))
 

@@ -8,6 +8,7 @@
     │   └── CensusUndecided         targets held by tasks whose package is unknown: ask first
     ├── DuplicatesFound             the closing census found targets in two tasks — exit 5
     ├── RunHalted                   a wave gate failed or waits for approval — exit 4
+    ├── RunWaiting                  step mode: the rest needs time (tasks, soak, approval) — 75
     └── PlatformCallError           a call to the platform failed; `.may_have_taken_effect`,
         │                           `.transient` (the platform is down: pause, never count)
         ├── TransportError          no usable HTTP reply
@@ -74,6 +75,17 @@ class DuplicatesFound(OrchestratorError):
 
 class RunHalted(OrchestratorError):
     """A wave's gate stopped the run: it failed, or it waits for an operator's approval."""
+
+
+class RunWaiting(OrchestratorError):
+    """Step mode (`--step`): the run went as far as it can now; the rest needs time — tasks
+    still running, a gate soaking until `until` (epoch seconds), or an operator's approval.
+    `waiting_for` is one of "tasks", "soak", "approval". Exit code 75 (EX_TEMPFAIL): call
+    again later."""
+
+    def __init__(self, message: str, *, waiting_for: str, until: float | None = None) -> None:
+        self.waiting_for, self.until = waiting_for, until
+        super().__init__(message)
 
 
 class PlatformCallError(OrchestratorError):

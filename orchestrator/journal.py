@@ -43,12 +43,14 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import InputError, JournalError
-from .northbound import SubOperation, Task
 from .outcomes import Outcome, classify
 from .planner import Chunk, Wave
+
+if TYPE_CHECKING:  # the journal keeps what the client read; it needs not the client itself
+    from .northbound import SubOperation, Task
 
 SCHEMA_VERSION = 3
 SCHEMA = """
@@ -230,6 +232,7 @@ PENDING, INTENT, SUBMITTED, SPLIT, QUARANTINED, FAILED = (
 )
 FINAL_STATES = frozenset({SUBMITTED, SPLIT, QUARANTINED})
 RUNNING, INTERRUPTED, COMPLETED, ABORTED = "running", "interrupted", "completed", "aborted"
+WAITING = "waiting"  # a step (`--step`) ended cleanly; the rest needs time
 # a retry pass still to finish (`rollout retry` or `resume` go on with it); completed,
 # submitted (not followed) and halted (its gate failed) passes are over
 PASS_UNFINISHED = frozenset({RUNNING, INTERRUPTED, ABORTED})
@@ -661,6 +664,23 @@ class Journal:
     def event(self, run_id: int, kind: str, detail: dict[str, Any]) -> None:
         with self._tx() as db:
             self._event(db, run_id, kind, detail)
+
+    def remember(self, run_id: int, key: str, value: Any) -> None:
+        """Keep a small JSON value of the run between processes (the `meta` table): the
+        package a step resolved, the monitor's page cursor."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO meta VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+                (f"run{run_id}:{key}", json.dumps(value, sort_keys=True)),
+            )
+
+    def recall(self, run_id: int, key: str) -> Any:
+        """What `remember` kept (None when nothing was)."""
+        row = self._db.execute(
+            "SELECT value FROM meta WHERE key=?", (f"run{run_id}:{key}",)
+        ).fetchone()
+        return json.loads(row[0]) if row else None
 
     @staticmethod
     def _event(db: sqlite3.Connection, run_id: int, kind: str, detail: dict[str, Any]) -> None:

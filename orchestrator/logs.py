@@ -1,8 +1,12 @@
 """Logging: structlog, readable on a terminal, JSON lines with `--log-format json`.
 
-Logs go to stderr so stdout stays clean for machine-readable output (`--json`). A processor
-strips anything that looks like a credential, so a careless `log.info(..., secret=...)` can
-never leak one.
+Logs go to stderr so stdout stays clean for results (`status`, `plan`, the closing summary,
+`--json`). They are printed through **one** rich Console — the same one the live display of
+a run draws on (orchestrator.display) — so a log line scrolls above the display and never
+lands inside it, in console and JSON modes alike. Without a terminal nothing is wrapped.
+
+A processor strips anything that looks like a credential, so a careless
+`log.info(..., secret=...)` can never leak one.
 """
 
 from __future__ import annotations
@@ -10,9 +14,10 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import structlog
+if TYPE_CHECKING:
+    from rich.console import Console
 
 SECRET_KEYS = frozenset(
     {
@@ -28,6 +33,54 @@ SECRET_KEYS = frozenset(
     }
 )
 REDACTED = "***"
+WIDE = 4096  # columns for human output that is not shown on a terminal: never wrapped
+
+_consoles: dict[str, Console] = {}
+
+
+def stderr_console() -> Console:
+    """The one console for logs and the live display (stderr)."""
+    console = _consoles.get("stderr")
+    if console is None:
+        from rich.console import Console
+
+        terminal = sys.stderr.isatty()
+        console = Console(stderr=True, width=None if terminal else WIDE)
+        _consoles["stderr"] = console
+    return console
+
+
+def stdout_console() -> Console:
+    """The console for human results (tables) on stdout; unwrapped without a terminal."""
+    console = _consoles.get("stdout")
+    if console is None:
+        from rich.console import Console
+
+        terminal = sys.stdout.isatty()
+        console = Console(width=None if terminal else WIDE)
+        _consoles["stdout"] = console
+    return console
+
+
+def use_consoles(stderr: Console | None = None, stdout: Console | None = None) -> None:
+    """Draw on these consoles instead (tests record a run through one)."""
+    for name, console in (("stderr", stderr), ("stdout", stdout)):
+        if console is None:
+            _consoles.pop(name, None)
+        else:
+            _consoles[name] = console
+
+
+class ConsoleLogger:
+    """structlog's output: one printed line per event through the shared console."""
+
+    def msg(self, message: str) -> None:
+        from rich.text import Text
+
+        text = Text.from_ansi(message) if "\x1b" in message else Text(message)
+        stderr_console().print(text, soft_wrap=True, highlight=False, markup=False, emoji=False)
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
 
 
 def redact_secrets(
@@ -39,12 +92,20 @@ def redact_secrets(
     return event_dict
 
 
-def configure_logging(log_format: str = "console", level: str = "info") -> None:
+def configure_logging(
+    log_format: str = "console", level: str = "info", console: Console | None = None
+) -> None:
+    """structlog on the shared stderr console (or on `console`, which then becomes it)."""
+    import structlog  # here: commands that only read the journal start without it
+
+    if console is not None:
+        use_consoles(stderr=console, stdout=_consoles.get("stdout"))
     renderer: Any
     if log_format == "json":
         renderer = structlog.processors.JSONRenderer()
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        colors = console.is_terminal if console is not None else sys.stderr.isatty()
+        renderer = structlog.dev.ConsoleRenderer(colors=colors)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -56,6 +117,6 @@ def configure_logging(log_format: str = "console", level: str = "info") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=lambda *_: ConsoleLogger(),
         cache_logger_on_first_use=False,
     )

@@ -59,9 +59,12 @@ class Monitor:
         self.session = session
         self.settings: MonitorSection = session.plan.monitor
         self.sleep = sleep
-        self._cursor = 0
+        # the first page that may hold an unfinished task of ours; kept in the journal, so
+        # a step (`--step`) in a new process does not read the finished pages again
+        self._cursor = int(session.journal.recall(session.run_id, "monitor-cursor") or 0)
         self._last_seen: dict[str, StaResult] = {}
         self.polls = 0
+        self.on_poll: Callable[[PollResult], None] | None = None  # e.g. the live display
 
     async def poll(self) -> PollResult:
         """One sweep over our unfinished tasks, then the details of newly finished ones."""
@@ -80,7 +83,10 @@ class Monitor:
         self.session.journal.add_progress_sample(self.session.run_id)
         remaining = len(self.session.journal.unfinished_tasks(self.session.run_id))
         log.info("monitor poll", unfinished=remaining, changed=changed)
-        return PollResult(changed, remaining)
+        result = PollResult(changed, remaining)
+        if self.on_poll is not None:
+            self.on_poll(result)
+        return result
 
     async def _sweep(
         self, ours: dict[str, tuple[str, int, bool]], wanted: set[str]
@@ -120,7 +126,7 @@ class Monitor:
         missing = wanted - seen
         if missing:
             # not where the cursor said: read from the start next time, and ask for these now
-            self._cursor = 0
+            self._set_cursor(0)
             for operation_id in sorted(missing):
                 task = await self.session.client.get_task(operation_id, priority=Priority.MONITOR)
                 chunk_id, wave, _ = ours[operation_id]
@@ -128,8 +134,13 @@ class Monitor:
                 if task.status.final:
                     finished.append(operation_id)
             return finished, True
-        self._cursor = first_unfinished_page if first_unfinished_page is not None else page_no
+        self._set_cursor(first_unfinished_page if first_unfinished_page is not None else page_no)
         return finished, changed
+
+    def _set_cursor(self, page_no: int) -> None:
+        if page_no != self._cursor:
+            self._cursor = page_no
+            self.session.journal.remember(self.session.run_id, "monitor-cursor", page_no)
 
     async def _fetch_details(self, operation_id: str) -> None:
         """Every subtask of a finished task, once: each device's outcome, versions checked."""

@@ -45,10 +45,11 @@ from .journal import (
     RunRow,
 )
 from .monitor import Sleep
+from .observe import Observer
 from .outcomes import Outcome
 from .plan import GateSection, LoadedPlan, WaveSection
 from .session import RunSession
-from .submitter import CensusView, Progress, ProgressHook, Submitter, resolve_package
+from .submitter import CensusView, Progress, Submitter, resolve_package
 
 log = structlog.get_logger("orchestrator.passes")
 
@@ -69,6 +70,7 @@ class RetryOptions:
     states: frozenset[str] = RETRY_STATES  # outcomes to retry, plus `never-started`
     follow: bool | None = None  # None: the plan's monitor.follow
     unknown_tasks: UnknownTasks = UnknownTasks.STOP
+    state_dir: Path | None = None  # the host's shared state (None: $ROLLOUT_STATE_DIR or default)
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ def last_gate(loaded: LoadedPlan) -> tuple[WaveSection | None, GateSection]:
 async def retry(
     loaded: LoadedPlan,
     options: RetryOptions,
-    progress: ProgressHook | None = None,
+    observer: Observer | None = None,
     *,
     sleep: Sleep | None = None,
 ) -> RetryResult:
@@ -122,7 +124,7 @@ async def retry(
         current = passes[-1] if passes and passes[-1].status in PASS_UNFINISHED else None
         if current is None:
             _check_retryable(journal, run)
-        async with platform_client(loaded) as client:
+        async with platform_client(loaded, options.state_dir, "retry", path) as client:
             package = await resolve_package(loaded, client)
             if run.file_id not in (None, package.file_id):
                 raise JournalMismatch(
@@ -147,7 +149,7 @@ async def retry(
             session = RunSession(loaded, journal, client, run_id, package)
             follow = loaded.plan.monitor.follow if options.follow is None else options.follow
             try:
-                await _drive_pass(session, current, options, progress, sleep, follow)
+                await _drive_pass(session, current, options, observer, sleep, follow)
             except RunAborted as exc:
                 journal.set_pass_status(run_id, current.pass_no, ABORTED, str(exc))
                 raise
@@ -185,7 +187,7 @@ async def _drive_pass(
     session: RunSession,
     current: PassRow,
     options: RetryOptions,
-    progress: ProgressHook | None,
+    observer: Observer | None,
     sleep: Sleep | None,
     follow: bool,
 ) -> None:
@@ -208,11 +210,11 @@ async def _drive_pass(
     rows = journal.chunks(run_id, [PENDING, INTENT], current.wave)
     adopt_found(journal, run_id, census, rows, options.unknown_tasks)
     view = CensusView(census, judge, options.unknown_tasks)
-    rollout = Rollout(session, progress, sleep, view)
+    rollout = Rollout(session, observer, sleep, view)
     last_wave, gate = last_gate(session.loaded)
     await Submitter(
         session,
-        progress,
+        rollout.observer.progress,
         wave=current.wave,
         policy=wave_policy(session.loaded, last_wave, session.client.clock.now()),
         shared_progress=Progress(total_targets=current.targets),

@@ -420,6 +420,36 @@ class ExecutionSection(_Section):
     outage_budget: float = Field(default=600.0, gt=0, le=7 * 86400)
 
 
+NOTICE_EVENTS = (
+    "gate-passed",
+    "gate-failed",
+    "gate-awaiting-approval",
+    "run-completed",
+    "run-halted",
+    "run-aborted",
+    "duplicates-found",
+    "outage",
+)
+
+
+class NotifySection(_Section):
+    """A webhook told of gates and of the run's end (JSON POST with a plain `text` field)."""
+
+    url_env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")  # the URL holds a secret
+    events: list[str] = Field(default_factory=list)  # empty: every event
+    timeout: float = Field(default=10.0, gt=0, le=120)  # seconds per request
+    attempts: int = Field(default=5, ge=1, le=20)
+    give_up_after: float = Field(default=30.0, gt=0, le=600)  # seconds for one notice
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, value: list[str]) -> list[str]:
+        unknown = [event for event in value if event not in NOTICE_EVENTS]
+        if unknown:
+            raise ValueError(f"unknown event {unknown[0]!r} (one of {', '.join(NOTICE_EVENTS)})")
+        return value
+
+
 class Plan(_Section):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     operation: Operation = Operation.FIRMWARE
@@ -430,6 +460,7 @@ class Plan(_Section):
     execution: ExecutionSection = Field(default_factory=ExecutionSection)
     monitor: MonitorSection = Field(default_factory=MonitorSection)
     waves: list[WaveSection] = Field(default_factory=list)
+    notify: list[NotifySection] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _waves(self) -> Plan:
@@ -602,11 +633,7 @@ def parse_plan(text: str, source: str) -> Plan:
         raise InputError(source, _field_path(tuple(first["loc"])), message) from None
 
 
-def load_plan(path: Path, now: datetime | None = None, *, check_start: bool = False) -> LoadedPlan:
-    """Read and check a plan and its fleet file, offline. Raises InputError.
-
-    `check_start`: also refuse a custom start in the past (`rollout plan` and a first run;
-    reading commands and `resume` must work after the start has passed)."""
+def _read(path: Path) -> tuple[Plan, bytes]:
     source = str(path)
     try:
         data = path.read_bytes()
@@ -616,7 +643,22 @@ def load_plan(path: Path, now: datetime | None = None, *, check_start: bool = Fa
         text = data.decode("utf-8-sig")  # an editor's byte-order mark is not TOML
     except UnicodeDecodeError:
         raise InputError(source, "", "the plan file is not UTF-8") from None
-    plan = parse_plan(text, source)
+    return parse_plan(text, source), data
+
+
+def read_plan(path: Path) -> Plan:
+    """The plan file alone, checked, without its fleet (for commands that read the journal).
+    Raises InputError."""
+    return _read(path)[0]
+
+
+def load_plan(path: Path, now: datetime | None = None, *, check_start: bool = False) -> LoadedPlan:
+    """Read and check a plan and its fleet file, offline. Raises InputError.
+
+    `check_start`: also refuse a custom start in the past (`rollout plan` and a first run;
+    reading commands and `resume` must work after the start has passed)."""
+    source = str(path)
+    plan, data = _read(path)
     if check_start:
         check_times(plan, source, now)
     base = path.parent

@@ -240,6 +240,7 @@ def collect(path: Path, plan_name: str) -> ReportData:
             )
         ]
         run_info = {
+            **_presentation(db, run, wave_names),
             "plan": plan_name,
             "run_id": run_id,
             "status": run["status"],
@@ -276,6 +277,31 @@ def collect(path: Path, plan_name: str) -> ReportData:
         )
     finally:
         db.close()
+
+
+def _presentation(
+    db: sqlite3.Connection, run: sqlite3.Row, wave_names: dict[int, str]
+) -> dict[str, Any]:
+    """How to show times: the plan's time zone (the policy's, else a wave window's, else
+    UTC), the embedded simulator's speed when its times are simulated, and when each wave's
+    first create left (markers on the progress chart)."""
+    raw = run["settings"] if "settings" in run.keys() else None  # noqa: SIM118 (sqlite3.Row)
+    settings = json.loads(raw) if raw else {}
+    platform = settings.get("platform") or {}
+    embedded = platform.get("url") == "simulator"
+    speed = (platform.get("simulator") or {}).get("speed", 60.0) if embedded else None
+    zones = [(settings.get("policy") or {}).get("timezone")]
+    zones += [(wave.get("window") or {}).get("timezone") for wave in settings.get("waves") or []]
+    starts = db.execute(
+        "SELECT c.wave, MIN(a.sent_at) FROM attempts a JOIN chunks c ON c.run_id=a.run_id"
+        " AND c.chunk_id=a.chunk_id WHERE a.run_id=? GROUP BY c.wave ORDER BY 2",
+        (run["run_id"],),
+    ).fetchall()
+    return {
+        "time_zone": next((z for z in zones if z and z != "UTC"), "UTC"),
+        "simulated_speed": speed,
+        "wave_starts": [{"wave": wave_names.get(w, str(w)), "t": t} for w, t in starts],
+    }
 
 
 @dataclass(frozen=True)

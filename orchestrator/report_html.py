@@ -3,8 +3,10 @@ summary first, readable on a phone."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from html import escape
 from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
 
 if TYPE_CHECKING:  # report.py hands its data here to be drawn
     from .report import ReportData
@@ -35,11 +37,35 @@ white-space:nowrap}th{background:#eef0f3;position:sticky;top:0}.legend span{disp
 margin-right:12px;font-size:.85em}.legend i{display:inline-block;width:10px;height:10px;
 margin-right:4px;border-radius:2px}.status-completed{color:#2e7d32}.status-halted,
 .status-aborted{color:#c62828}.note{color:#555;font-size:.85em}
+.chart{max-width:640px}.chart text{font-family:system-ui,sans-serif}
+.hbar{display:flex;height:18px;border-radius:3px;overflow:hidden;background:#eef0f3;
+min-width:60px}.hbar div{height:100%}.outcomes th,.outcomes td,.reasons td{white-space:normal}
+.reasons td.reason{width:60%;word-break:break-word}.reasons td.bar{width:30%}
+.sim{background:#fff3cd;border-radius:6px;padding:6px 10px;font-size:.85em}
+td.wrap{white-space:normal;min-width:16em;word-break:break-word}
 """
 
 
 def _e(value: Any) -> str:
     return escape(str(value), quote=True)
+
+
+def _when(value: str, zone: ZoneInfo) -> str:
+    """A platform time (`20261128T211233Z`) or an ISO time, in the plan's time zone."""
+    if not value:
+        return ""
+    try:
+        if len(value) == 16 and value.endswith("Z") and value[8] == "T":
+            moment = datetime.strptime(value, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        else:
+            moment = datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    return moment.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _zone(run: dict[str, Any]) -> ZoneInfo:
+    return ZoneInfo(run.get("time_zone") or "UTC")
 
 
 def _legend(keys: list[str]) -> str:
@@ -50,102 +76,143 @@ def _legend(keys: list[str]) -> str:
     return f'<div class="legend">{items}</div>'
 
 
-def progress_chart(progress: list[dict[str, Any]], total: int) -> str:
+def progress_chart(
+    progress: list[dict[str, Any]],
+    total: int,
+    wave_starts: list[dict[str, Any]] | None = None,
+    zone: ZoneInfo | None = None,
+) -> str:
+    """Devices over real time: submitted (a shaded band under the others, so it shows even
+    where finished catches up with it), finished, upgraded, failed; a dashed marker where each
+    wave's first create left. Sized for a 390 px phone (12-unit text in a 400-unit box)."""
     if len(progress) < 2 or total == 0:
         return '<p class="note">Not enough monitor samples for a progress chart yet.</p>'
-    width, height, pad = 640, 240, 36
-    t0, t1 = progress[0]["t"], progress[-1]["t"]
+    zone = zone or ZoneInfo("UTC")
+    starts = wave_starts or []
+    width, height, left, right, top, bottom = 400, 240, 48, 14, 30, 36
+    t0 = float(min([progress[0]["t"], *(w["t"] for w in starts)]))
+    t1 = float(progress[-1]["t"])
     span = max(t1 - t0, 1e-6)
 
-    def point(sample: dict[str, Any], key: str) -> str:
-        x = pad + (sample["t"] - t0) / span * (width - 2 * pad)
-        y = height - pad - sample[key] / total * (height - 2 * pad)
-        return f"{x:.1f},{y:.1f}"
+    def x(t: float) -> float:
+        return left + (t - t0) / span * (width - left - right)
 
-    lines = []
-    for key in ("submitted", "finished", "upgraded", "failed"):
-        source = "succeeded" if key == "upgraded" else key
-        pts = " ".join(point({**s, key: s[source]}, key) for s in progress)
-        lines.append(
+    def y(value: float) -> float:
+        return height - bottom - value / total * (height - top - bottom)
+
+    marks = []
+    base = f"{x(progress[0]['t']):.1f},{y(0):.1f}"
+    submitted = " ".join(f"{x(s['t']):.1f},{y(s['submitted']):.1f}" for s in progress)
+    marks.append(
+        f'<polygon fill="{COLOURS["submitted"]}" fill-opacity=".25" stroke="none" '
+        f'points="{base} {submitted} {x(progress[-1]["t"]):.1f},{y(0):.1f}"/>'
+        f'<polyline class="series-submitted" fill="none" stroke="{COLOURS["submitted"]}" '
+        f'stroke-width="5" stroke-linejoin="round" points="{submitted}"/>'
+    )
+    for key, source, dash in (
+        ("finished", "finished", ""),
+        ("upgraded", "succeeded", ""),
+        ("failed", "failed", ""),
+    ):
+        pts = " ".join(f"{x(s['t']):.1f},{y(s[source]):.1f}" for s in progress)
+        marks.append(
             f'<polyline class="series-{key}" fill="none" stroke="{COLOURS[key]}" '
-            f'stroke-width="2" points="{pts}"/>'
+            f'stroke-width="2"{dash} points="{pts}"/>'
         )
+    for index, wave in enumerate(starts):
+        wx = x(wave["t"])
+        label_y = top - 16 + (index % 2) * 13
+        marks.append(
+            f'<line class="wave-marker" x1="{wx:.1f}" y1="{top}" x2="{wx:.1f}" '
+            f'y2="{height - bottom}" stroke="#555" stroke-dasharray="3 3"/>'
+            f'<text x="{wx + 3:.1f}" y="{label_y}" font-size="13" fill="#333">'
+            f"{_e(wave['wave'])}</text>"
+        )
+    start_text = datetime.fromtimestamp(t0, zone).strftime("%H:%M")
+    end_text = datetime.fromtimestamp(t1, zone).strftime("%H:%M")
     minutes = span / 60
     axes = (
-        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" '
-        f'stroke="#888"/><line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" '
-        f'stroke="#888"/><text x="{pad}" y="{height - 10}" font-size="11">0</text>'
-        f'<text x="{width - pad}" y="{height - 10}" font-size="11" text-anchor="end">'
-        f"{minutes:.1f} min</text>"
-        f'<text x="{pad - 4}" y="{pad + 4}" font-size="11" text-anchor="end">{total}</text>'
-        f'<text x="{pad - 4}" y="{height - pad}" font-size="11" text-anchor="end">0</text>'
+        f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" '
+        f'stroke="#888"/><line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" '
+        f'stroke="#888"/>'
+        f'<text x="{left}" y="{height - 16}" font-size="14">{start_text}</text>'
+        f'<text x="{(left + width - right) / 2:.0f}" y="{height - 16}" font-size="14" '
+        f'text-anchor="middle">{minutes:.1f} min</text>'
+        f'<text x="{width - right}" y="{height - 16}" font-size="14" text-anchor="end">'
+        f"{end_text}</text>"
+        f'<text x="{left - 4}" y="{top + 4}" font-size="14" text-anchor="end">{total}</text>'
+        f'<text x="{left - 4}" y="{height - bottom}" font-size="14" text-anchor="end">0</text>'
     )
     return (
-        f'<svg id="chart-progress" viewBox="0 0 {width} {height}" role="img" '
-        f'aria-label="devices over time">{axes}{"".join(lines)}</svg>'
+        f'<svg id="chart-progress" class="chart" viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="devices over time">{axes}{"".join(marks)}</svg>'
         + _legend(["submitted", "finished", "upgraded", "failed"])
+        + '<p class="note">Real time (our clock) in the plan\'s time zone; dashed lines: the '
+        "first create of each wave.</p>"
     )
 
 
 def waves_chart(waves: list[dict[str, Any]]) -> str:
+    """Outcome per wave as stacked bars of HTML (legible at any width)."""
     keys = ["upgraded", "failed", "already_current", "in_progress", "quarantined", "not_submitted"]
-    row_h, label_w, width = 28, 110, 640
-    bars = []
-    for index, wave in enumerate(waves):
-        y = index * row_h + 4
-        x = float(label_w)
+    rows = []
+    for wave in waves:
         total = max(wave["targets"], 1)
-        bars.append(f'<text x="0" y="{y + 15}" font-size="12">{_e(wave["wave"])}</text>')
-        for key in keys:
-            w = wave[key] / total * (width - label_w - 60)
-            if w > 0:
-                bars.append(
-                    f'<rect class="bar-{key}" x="{x:.1f}" y="{y}" width="{w:.1f}" '
-                    f'height="20" fill="{COLOURS[key]}"><title>{_e(key)}: '
-                    f"{wave[key]}</title></rect>"
-                )
-            x += w
-        bars.append(f'<text x="{x + 6:.1f}" y="{y + 15}" font-size="11">{wave["targets"]}</text>')
-    height = len(waves) * row_h + 8
+        parts = "".join(
+            f'<div class="bar-{key}" style="width:{wave[key] / total * 100:.2f}%;'
+            f'background:{COLOURS[key]}" title="{_e(key.replace("_", " "))}: {wave[key]}"></div>'
+            for key in keys
+            if wave[key] > 0
+        )
+        rows.append(
+            f'<tr><th>{_e(wave["wave"])}</th><td style="width:100%">'
+            f'<div class="hbar">{parts}</div></td><td>{wave["targets"]}</td></tr>'
+        )
     return (
-        f'<svg id="chart-waves" viewBox="0 0 {width} {height}" role="img" '
-        f'aria-label="outcome per wave">{"".join(bars)}</svg>' + _legend(keys)
+        f'<table id="chart-waves" class="outcomes" aria-label="outcome per wave">'
+        f"{''.join(rows)}</table>" + _legend(keys)
     )
 
 
 def reasons_chart(reasons: list[tuple[str, int]]) -> str:
+    """Failure reasons, each in full, with its device count and a bar."""
     if not reasons:
         return '<p class="note">No device failed.</p>'
-    top = reasons[:10]
-    most = max(n for _, n in top)
-    row_h, width, label_w = 26, 640, 300
-    bars = []
-    for index, (reason, count) in enumerate(top):
-        y = index * row_h + 4
-        w = count / most * (width - label_w - 50)
-        short = reason if len(reason) <= 48 else reason[:45] + "…"
-        bars.append(
-            f'<text x="0" y="{y + 14}" font-size="11">{_e(short)}</text>'
-            f'<rect class="bar-reason" x="{label_w}" y="{y}" width="{w:.1f}" height="18" '
-            f'fill="{COLOURS["failed"]}"><title>{_e(reason)}</title></rect>'
-            f'<text x="{label_w + w + 6:.1f}" y="{y + 14}" font-size="11">{count}</text>'
-        )
+    most = max(n for _, n in reasons)
+    rows = "".join(
+        f'<tr><td class="reason">{_e(reason)}</td><td>{count}</td><td class="bar">'
+        f'<div class="hbar"><div class="bar-reason" style="width:{count / most * 100:.1f}%;'
+        f'background:{COLOURS["failed"]}"></div></div></td></tr>'
+        for reason, count in reasons[:50]
+    )
+    more = (
+        f'<p class="note">{len(reasons) - 50} more reasons in the JSON report.</p>'
+        if len(reasons) > 50
+        else ""
+    )
     return (
-        f'<svg id="chart-reasons" viewBox="0 0 {width} {len(top) * row_h + 8}" '
-        f'role="img" aria-label="failure reasons">{"".join(bars)}</svg>'
+        f'<table id="chart-reasons" class="reasons" aria-label="failure reasons"><thead><tr>'
+        f"<th>reason</th><th>devices</th><th></th></tr></thead><tbody>{rows}</tbody></table>" + more
     )
 
 
-def _table(columns: list[str], rows: list[list[Any]], table_id: str) -> str:
+def _table(
+    columns: list[str], rows: list[list[Any]], table_id: str, wrap: frozenset[int] = frozenset()
+) -> str:
+    """A table; the columns in `wrap` (indices) wrap their text instead of cutting it."""
     head = "".join(f"<th>{_e(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>" for row in rows)
+    cell = ['<td class="wrap">' if i in wrap else "<td>" for i in range(len(columns))]
+    body = "".join(
+        "<tr>" + "".join(f"{cell[i]}{_e(v)}</td>" for i, v in enumerate(row)) + "</tr>"
+        for row in rows
+    )
     return (
         f'<div class="scroll"><table id="{table_id}"><thead><tr>{head}</tr></thead>'
         f"<tbody>{body}</tbody></table></div>"
     )
 
 
-def _device_table(data: ReportData) -> str:
+def _device_table(data: ReportData, zone: ZoneInfo, platform_time: str) -> str:
     note = ""
     if data.totals["devices"] > HTML_FULL_DEVICE_TABLE:
         shown = [d for d in data.devices() if not d.upgraded]
@@ -165,7 +232,7 @@ def _device_table(data: ReportData) -> str:
         "upgraded",
         "detail",
         "version",
-        "task_finished",
+        f"task finished{platform_time}",
         "in task by",
         "outcome",
         "passes",
@@ -181,14 +248,26 @@ def _device_table(data: ReportData) -> str:
             "yes" if d.upgraded else "no",
             d.detail,
             d.version,
-            d.task_finished,
+            _when(d.task_finished, zone),
             d.in_task_by,
             d.outcome,
             d.pass_outcomes,
         ]
         for d in shown
     ]
-    return note + _table(columns, rows, "devices")
+    return note + _table(columns, rows, "devices", frozenset({7}))
+
+
+def _simulated_note(run: dict[str, Any]) -> str:
+    speed = run.get("simulated_speed")
+    if not speed:
+        return ""
+    return (
+        f'<p class="sim" id="simulated">The platform was the embedded simulator, its clock '
+        f"running ×{speed:g}: the times it reports (tasks, devices) are <b>simulated time</b>, "
+        "marked “sim.” below; the progress chart and the run's start and update are real time."
+        "</p>"
+    )
 
 
 def _passes(data: ReportData) -> str:
@@ -229,6 +308,8 @@ def _passes(data: ReportData) -> str:
 
 def render(data: ReportData) -> str:
     run, totals = data.run, data.totals
+    zone = _zone(run)
+    platform_time = " (sim.)" if run.get("simulated_speed") else ""
     share = totals["upgraded"] / totals["devices"] if totals["devices"] else 0.0
     cards = [
         ("devices", totals["devices"]),
@@ -272,8 +353,8 @@ def render(data: ReportData) -> str:
             t["succeeded"],
             t["failed"],
             t["in_progress"],
-            t["created"],
-            t["finished"],
+            _when(t["created"], zone),
+            _when(t["finished"], zone),
         ]
         for t in data.tasks
     ]
@@ -285,10 +366,13 @@ def render(data: ReportData) -> str:
 <h1>Rollout {_e(run["plan"])}</h1>
 <p class="sub">run {run["run_id"]} · <b class="status-{_e(run["status"])}">{_e(run["status"])}</b>
 {stop} · {_e(run["operation"])} package {_e(run["file_id"])} (version
-{_e(run["package_version"])}) · started {_e(run["created_at"])} · updated
-{_e(run["updated_at"])}</p>
+{_e(run["package_version"])}) · started {_e(_when(run["created_at"], zone))} · updated
+{_e(_when(run["updated_at"], zone))} · times in {_e(zone.key)}</p>
+{_simulated_note(run)}
 <section class="cards" id="summary">{card_html}</section>
-<h2>Progress over time</h2><div class="panel">{progress_chart(data.progress, run["targets"])}</div>
+<h2>Progress over time</h2><div class="panel">{
+        progress_chart(data.progress, run["targets"], run.get("wave_starts"), zone)
+    }</div>
 <h2>Outcome per wave</h2><div class="panel">{waves_chart(data.waves)}</div>
 {
         _table(
@@ -306,6 +390,7 @@ def render(data: ReportData) -> str:
             ],
             waves_rows,
             "waves",
+            frozenset({9}),
         )
     }
 {_passes(data)}
@@ -316,6 +401,7 @@ def render(data: ReportData) -> str:
             ["device", "chunk", "error code", "reason"],
             [[q["device_id"], q["chunk"], q["error_code"], q["reason"]] for q in data.quarantined],
             "quarantined",
+            frozenset({3}),
         )
         if data.quarantined
         else '<p class="note">None.</p>'
@@ -344,15 +430,15 @@ def render(data: ReportData) -> str:
                 "succeeded",
                 "failed",
                 "in progress",
-                "created",
-                "finished",
+                f"created{platform_time}",
+                f"finished{platform_time}",
             ],
             tasks_rows,
             "tasks",
         )
     }
 <h2>Devices</h2>
-{_device_table(data)}
+{_device_table(data, zone, platform_time)}
 <p class="note">Generated by fleet-orchestrator from the journal alone.</p>
 </main></body></html>
 """

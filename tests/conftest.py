@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 import trustme
 
 from orchestrator.simulator import ManualClock, SimulatorConfig, SimulatorServer
@@ -76,6 +77,17 @@ def private_host_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "host-state"
     monkeypatch.setenv("ROLLOUT_STATE_DIR", str(root))
     return root
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """Each test starts with structlog's defaults and the shared consoles unset: a command
+    run in-process (CliRunner) configures logging globally, for the tests after it too."""
+    yield
+    from orchestrator.logs import use_consoles
+
+    structlog.reset_defaults()
+    use_consoles()
 
 
 @pytest.fixture

@@ -205,3 +205,47 @@ def test_report_refresh_polls_once_before_reporting(
     )
     assert {d["subtask_status"] for d in fresh["devices"]} <= {"succeeded", "failed"}
     assert fresh["calls"]["listTasks"] >= 1
+
+
+def test_step_exits_75_until_done_then_makes_no_call(
+    sim: tuple[str, list[str]], tmp_path: Path
+) -> None:
+    """`run --step` exits 75 with one line while tasks run, 0 when done; a completed run is
+    said so without any call."""
+    url, ids = sim
+    assert len(ids) >= 5136
+    plan = _plan(tmp_path, url, ids[4624:4880])
+    first = _rollout("run", "--step", str(plan), cwd=tmp_path)
+    assert first.returncode == 75, first.stderr[-2000:]
+    assert "waiting: tasks were just created" in first.stderr and "Traceback" not in first.stderr
+    codes = [first.returncode]
+    while codes[-1] == 75 and len(codes) < 20:
+        time.sleep(0.3)
+        codes.append(_rollout("run", "--step", str(plan), cwd=tmp_path).returncode)
+    assert codes[-1] == 0 and set(codes[:-1]) == {75}, codes
+    before = get_json(url + "/_sim/stats")["calls"]
+    again = _rollout("resume", "--step", str(plan), cwd=tmp_path)
+    assert again.returncode == 0 and "already completed" in again.stderr
+    assert get_json(url + "/_sim/stats")["calls"] == before
+
+
+def test_status_and_plan_to_a_file_hold_their_tables_unwrapped(
+    sim: tuple[str, list[str]], tmp_path: Path
+) -> None:
+    """`rollout status PLAN > file` and `rollout plan PLAN > file` write their tables to
+    stdout, each row on one line however wide; stderr stays empty."""
+    url, ids = sim
+    plan = _plan(tmp_path, url, ids[4880:5136])
+    assert _rollout("run", str(plan), cwd=tmp_path).returncode == 0
+    status = _rollout("status", str(plan), cwd=tmp_path)
+    assert status.returncode == 0 and status.stderr == ""
+    assert "in upgrade tasks" in status.stdout and "256" in status.stdout
+    preview = _rollout("plan", str(plan), cwd=tmp_path)
+    assert preview.returncode == 0 and preview.stderr == ""
+    lines = preview.stdout.splitlines()
+    monitor = next(line for line in lines if "calls to monitor" in line)
+    assert "reading the failures (one per task with any)" in monitor and len(monitor) > 80
+    assert any("2.1.0 for WM-200 (WaterMeter, Aqualis)" in line for line in lines)
+    assert any("run 1 completed: 256 targets in tasks" in line for line in lines)
+    metrics = _rollout("status", "--format", "prometheus", str(plan), cwd=tmp_path).stdout
+    assert 'rollout_platform_calls_total{api="createTask",plan="cli"} 1.0' in metrics

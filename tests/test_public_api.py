@@ -34,3 +34,24 @@ def test_northbound_exports_are_pinned() -> None:
 def test_simulator_exports_resolve() -> None:
     """Every name the simulator package exports exists."""
     assert all(hasattr(simulator, name) for name in simulator.__all__)
+
+
+def test_cli_choices_match_what_they_name() -> None:
+    """The CLI's choices, spelled out so `--help` imports nothing, are the engine's values."""
+    from orchestrator.census import UnknownTasks
+    from orchestrator.cli import REPORT_FORMATS, UNKNOWN_TASKS_CHOICES
+    from orchestrator.report import WRITERS
+
+    assert set(UNKNOWN_TASKS_CHOICES) == {u.value for u in UnknownTasks}
+    assert set(REPORT_FORMATS) == set(WRITERS)
+
+
+def test_cli_names_of_other_modules_match() -> None:
+    """The retry choices and the state directory's variable, spelled out in the CLI so
+    `--help` imports nothing, are those of passes.py and hoststate.py."""
+    from orchestrator.cli import RETRY_CHOICE_NAMES, STATE_ENV_VAR
+    from orchestrator.northbound.hoststate import ENV_VAR
+    from orchestrator.passes import RETRY_CHOICES
+
+    assert list(RETRY_CHOICE_NAMES) == list(RETRY_CHOICES)
+    assert STATE_ENV_VAR == ENV_VAR

@@ -117,6 +117,7 @@ class NorthboundClient:
         self.calls = 0
         self._calls_by_api: Counter[str] = Counter()
         self._reachable_lock = asyncio.Lock()
+        self.throttled: Counter[str] = Counter()  # 1010009 replies per API since the start
 
     def take_call_counts(self) -> dict[str, int]:
         """Calls sent per API since the last time this was asked (for the journal)."""
@@ -208,6 +209,7 @@ class NorthboundClient:
                 return self._interpret(method, path, status, raw)
             except Throttled:
                 outcome = Outcome.THROTTLED
+                self.throttled[_api_name(method, path)] += 1
                 raise
         except (ConnectFailed, CannotConnect):
             outcome = Outcome.UNSENT  # the connection never opened: nothing arrived

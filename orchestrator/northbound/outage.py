@@ -67,6 +67,9 @@ class Outage:
         self._last_log = 0.0
         self.outages = 0  # how many outages were ridden out (for tests and the journal)
         self.pauses = 0
+        # told once when an outage starts, with its reason (the engine's outage notice);
+        # must not block nor raise
+        self.on_begin: Callable[[str], None] | None = None
 
     @property
     def active(self) -> bool:
@@ -96,6 +99,8 @@ class Outage:
             reason=_reason(error),
             budget=describe_duration(self.budget),
         )
+        if self.on_begin is not None:
+            self.on_begin(_reason(error))
 
     async def pause(self, error: PlatformCallError) -> None:
         """Wait before sending the call that met `error` (transient) again.

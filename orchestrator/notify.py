@@ -1,0 +1,188 @@
+"""Webhook notifications: the plan's `[[notify]]` entries hear of gates and of the run's end.
+
+Each notice is one JSON POST:
+
+    {"text": "[rollout meters-fw-2-1] wave 'canary' passed its gate: 240 of 256 finished …",
+     "event": "gate-passed", "plan": "meters-fw-2-1", "run_id": 1,
+     "at": "2026-05-04T12:00:00+00:00", "detail": {"wave": "canary", …}}
+
+`text` is plain, so chat webhooks (Slack, Mattermost, Rocket.Chat, Google Chat, Teams
+workflows) show it as is. Events: gate-passed, gate-failed, gate-awaiting-approval,
+run-completed, run-halted, run-aborted, duplicates-found, outage (docs/plan-file.md).
+
+Never blocking, never failing the rollout: notices wait in a queue per webhook and are sent
+by a background task, retried with backoff (stamina) on connection errors, timeouts, 429 and
+5xx; when the run ends, what is still queued gets at most `give_up_after` seconds, then is
+dropped with a warning. The URL comes from the environment (`url_env`) because chat webhook
+URLs carry their secret; it is never logged — a failed delivery names the webhook by its
+index and the error's type or HTTP status only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import structlog
+
+from .observe import Notice, Observer, Observers
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from .plan import LoadedPlan, NotifySection
+
+log = structlog.get_logger("orchestrator.notify")
+
+
+class _Retry(Exception):
+    """Worth sending again: no reply (connection, timeout), 429 or 5xx. The text never holds
+    the URL."""
+
+
+class _Refused(Exception):
+    """A 4xx other than 429: sending again would not help."""
+
+
+def payload(notice: Notice) -> dict[str, object]:
+    return {
+        "text": f"[rollout {notice.plan}] {notice.text}",
+        "event": notice.kind.value,
+        "plan": notice.plan,
+        "run_id": notice.run_id,
+        "at": datetime.fromtimestamp(notice.at, UTC).isoformat(timespec="seconds"),
+        "detail": notice.detail,
+    }
+
+
+class Webhook:
+    """One `[[notify]]` entry: a queue and the task that empties it."""
+
+    def __init__(self, index: int, section: NotifySection, url: str) -> None:
+        self.index, self.section, self._url = index, section, url
+        self.queue: asyncio.Queue[Notice] = asyncio.Queue()
+        self.delivered = 0
+        self.dropped = 0
+
+    def wants(self, notice: Notice) -> bool:
+        return not self.section.events or notice.kind.value in self.section.events
+
+    async def run(self, session: aiohttp.ClientSession) -> None:
+        while True:
+            notice = await self.queue.get()
+            try:
+                await self._deliver(session, notice)
+                self.delivered += 1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.dropped += 1
+                log.warning(
+                    "notification not delivered",
+                    webhook=self.index,
+                    notice=notice.kind.value,
+                    error=str(exc) if isinstance(exc, _Retry | _Refused) else type(exc).__name__,
+                )
+            finally:
+                self.queue.task_done()
+
+    async def _deliver(self, session: aiohttp.ClientSession, notice: Notice) -> None:
+        import aiohttp
+        import stamina
+
+        body = json.dumps(payload(notice)).encode()
+        timeout = aiohttp.ClientTimeout(total=self.section.timeout)
+        async for attempt in stamina.retry_context(
+            on=_Retry,
+            attempts=self.section.attempts,
+            wait_initial=0.2,
+            wait_jitter=0.2,
+            wait_max=10.0,
+            timeout=self.section.give_up_after,
+        ):
+            with attempt:
+                try:
+                    async with session.post(
+                        self._url,
+                        data=body,
+                        headers={"Content-Type": "application/json"},
+                        timeout=timeout,
+                    ) as reply:
+                        status = reply.status
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    # aiohttp's texts may carry the URL, and with it the secret: the type only
+                    raise _Retry(type(exc).__name__) from None
+                if status == 429 or status >= 500:
+                    raise _Retry(f"HTTP {status}")
+                if status >= 400:
+                    raise _Refused(f"HTTP {status}")  # not worth a retry
+
+
+class Notifier(Observer):
+    """Hands each notice to the webhooks that want it; sending happens elsewhere."""
+
+    def __init__(self, hooks: list[Webhook]) -> None:
+        self.hooks = hooks
+
+    def notice(self, notice: Notice) -> None:
+        for hook in self.hooks:
+            if hook.wants(notice):
+                hook.queue.put_nowait(notice)
+
+
+def webhook_urls(loaded: LoadedPlan) -> list[str]:
+    """The URL of each `[[notify]]` entry, from its environment variable. Raises InputError
+    (exit 2, before any call) when one is unset."""
+    import os
+
+    from .errors import InputError
+
+    urls = []
+    for index, section in enumerate(loaded.plan.notify):
+        url = os.environ.get(section.url_env, "")
+        if not url.startswith(("https://", "http://")):
+            rule = "is not set" if not url else "does not hold an http(s) URL"
+            raise InputError(
+                str(loaded.path),
+                f"notify.{index}.url_env",
+                f"environment variable {section.url_env} {rule}",
+            )
+        urls.append(url)
+    return urls
+
+
+@contextlib.asynccontextmanager
+async def notifying(loaded: LoadedPlan, observer: Observer | None) -> AsyncIterator[Observer]:
+    """`observer` plus the plan's webhooks, for the time of a run; at its end, what is still
+    queued gets at most the longest `give_up_after` of the entries."""
+    sections = loaded.plan.notify
+    if not sections:
+        yield observer or Observer()
+        return
+    import aiohttp
+
+    hooks = [
+        Webhook(index, section, url)
+        for index, (section, url) in enumerate(zip(sections, webhook_urls(loaded), strict=True))
+    ]
+    async with aiohttp.ClientSession() as session:
+        workers = [asyncio.create_task(hook.run(session)) for hook in hooks]
+        try:
+            yield Observers([o for o in (observer, Notifier(hooks)) if o is not None])
+        finally:
+            import anyio
+
+            # shielded: a run stopped by Ctrl-C still tells, within the same time limit
+            budget = max(section.give_up_after for section in sections)
+            with anyio.move_on_after(budget, shield=True):
+                await asyncio.gather(*(hook.queue.join() for hook in hooks))
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            left = sum(hook.queue.qsize() for hook in hooks)
+            if left:
+                log.warning("notifications dropped at the end of the run", notices=left)
