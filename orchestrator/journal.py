@@ -46,11 +46,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InputError, JournalError
-from .outcomes import Outcome, classify
 from .planner import Chunk, Wave
 
 if TYPE_CHECKING:  # the journal keeps what the client read; it needs not the client itself
+    # (outcomes.py reads the client's models: imported where results are classified, so
+    # `rollout status` starts without the client — bench/startup.py)
     from .northbound import SubOperation, Task
+    from .outcomes import Outcome
 
 SCHEMA_VERSION = 3
 SCHEMA = """
@@ -1134,6 +1136,8 @@ class Journal:
         version is the package's; `unreported`: none reported) — and kept too with
         `keep_upgraded` (a group fleet: the journal knows its devices only from here).
         Returns the count per outcome."""
+        from .outcomes import Outcome, classify
+
         tally: dict[Outcome, int] = {}
         verified = unreported = 0
         rows = []
@@ -1161,6 +1165,8 @@ class Journal:
     ) -> int:
         """The failed subtasks of a task still running (a gate needs to tell the already
         current from the failed). Returns how many are already current."""
+        from .outcomes import Outcome, classify
+
         rows = [
             self._result_row(
                 run_id,
@@ -1409,6 +1415,8 @@ class Journal:
         `wanted` (outcomes.Outcome values, plus `never-started`: timed out, or stopped before
         starting), in the order of their first chunk. Only kept subtask rows can qualify: an
         upgraded device of a read task has none."""
+        from .outcomes import Outcome
+
         latest: dict[str, str] = {}  # device → operationId of its newest pass
         for members, operation_id in self._db.execute(
             "SELECT c.members, c.operation_id FROM chunks c JOIN passes p"

@@ -21,7 +21,6 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import structlog
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -34,8 +33,6 @@ from pydantic import (
 from .errors import InputError
 from .fleet import Fleet, read_fleet_file
 from .planner import assign_waves
-
-log = structlog.get_logger("orchestrator.plan")
 
 MAX_TARGETS = 256
 MIN_WINDOW = timedelta(minutes=5)
@@ -344,7 +341,9 @@ class WindowSection(_Section):
                 key = (self.timezone, self.start, self.end, occurrence.night)
                 if key not in _skips_logged:
                     _skips_logged.add(key)
-                    log.warning(
+                    import structlog  # here: `rollout status` reads plans without logging
+
+                    structlog.get_logger("orchestrator.plan").warning(
                         "maintenance window skipped: DST leaves too little of it that night",
                         night=occurrence.night.isoformat(),
                         window=f"{self.start}-{self.end} {self.timezone}",

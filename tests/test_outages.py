@@ -24,6 +24,7 @@ from orchestrator.errors import (
 from orchestrator.northbound import NorthboundClient, TLSConfig
 from orchestrator.northbound.client import _connect_error
 from orchestrator.northbound.outage import Outage
+from orchestrator.observe import Observer
 from orchestrator.plan import load_plan
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
 from orchestrator.status import read_status
@@ -75,16 +76,20 @@ def _each_once(server: SimulatorServer, devices: list[str]) -> None:
     assert set(counts.values()) == {1}, "some devices are in two tasks"
 
 
-def _once(action: Callable[[], None]) -> Callable[[Progress], None]:
-    done = False
+class _Once(Observer):
+    """Does `action` once, when the second create has been answered."""
 
-    def hook(progress: Progress) -> None:
-        nonlocal done
-        if progress.creates >= 2 and not done:
-            done = True
-            action()
+    def __init__(self, action: Callable[[], None]) -> None:
+        self.action, self.done = action, False
 
-    return hook
+    def progress(self, progress: Progress) -> None:
+        if progress.creates >= 2 and not self.done:
+            self.done = True
+            self.action()
+
+
+def _once(action: Callable[[], None]) -> Observer:
+    return _Once(action)
 
 
 # ---- the client ------------------------------------------------------------------------------

@@ -178,7 +178,7 @@ def test_rollout_plan_shows_the_next_windows_in_utc_with_the_skipped_night(
         assert night["skipped"] == (end - start < MIN)
         assert end > datetime.now(UTC)
     table = CliRunner().invoke(main, ["plan", str(plan)])
-    assert "window of night (UTC)" in table.stderr
+    assert "window of night (UTC)" in table.stdout  # the preview is a result: stdout (issue 10)
 
 
 # ---- sent to the platform --------------------------------------------------------------------
