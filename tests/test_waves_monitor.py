@@ -51,14 +51,14 @@ def _secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(SECRET_ENV, SECRET)
 
 
-async def _sim(failure_rate: float, devices: int = 6000) -> SimulatorServer:
+async def _sim(failure_rate: float, devices: int = 6000, speed: float = 36000) -> SimulatorServer:
     server = SimulatorServer(
         SimulatorConfig(
             tls=False,
             devices=devices,
             seed=9,
             rate_limit=(2000, 1.0),
-            speed=36000,
+            speed=speed,
             failure_rate=failure_rate,
         )
     )
@@ -175,7 +175,8 @@ async def test_soak_gate_waits_before_the_next_wave(tmp_path: Path) -> None:
 
 async def test_wave_window_becomes_a_custom_policy(tmp_path: Path) -> None:
     """A wave's local maintenance window is sent as executeType custom in UTC."""
-    sim = await _sim(failure_rate=0.0)
+    # real time: at ×36 000 a two-hour window passes in 0.2 s, faster than a create arrives
+    sim = await _sim(failure_rate=0.0, speed=1.0)
     try:
         waves = (
             '[[waves]]\nname = "night"\n[waves.window]\nstart = "02:00"\nend = "04:00"\n'
