@@ -86,7 +86,7 @@ from .session import RunSession, operation_type
 log = structlog.get_logger("orchestrator.submitter")
 
 DEVICE_LEVEL_CODES = frozenset({"123002", "123016"})
-START_LEAD = 30.0  # platform seconds: a moved start must not have passed when the create arrives
+START_LEAD = 2.0  # seconds: a custom window's start must not have passed when the create arrives
 MIN_WINDOW_SECONDS = 300.0
 RETRY_PAUSE = 1.0
 # the app's token or budget taken by another process or client: not a sign the run is failing
