@@ -16,7 +16,7 @@ import csv
 import hashlib
 import io
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +75,8 @@ def read_fleet_file(path: Path, columns: Sequence[str] = ()) -> Fleet:
     digest = hashlib.sha256(data).hexdigest()
     text = _decode(data, source)
     del data
+    if "\r" in text:  # CRLF (Windows) or CR alone (old Mac) line ends; a stray CR stays
+        text = text.replace("\r\n", "\n") if "\n" in text else text.replace("\r", "\n")
     lines = text.splitlines()
     first = next((line for line in lines if line.strip()), None)
     if first is None:
@@ -197,7 +199,7 @@ def _csv_ids(
 ) -> tuple[list[str], dict[str, list[str]]]:
     reader = csv.reader(io.StringIO(text), delimiter=delimiter)
     header: list[str] = []
-    for header in reader:
+    for header in _rows(reader, source):
         if any(cell.strip() for cell in header):
             break
     names = [name.strip() for name in header]
@@ -217,7 +219,7 @@ def _csv_ids(
     extra = {name: names.index(name) for name in columns}
     attributes: dict[str, list[str]] = {name: [] for name in columns}
     ids: list[str] = []
-    for row in reader:
+    for row in _rows(reader, source):
         if not row or not any(cell.strip() for cell in row):
             continue
         value = row[column].strip() if column < len(row) else ""
@@ -227,3 +229,26 @@ def _csv_ids(
         for name, index in extra.items():
             attributes[name].append(row[index].strip() if index < len(row) else "")
     return ids, attributes
+
+
+def _rows(reader: Iterator[list[str]], source: str) -> Iterator[list[str]]:
+    """The reader's rows; a line CSV cannot read (a carriage return inside a field, an open
+    quote) is bad input naming its line, not a traceback."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            line = max(getattr(reader, "line_num", 1), 1)
+            cause = (
+                "a carriage return inside a field"
+                if "new-line" in str(exc)
+                else "a field CSV cannot read (an unclosed quote?)"
+            )
+            raise InputError(
+                source,
+                f"line {line}",
+                f"not readable as CSV: {cause}; save the file with one kind of line ending",
+            ) from None
+        yield row

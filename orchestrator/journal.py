@@ -429,8 +429,9 @@ def journal_fault(path: Path, exc: BaseException) -> JournalError:
     primary = code & 0xFF if isinstance(code, int) else None
     if number in FULL_ERRNOS or primary == SQLITE_FULL:
         return JournalError(
-            f"{path}: the disk holding the journal is full; free space, then `rollout resume` "
-            "(the journal is consistent: nothing in flight is lost)"
+            f"{path}: the disk holding the journal is full; free space, then the same command "
+            "again — `rollout resume` once a run has started (the journal is consistent: "
+            "nothing in flight is lost)"
         )
     if number in READ_ONLY_ERRNOS or primary == SQLITE_READONLY:
         return JournalError(

@@ -207,7 +207,7 @@ class Submitter:
         self._outstanding = 0
         self._idle = asyncio.Event()
         self._error: BaseException | None = None
-        self._settling: set[asyncio.Task[None]] = set()
+        self._settling: set[asyncio.Task[bool]] = set()
         self._last_failure: str | None = None
         self._identical_failures = 0
         # left half of a bisected chunk → its right half, held until the left's outcome
@@ -259,14 +259,21 @@ class Submitter:
     async def _worker(self) -> None:
         while True:
             chunk = await self._queue.get()
-            try:
-                await self._submit(chunk)
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:
-                self._abort_with(exc)
+            if not await self._guarded(self._submit(chunk)):
                 return
-            self._finished()
+
+    async def _guarded(self, work: Awaitable[None]) -> bool:
+        """One chunk's work; done → counted finished (True), failed → the run stops: run()
+        re-raises the error (False)."""
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._abort_with(exc)
+            return False
+        self._finished()
+        return True
 
     def _abort_with(self, exc: BaseException) -> None:
         # wake run(): it cancels the other workers and re-raises this error
@@ -279,18 +286,7 @@ class Submitter:
         """Settle an ambiguous chunk in the background: the workers go on meanwhile."""
         self._outstanding += 1
         self._idle.clear()
-
-        async def settle() -> None:
-            try:
-                await self._settle(chunk)
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:
-                self._abort_with(exc)
-                return
-            self._finished()
-
-        task = asyncio.create_task(settle())
+        task = asyncio.create_task(self._guarded(self._settle(chunk)))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 

@@ -292,3 +292,13 @@ async def test_a_throttled_create_calls_before_send_again_when_it_really_leaves(
             )
     assert len(sends) == 2 and server.platform.stats.throttled == 1
     assert sends[1] - filled > 0.5  # the second send waited out the other client's window
+
+
+def test_a_ca_file_without_a_certificate_is_bad_input_naming_it(tmp_path: Path) -> None:
+    """A `ca_file` that holds no PEM certificate is one line naming the file and the field."""
+    from orchestrator.errors import InputError
+
+    not_a_cert = tmp_path / "fleet.csv"
+    not_a_cert.write_text("deviceId\nabc\n")
+    with pytest.raises(InputError, match=r"platform\.ca_file: holds no readable PEM"):
+        TLSConfig(ca_file=not_a_cert).context()

@@ -291,14 +291,19 @@ async def test_resume_waits_for_a_young_intent_before_looking(
     devices = devices_of(sim, "WM-200", 256)
     plan = write_plan(tmp_path, sim, devices, settle=1.0)
     journal = tmp_path / "j.sqlite"
+    await _stop_with_a_create_in_flight(plan, journal)
+    await execute(load_plan(plan), RunOptions(journal=journal, resume_only=True))
+    _each_once(sim, devices)
+
+
+async def _stop_with_a_create_in_flight(plan: Path, journal: Path) -> None:
+    """Run the plan and cancel it as soon as its first intent is journaled."""
     run = asyncio.create_task(execute(load_plan(plan), RunOptions(journal=journal)))
     while not _intent_recorded(journal):  # noqa: ASYNC110  (another process's view: poll)
         await asyncio.sleep(0.01)
     run.cancel()
     with pytest.raises(asyncio.CancelledError):
         await run
-    await execute(load_plan(plan), RunOptions(journal=journal, resume_only=True))
-    _each_once(sim, devices)
 
 
 def _intent_recorded(journal: Path) -> bool:
@@ -463,12 +468,7 @@ async def test_new_run_waits_for_the_earlier_runs_creates_in_flight(
     devices = devices_of(sim, "WM-200", 256)
     plan = write_plan(tmp_path, sim, devices, settle=1.0)
     journal = tmp_path / "j.sqlite"
-    run = asyncio.create_task(execute(load_plan(plan), RunOptions(journal=journal)))
-    while not _intent_recorded(journal):  # noqa: ASYNC110  (another process's view: poll)
-        await asyncio.sleep(0.01)
-    run.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await run
+    await _stop_with_a_create_in_flight(plan, journal)
     await execute(load_plan(plan), RunOptions(journal=journal, new_run=True))
     _each_once(sim, devices)
 

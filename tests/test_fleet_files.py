@@ -36,6 +36,7 @@ READ: list[tuple[str, bytes]] = [
     ),
     ("utf16-be-bom", f"\ufeffdeviceId;region\n{A};n\n{B};s\n{C};e\n".encode("utf-16-be")),
     ("semicolons-in-a-comma-file", f"deviceId,note\n{A},x;y\n{B},x;y\n{C},z\n".encode()),
+    ("cr-only-line-ends", f"deviceId,model\r{A},m\r{B},m\r{C},m\r".encode()),
 ]
 
 
@@ -63,6 +64,7 @@ REFUSED: list[tuple[str, bytes, str]] = [
     ("utf16-without-bom", f"{A}\n{B}\n".encode("utf-16-le"), "UTF-16 without a byte-order"),
     ("latin-1", "deviceId\nstraße-1\n".encode("latin-1"), "not UTF-8 (nor UTF-16 with a BOM)"),
     ("semicolon-no-id-column", b"serial;model\nx;y\n", "line 1: a CSV fleet file needs"),
+    ("stray-cr-in-a-line", f"deviceId,group\n{A},no\rrth\n{B},s\n".encode(), "line 2: not"),
 ]
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import structlog
 from pydantic import SecretStr
 
+from ..errors import InputError
+
 log = structlog.get_logger("orchestrator.northbound")
 
 DEFAULT_RATE_LIMIT = (100, 60.0)
@@ -27,14 +29,26 @@ class TLSConfig:
     insecure: bool = False  # no certificate or host name check: explicit, and logged loudly
 
     def context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(
-            cafile=str(self.ca_file) if self.ca_file is not None else None
-        )
-        if self.client_cert is not None:
-            context.load_cert_chain(
-                str(self.client_cert),
-                str(self.client_key) if self.client_key is not None else None,
+        try:
+            context = ssl.create_default_context(
+                cafile=str(self.ca_file) if self.ca_file is not None else None
             )
+        except (ssl.SSLError, OSError):
+            raise InputError(
+                str(self.ca_file), "platform.ca_file", "holds no readable PEM certificate"
+            ) from None
+        if self.client_cert is not None:
+            try:
+                context.load_cert_chain(
+                    str(self.client_cert),
+                    str(self.client_key) if self.client_key is not None else None,
+                )
+            except (ssl.SSLError, OSError):
+                raise InputError(
+                    str(self.client_cert),
+                    "platform.client_cert/client_key",
+                    "not a readable PEM certificate and its matching key",
+                ) from None
         if self.insecure:
             log.warning(
                 "TLS VERIFICATION IS OFF: the platform's certificate is not checked; "

@@ -9,7 +9,7 @@ passed; the pauses grow with the outage's age (half of it, from `first_wait` up 
 since the platform last answered, and any reply from the platform ends it.
 
 When the outage has lasted `budget` seconds (`execution.outage_budget`, default 600), the next
-transient fault raises `PlatformUnreachable` — exit 1, "platform unreachable for N min";
+transient fault raises `PlatformUnreachable` — exit 1, "platform unreachable for N s" or "N min";
 nothing is lost, `rollout resume` goes on once the platform answers. Permanent faults (an
 unknown host name, an untrusted certificate, TLS against plain HTTP) are not the outage's
 business: they fail at once.
