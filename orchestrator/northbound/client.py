@@ -549,15 +549,9 @@ class NorthboundClient:
         found: list[SubOperation] = []
         page_no = 0
         while True:
-            params = _params(
-                subOperationStatus=SUBTASK_STATUS_TO_WIRE[status] if status else None,
-                pageNo=page_no,
-                pageSize=MAX_PAGE_SIZE,
+            page = await self.sub_operation_page(
+                operation_id, status, page_no=page_no, priority=priority
             )
-            reply = await self._get(
-                f"{UPGRADE}/operations/{operation_id}/subOperations", priority, params
-            )
-            page = _page(reply, SubOperation)
             found.extend(page.items)
             if not page.items or len(found) >= page.total:
                 return found
