@@ -1077,7 +1077,8 @@ def status(plan: Path, journal: Path | None, as_json: bool, fmt: str) -> None:
         _print_status(result)
 
 
-REPORT_FORMATS = ("csv", "html", "json")  # report.WRITERS (a test pins it)
+REPORT_FORMATS = ("csv", "html", "json", "jsonl")  # report.WRITERS (a test pins it)
+HTML_LIST_LIMIT = 1_000  # report_model.DEFAULT_LISTED (a test pins it; not imported: startup)
 
 
 @main.command()
@@ -1099,12 +1100,28 @@ REPORT_FORMATS = ("csv", "html", "json")  # report.WRITERS (a test pins it)
     help="Poll the platform once before reporting (spends calls); by default the "
     "report comes from the journal alone.",
 )
+@click.option(
+    "--html-list-limit",
+    "listed",
+    type=click.IntRange(min=0),
+    default=HTML_LIST_LIMIT,
+    show_default=True,
+    help="HTML: list every device up to this many; above, list the failed, quarantined and "
+    "already-current devices up to this many each, with the count beyond (the full list is "
+    "in CSV, JSON and JSON Lines).",
+)
 @exits_cleanly
 def report(
-    plan: Path, journal: Path | None, fmt: str, output: Path | None, refresh_first: bool
+    plan: Path,
+    journal: Path | None,
+    fmt: str,
+    output: Path | None,
+    refresh_first: bool,
+    listed: int,
 ) -> None:
     """Report PLAN's run: one row per device, per-task and per-wave summaries, quarantined
-    devices, failure reasons and the calls spent — as CSV, JSON or a self-contained HTML page."""
+    devices, failure reasons and the calls spent — as CSV, JSON, JSON Lines (one device a
+    line) or a self-contained HTML page of bounded size."""
     from .report import WRITERS, collect
 
     if refresh_first:
@@ -1115,7 +1132,7 @@ def report(
         _start_logging()
         anyio.run(refresh, _load(plan), journal, _state_dir())
     path, name = _journal_of(plan, journal)
-    data = collect(path, name)
+    data = collect(path, name, listed)
     if output is None:
         WRITERS[fmt](data, sys.stdout)
         return

@@ -19,49 +19,41 @@ import io
 import json
 import sqlite3
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NamedTuple, TextIO
+from typing import Any, TextIO
 
 from .errors import JournalError
 from .journal import Journal
 from .northbound import Status
 from .outcomes import FAILURES, Outcome, classify
-from .report_html import render
-
-
-class DeviceRow(NamedTuple):
-    device_id: str
-    wave: str
-    chunk: str
-    operation_id: str
-    task_status: str
-    subtask_status: str
-    upgraded: bool
-    detail: str
-    version: str
-    task_created: str
-    task_finished: str
-    device_started: str
-    device_finished: str
-    in_task_by: str  # created|reconciled|census|census-unconfirmed|second-claim ("": no task)
-    outcome: str  # outcomes.Outcome, or quarantined | not-submitted | unknown
-    passes: int = 1  # the run's own pass, plus each retry pass that held the device
-    pass_outcomes: str = ""  # "1:failed 2:upgraded": the outcome in each pass, oldest first
-
-
-DEVICE_COLUMNS = DeviceRow._fields
-FAILED_OUTCOMES = frozenset(outcome.value for outcome in FAILURES)
-WAVE_COUNTS = (
-    "upgraded",
-    "failed",
-    "already_current",
-    "in_progress",
-    "quarantined",
-    "not_submitted",
+from .report_html import write_page
+from .report_model import (
+    DEFAULT_LISTED,
+    DEVICE_COLUMNS,
+    LISTS,
+    WAVE_COUNTS,
+    DeviceRow,
+    ReportData,
 )
+
+__all__ = [
+    "DEVICE_COLUMNS",
+    "WRITERS",
+    "DeviceRow",
+    "ReportData",
+    "collect",
+    "render_to_string",
+    "write_csv",
+    "write_html",
+    "write_json",
+    "write_jsonl",
+]
+
+
+FAILED_OUTCOMES = frozenset(outcome.value for outcome in FAILURES)
 IN_PROGRESS_OUTCOMES = frozenset({Outcome.IN_PROGRESS.value, "unknown"})
 IN_TASK_BY = {
     0: "created",
@@ -72,31 +64,17 @@ IN_TASK_BY = {
 }
 
 
-@dataclass
-class ReportData:
-    """Everything a report shows. Device rows are streamed from the journal on demand (a
-    million of them must not sit in memory); the totals were counted in one pass."""
-
-    run: dict[str, Any]
-    waves: list[dict[str, Any]]
-    tasks: list[dict[str, Any]]
-    quarantined: list[dict[str, Any]]
-    duplicates: list[dict[str, Any]]  # targets in two or more tasks of the package
-    calls: dict[str, int]
-    progress: list[dict[str, Any]]
-    totals: dict[str, int]
-    failure_reasons: list[tuple[str, int]]
-    devices: Callable[[], Iterator[DeviceRow]]  # a fresh pass over the journal each call
-    passes: list[dict[str, Any]] = field(default_factory=list)  # retry passes, by outcome
-
-
 def _iso(epoch: float | None) -> str:
     if epoch is None:
         return ""
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
 
 
-def collect(path: Path, plan_name: str) -> ReportData:
+def collect(path: Path, plan_name: str, listed: int = DEFAULT_LISTED) -> ReportData:
+    """The report of PLAN_NAME's latest run in the journal at PATH: one pass over the device
+    rows counts the totals and keeps the first `listed` devices of each of `LISTS`; memory
+    does not grow with the number of devices (rows are read chunk by chunk, a task's kept
+    subtask rows at a time). Raises JournalError when the journal holds no run of the plan."""
     db: sqlite3.Connection = Journal.open_readonly(path)
     db.row_factory = sqlite3.Row
     try:
@@ -114,19 +92,13 @@ def collect(path: Path, plan_name: str) -> ReportData:
             r["operation_id"]: dict(r)
             for r in db.execute("SELECT * FROM tasks WHERE run_id=? ORDER BY chunk_id", (run_id,))
         }
-        quarantine = {
-            r["device_id"]: dict(r)
-            for r in db.execute(
-                "SELECT * FROM quarantine WHERE run_id=? ORDER BY chunk_id", (run_id,)
-            )
-        }
         left_out = _has_table(db, "already_current")
         retry_passes = (
             [dict(r) for r in db.execute("SELECT * FROM passes WHERE run_id=?", (run_id,))]
             if _has_table(db, "passes")
             else []
         )
-        scope = _Scope(run_id, wave_names, tasks, quarantine, version, _pass_waves(retry_passes))
+        scope = _Scope(run_id, wave_names, tasks, version, _pass_waves(retry_passes))
 
         def rows() -> Iterator[DeviceRow]:
             reader = Journal.open_readonly(path)
@@ -153,8 +125,26 @@ def collect(path: Path, plan_name: str) -> ReportData:
             for r in sorted(retry_passes, key=lambda r: int(r["pass_no"]))
         ]
 
+        def quarantined() -> Iterator[dict[str, Any]]:
+            reader = Journal.open_readonly(path)
+            try:
+                for device_id, chunk_id, code, reason in reader.execute(
+                    "SELECT device_id, chunk_id, error_code, reason FROM quarantine"
+                    " WHERE run_id=? ORDER BY chunk_id",
+                    (run_id,),
+                ):
+                    yield {
+                        "device_id": device_id,
+                        "chunk": chunk_id,
+                        "error_code": code,
+                        "reason": reason,
+                    }
+            finally:
+                reader.close()
+
         per_wave: dict[str, Counter[str]] = {}
         reasons: Counter[str] = Counter()
+        lists: dict[str, list[DeviceRow]] = {bucket: [] for bucket in LISTS}
         for device in rows():
             counts = per_wave.get(device.wave)
             if counts is None:
@@ -168,6 +158,9 @@ def collect(path: Path, plan_name: str) -> ReportData:
                 counts[bucket] += 1
             if bucket == "failed":
                 reasons[device.detail or device.outcome] += 1
+            kept = lists.get(bucket)
+            if kept is not None and len(kept) < listed:
+                kept.append(device)
         waves = []
         gates = {}
         for w in db.execute("SELECT * FROM waves WHERE run_id=? ORDER BY wave", (run_id,)):
@@ -258,15 +251,7 @@ def collect(path: Path, plan_name: str) -> ReportData:
             run_info,
             waves,
             task_rows,
-            [
-                {
-                    "device_id": d,
-                    "chunk": q["chunk_id"],
-                    "error_code": q["error_code"],
-                    "reason": q["reason"],
-                }
-                for d, q in quarantine.items()
-            ],
+            quarantined,
             duplicates,
             calls,
             progress,
@@ -274,6 +259,8 @@ def collect(path: Path, plan_name: str) -> ReportData:
             reasons.most_common(),
             rows,
             passes,
+            lists,
+            listed,
         )
     finally:
         db.close()
@@ -311,7 +298,6 @@ class _Scope:
     run_id: int
     wave_names: dict[int, str]
     tasks: dict[str, dict[str, Any]]
-    quarantine: dict[str, dict[str, Any]]
     version: str
     pass_waves: dict[int, int]  # wave of a retry pass → its number
 
@@ -391,9 +377,12 @@ def _chunk_rows(
     if state != "submitted" or task is None:
         for device in chunk["members"].split("\n"):
             if state == "quarantined":
-                q = scope.quarantine.get(device, {})
+                q = results_of.execute(
+                    "SELECT error_code, reason FROM quarantine WHERE run_id=? AND device_id=?",
+                    (scope.run_id, device),
+                ).fetchone()
                 status = "quarantined"
-                detail = f"{q.get('error_code', '')} {q.get('reason', '')}".strip()
+                detail = f"{q[0]} {q[1]}".strip() if q else ""
             elif state != "submitted":
                 status, detail = "not-submitted", ""
             else:
@@ -541,30 +530,48 @@ def write_csv(data: ReportData, out: TextIO) -> None:
 
 
 def write_json(data: ReportData, out: TextIO) -> None:
-    """One JSON object; the device list is written row by row, never held whole."""
-    head = {
-        "run": data.run,
-        "summary": data.totals,
-        "waves": data.waves,
-        "failure_reasons": [{"reason": r, "devices": n} for r, n in data.failure_reasons],
-        "quarantined": data.quarantined,
-        "duplicates": data.duplicates,
-        "calls": data.calls,
-        "tasks": data.tasks,
-        "progress": data.progress,
-        "passes": data.passes,
-    }
-    out.write(json.dumps(head, indent=1)[:-2] + ',\n "devices": [')
-    for index, device in enumerate(data.devices()):
-        out.write(("\n  " if index == 0 else ",\n  ") + json.dumps(device._asdict()))
-    out.write("\n ]\n}\n")
+    """One JSON object, written as it is read: lists one item per line, the devices and the
+    quarantined devices streamed from the journal, never held whole."""
+    sections: list[tuple[str, Any]] = [
+        ("run", data.run),
+        ("summary", data.totals),
+        ("waves", data.waves),
+        ("failure_reasons", [{"reason": r, "devices": n} for r, n in data.failure_reasons]),
+        ("quarantined", data.quarantined()),
+        ("duplicates", data.duplicates),
+        ("calls", data.calls),
+        ("tasks", data.tasks),
+        ("progress", data.progress),
+        ("passes", data.passes),
+        ("devices", (device._asdict() for device in data.devices())),
+    ]
+    out.write("{")
+    for index, (key, value) in enumerate(sections):
+        out.write(("\n" if index == 0 else ",\n") + f" {json.dumps(key)}: ")
+        if isinstance(value, dict):
+            out.write(json.dumps(value, indent=1).replace("\n", "\n "))
+            continue
+        separator = "\n  "
+        for item in value:
+            out.write(("[" if separator == "\n  " else "") + separator + json.dumps(item))
+            separator = ",\n  "
+        out.write("[]" if separator == "\n  " else "\n ]")
+    out.write("\n}\n")
+
+
+def write_jsonl(data: ReportData, out: TextIO) -> None:
+    """JSON Lines: one object per device per line (the CSV's columns, `upgraded` a boolean,
+    `passes` a number), streamed from the journal — for pipelines (`jq`, a log shipper)."""
+    for device in data.devices():
+        out.write(json.dumps(device._asdict()) + "\n")
 
 
 def write_html(data: ReportData, out: TextIO) -> None:
-    out.write(render(data))
+    """The self-contained page (`report_html.py`), written section by section."""
+    write_page(data, out)
 
 
-WRITERS = {"csv": write_csv, "json": write_json, "html": write_html}
+WRITERS = {"csv": write_csv, "json": write_json, "jsonl": write_jsonl, "html": write_html}
 
 
 def render_to_string(data: ReportData, fmt: str) -> str:

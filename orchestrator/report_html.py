@@ -1,17 +1,24 @@
 """The HTML report: one self-contained page (inline CSS and SVG, no script, no external asset),
-summary first, readable on a phone."""
+summary first, readable on a phone, and bounded whatever the fleet's size: the per-device list
+appears whole only up to `ReportData.listed` devices; above that the page lists the failed,
+quarantined and already-current devices up to that many each, says how many more there are,
+and leaves the full list to the CSV, JSON and JSON Lines reports. At 10^6 devices (3 907 tasks)
+the page is ~3 MB with the default limit (`bench/report_scale.py`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from html import escape
-from typing import TYPE_CHECKING, Any
+from typing import Any, TextIO
 from zoneinfo import ZoneInfo
 
-if TYPE_CHECKING:  # report.py hands its data here to be drawn
-    from .report import ReportData
+from .report_model import DeviceRow, ReportData
 
-HTML_FULL_DEVICE_TABLE = 20_000
+HTML_TASK_ROWS = 5_000  # tasks listed on the page (10^6 devices in 256-device tasks: 3 907)
+CHART_POINTS = 500  # progress samples drawn at most (evenly spread, the last always)
+MORE = "see the CSV, JSON or JSON Lines report"
 COLOURS = {
     "upgraded": "#2e7d32",
     "failed": "#c62828",
@@ -88,6 +95,9 @@ def progress_chart(
     if len(progress) < 2 or total == 0:
         return '<p class="note">Not enough monitor samples for a progress chart yet.</p>'
     zone = zone or ZoneInfo("UTC")
+    if len(progress) > CHART_POINTS:
+        step = (len(progress) - 1) / (CHART_POINTS - 1)
+        progress = [progress[round(i * step)] for i in range(CHART_POINTS)]
     starts = wave_starts or []
     width, height, left, right, top, bottom = 400, 240, 48, 14, 30, 36
     t0 = float(min([progress[0]["t"], *(w["t"] for w in starts)]))
@@ -196,32 +206,50 @@ def reasons_chart(reasons: list[tuple[str, int]]) -> str:
     )
 
 
-def _table(
-    columns: list[str], rows: list[list[Any]], table_id: str, wrap: frozenset[int] = frozenset()
-) -> str:
-    """A table; the columns in `wrap` (indices) wrap their text instead of cutting it."""
+def _table_parts(
+    columns: list[str],
+    rows: Iterable[list[Any]],
+    table_id: str,
+    wrap: frozenset[int] = frozenset(),
+) -> Iterator[str]:
+    """A table, row by row; the columns in `wrap` (indices) wrap their text instead of
+    cutting it."""
     head = "".join(f"<th>{_e(c)}</th>" for c in columns)
     cell = ['<td class="wrap">' if i in wrap else "<td>" for i in range(len(columns))]
-    body = "".join(
-        "<tr>" + "".join(f"{cell[i]}{_e(v)}</td>" for i, v in enumerate(row)) + "</tr>"
-        for row in rows
-    )
+    yield f'<div class="scroll"><table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>'
+    for row in rows:
+        yield "<tr>" + "".join(f"{cell[i]}{_e(v)}</td>" for i, v in enumerate(row)) + "</tr>"
+    yield "</tbody></table></div>"
+
+
+def _table(
+    columns: list[str], rows: Iterable[list[Any]], table_id: str, wrap: frozenset[int] = frozenset()
+) -> str:
+    return "".join(_table_parts(columns, rows, table_id, wrap))
+
+
+def _more(shown: int, total: int, what: str, list_id: str) -> str:
+    """The count beyond a capped list, or nothing when the list is whole."""
+    if total <= shown:
+        return ""
     return (
-        f'<div class="scroll"><table id="{table_id}"><thead><tr>{head}</tr></thead>'
-        f"<tbody>{body}</tbody></table></div>"
+        f'<p class="note more" id="{list_id}-more"><b>{total - shown}</b> more {_e(what)} — '
+        f"{MORE}.</p>"
     )
 
 
-def _device_table(data: ReportData, zone: ZoneInfo, platform_time: str) -> str:
-    note = ""
-    if data.totals["devices"] > HTML_FULL_DEVICE_TABLE:
-        shown = [d for d in data.devices() if not d.upgraded]
-        note = (
-            f'<p class="note">{data.totals["devices"]} devices: only the {len(shown)} not '
-            "upgraded are listed here; the CSV and JSON reports have every row.</p>"
+def _device_table(data: ReportData, zone: ZoneInfo, platform_time: str) -> Iterator[str]:
+    """Every device, when the run has at most `data.listed`; else a note (the lists above
+    hold the devices that need a look)."""
+    total = data.totals["devices"]
+    if total > data.listed:
+        yield (
+            f'<p class="note" id="devices-elsewhere">{total} devices: the list of every device '
+            f"is in the CSV, JSON and JSON Lines reports (<code>rollout report PLAN --format "
+            f"csv|json|jsonl</code>); the failed, quarantined and already-current devices are "
+            f"listed above, up to {data.listed} each.</p>"
         )
-    else:
-        shown = list(data.devices())
+        return
     columns = [
         "device_id",
         "wave",
@@ -237,7 +265,7 @@ def _device_table(data: ReportData, zone: ZoneInfo, platform_time: str) -> str:
         "outcome",
         "passes",
     ]
-    rows = [
+    rows = (
         [
             d.device_id,
             d.wave,
@@ -253,9 +281,81 @@ def _device_table(data: ReportData, zone: ZoneInfo, platform_time: str) -> str:
             d.outcome,
             d.pass_outcomes,
         ]
-        for d in shown
-    ]
-    return note + _table(columns, rows, "devices", frozenset({7}))
+        for d in data.devices()
+    )
+    yield from _table_parts(columns, rows, "devices", frozenset({7}))
+
+
+def _device_lists(data: ReportData, zone: ZoneInfo, platform_time: str) -> Iterator[str]:
+    """The failed and the already-current devices, up to `data.listed` each, with the count
+    beyond — only when the page does not list every device."""
+    if data.totals["devices"] <= data.listed:
+        return
+    failed: list[DeviceRow] = data.lists.get("failed", [])
+    yield "<h2>Failed devices</h2>"
+    if failed:
+        yield from _table_parts(
+            [
+                "device",
+                "wave",
+                "chunk",
+                "operationId",
+                "subtask status",
+                "detail",
+                "version",
+                f"task finished{platform_time}",
+                "outcome",
+                "passes",
+            ],
+            (
+                [
+                    d.device_id,
+                    d.wave,
+                    d.chunk,
+                    d.operation_id,
+                    d.subtask_status,
+                    d.detail,
+                    d.version,
+                    _when(d.task_finished, zone),
+                    d.outcome,
+                    d.pass_outcomes,
+                ]
+                for d in failed
+            ),
+            "failed",
+            frozenset({5}),
+        )
+    else:
+        yield '<p class="note">None.</p>'
+    yield _more(len(failed), data.totals["failed"], "failed devices", "failed")
+    current: list[DeviceRow] = data.lists.get("already_current", [])
+    yield "<h2>Already-current devices</h2>"
+    if current:
+        yield from _table_parts(
+            ["device", "wave", "chunk", "operationId", "detail", "version"],
+            ([d.device_id, d.wave, d.chunk, d.operation_id, d.detail, d.version] for d in current),
+            "already-current",
+            frozenset({4}),
+        )
+    else:
+        yield '<p class="note">None.</p>'
+    yield _more(
+        len(current), data.totals["already_current"], "already-current devices", "already-current"
+    )
+
+
+def _quarantined(data: ReportData) -> Iterator[str]:
+    kept: list[DeviceRow] = data.lists.get("quarantined", [])
+    if not kept:
+        yield '<p class="note">None.</p>'
+        return
+    yield from _table_parts(
+        ["device", "wave", "chunk", "refusal (error code, reason)"],
+        ([d.device_id, d.wave, d.chunk, d.detail] for d in kept),
+        "quarantined",
+        frozenset({3}),
+    )
+    yield _more(len(kept), data.totals["quarantined"], "quarantined devices", "quarantined")
 
 
 def _simulated_note(run: dict[str, Any]) -> str:
@@ -306,7 +406,14 @@ def _passes(data: ReportData) -> str:
     )
 
 
-def render(data: ReportData) -> str:
+def write_page(data: ReportData, out: TextIO) -> None:
+    """Write the page to OUT part by part (a table row at a time): at most `HTML_TASK_ROWS`
+    tasks, and devices as `_device_lists` and `_device_table` say."""
+    for part in _page(data):
+        out.write(part)
+
+
+def _page(data: ReportData) -> Iterator[str]:
     run, totals = data.run, data.totals
     zone = _zone(run)
     platform_time = " (sim.)" if run.get("simulated_speed") else ""
@@ -343,22 +450,7 @@ def render(data: ReportData) -> str:
         ]
         for w in data.waves
     ]
-    tasks_rows = [
-        [
-            t["operation_id"],
-            t["chunk"],
-            t["wave"],
-            t["status"],
-            t["total"],
-            t["succeeded"],
-            t["failed"],
-            t["in_progress"],
-            _when(t["created"], zone),
-            _when(t["finished"], zone),
-        ]
-        for t in data.tasks
-    ]
-    return f"""<!doctype html>
+    yield f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Rollout report — {_e(run["plan"])}</title><style>{STYLE}</style></head>
@@ -395,50 +487,62 @@ def render(data: ReportData) -> str:
     }
 {_passes(data)}
 <h2>Failure reasons</h2><div class="panel">{reasons_chart(data.failure_reasons)}</div>
-<h2>Quarantined devices</h2>
-{
-        _table(
-            ["device", "chunk", "error code", "reason"],
-            [[q["device_id"], q["chunk"], q["error_code"], q["reason"]] for q in data.quarantined],
-            "quarantined",
-            frozenset({3}),
-        )
-        if data.quarantined
-        else '<p class="note">None.</p>'
-    }
-<h2>Devices in two tasks of this package</h2>
-{
+"""
+    yield from _device_lists(data, zone, platform_time)
+    yield "\n<h2>Quarantined devices</h2>\n"
+    yield from _quarantined(data)
+    duplicates = (
         _table(
             ["target", "operationIds (oldest first)"],
             [[d["target"], ", ".join(d["operation_ids"])] for d in data.duplicates[:1000]],
             "duplicates",
         )
+        + _more(min(len(data.duplicates), 1000), len(data.duplicates), "targets", "duplicates")
         if data.duplicates
         else '<p class="note">None (closing census).</p>'
-    }
+    )
+    yield f"""
+<h2>Devices in two tasks of this package</h2>
+{duplicates}
 <h2>Call budget spent</h2>
 {_table(["API", "calls"], [[k, v] for k, v in data.calls.items()], "calls")}
 <h2>Tasks</h2>
-{
-        _table(
-            [
-                "operationId",
-                "chunk",
-                "wave",
-                "status",
-                "devices",
-                "succeeded",
-                "failed",
-                "in progress",
-                f"created{platform_time}",
-                f"finished{platform_time}",
-            ],
-            tasks_rows,
-            "tasks",
-        )
-    }
-<h2>Devices</h2>
-{_device_table(data, zone, platform_time)}
+"""
+    tasks_rows = (
+        [
+            t["operation_id"],
+            t["chunk"],
+            t["wave"],
+            t["status"],
+            t["total"],
+            t["succeeded"],
+            t["failed"],
+            t["in_progress"],
+            _when(t["created"], zone),
+            _when(t["finished"], zone),
+        ]
+        for t in data.tasks[:HTML_TASK_ROWS]
+    )
+    yield from _table_parts(
+        [
+            "operationId",
+            "chunk",
+            "wave",
+            "status",
+            "devices",
+            "succeeded",
+            "failed",
+            "in progress",
+            f"created{platform_time}",
+            f"finished{platform_time}",
+        ],
+        tasks_rows,
+        "tasks",
+    )
+    yield _more(min(len(data.tasks), HTML_TASK_ROWS), len(data.tasks), "tasks", "tasks")
+    yield "\n<h2>Devices</h2>\n"
+    yield from _device_table(data, zone, platform_time)
+    yield """
 <p class="note">Generated by fleet-orchestrator from the journal alone.</p>
 </main></body></html>
 """

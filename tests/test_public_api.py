@@ -39,11 +39,13 @@ def test_simulator_exports_resolve() -> None:
 def test_cli_choices_match_what_they_name() -> None:
     """The CLI's choices, spelled out so `--help` imports nothing, are the engine's values."""
     from orchestrator.census import UnknownTasks
-    from orchestrator.cli import REPORT_FORMATS, UNKNOWN_TASKS_CHOICES
+    from orchestrator.cli import HTML_LIST_LIMIT, REPORT_FORMATS, UNKNOWN_TASKS_CHOICES
     from orchestrator.report import WRITERS
+    from orchestrator.report_model import DEFAULT_LISTED
 
     assert set(UNKNOWN_TASKS_CHOICES) == {u.value for u in UnknownTasks}
     assert set(REPORT_FORMATS) == set(WRITERS)
+    assert HTML_LIST_LIMIT == DEFAULT_LISTED
 
 
 def test_cli_names_of_other_modules_match() -> None:
