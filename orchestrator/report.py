@@ -25,6 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+import orjson
+
 from .errors import JournalError
 from .journal import Journal
 from .northbound import Status
@@ -357,7 +359,7 @@ def _device_rows(db: sqlite3.Connection, scope: _Scope) -> Iterator[DeviceRow]:
         for row in _chunk_rows(results_of, scope, chunk):
             retried = later.get(row.device_id)
             if retried is None:
-                yield row._replace(passes=1, pass_outcomes=f"1:{row.outcome}")
+                yield row  # _chunk_rows wrote it as the run's own pass
                 continue
             history = " ".join([f"1:{row.outcome}", *(f"{n}:{r.outcome}" for n, r in retried)])
             final = retried[-1][1]
@@ -367,8 +369,8 @@ def _device_rows(db: sqlite3.Connection, scope: _Scope) -> Iterator[DeviceRow]:
 def _chunk_rows(
     results_of: sqlite3.Cursor, scope: _Scope, chunk: sqlite3.Row
 ) -> Iterator[DeviceRow]:
-    """The rows of one chunk's devices. A group chunk lists its groups until its task is
-    read, then the task's devices."""
+    """The rows of one chunk's devices, as of the run's own pass (`passes` 1). A group chunk
+    lists its groups until its task is read, then the task's devices."""
     wave = scope.wave_names.get(chunk["wave"], "")
     chunk_id, state = chunk["chunk_id"], chunk["state"]
     op = chunk["operation_id"] or ""
@@ -403,6 +405,8 @@ def _chunk_rows(
                 "",
                 how,
                 status,
+                1,
+                f"1:{status}",
             )
         return
     # one task: what its devices say unless the journal kept their own result
@@ -449,6 +453,8 @@ def _chunk_rows(
                 "",
                 how,
                 outcome,
+                1,
+                f"1:{outcome}",
             )
             continue
         reported = result["version"] or ""
@@ -469,6 +475,8 @@ def _chunk_rows(
             result["stop_time"] or "",
             how,
             outcome,
+            1,
+            f"1:{outcome}",
         )
 
 
@@ -543,7 +551,7 @@ def write_json(data: ReportData, out: TextIO) -> None:
         ("tasks", data.tasks),
         ("progress", data.progress),
         ("passes", data.passes),
-        ("devices", (device._asdict() for device in data.devices())),
+        ("devices", data.devices()),
     ]
     out.write("{")
     for index, (key, value) in enumerate(sections):
@@ -553,7 +561,8 @@ def write_json(data: ReportData, out: TextIO) -> None:
             continue
         separator = "\n  "
         for item in value:
-            out.write(("[" if separator == "\n  " else "") + separator + json.dumps(item))
+            text = _device_json(item) if isinstance(item, DeviceRow) else json.dumps(item)
+            out.write(("[" if separator == "\n  " else "") + separator + text)
             separator = ",\n  "
         out.write("[]" if separator == "\n  " else "\n ]")
     out.write("\n}\n")
@@ -563,7 +572,12 @@ def write_jsonl(data: ReportData, out: TextIO) -> None:
     """JSON Lines: one object per device per line (the CSV's columns, `upgraded` a boolean,
     `passes` a number), streamed from the journal — for pipelines (`jq`, a log shipper)."""
     for device in data.devices():
-        out.write(json.dumps(device._asdict()) + "\n")
+        out.write(_device_json(device) + "\n")
+
+
+def _device_json(device: DeviceRow) -> str:
+    """One device as a JSON object (orjson: a million rows in seconds, not tens of them)."""
+    return orjson.dumps(dict(zip(DEVICE_COLUMNS, device, strict=True))).decode()
 
 
 def write_html(data: ReportData, out: TextIO) -> None:
