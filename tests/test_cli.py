@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -129,16 +130,24 @@ def test_failed_gate_exits_4_and_approve_then_resume_goes_on(
 
 
 def test_report_writes_each_format(sim: tuple[str, list[str]], tmp_path: Path) -> None:
-    """`rollout report` writes CSV, JSON and HTML files from the journal."""
+    """`rollout report` writes CSV, JSON, JSON Lines (one device a line, the CSV's rows) and
+    HTML files from the journal."""
     url, ids = sim
     plan = _plan(tmp_path, url, ids[1600:1856])
     assert _rollout("run", str(plan), cwd=tmp_path).returncode == 0
-    for fmt in ("csv", "json", "html"):
+    for fmt in ("csv", "json", "jsonl", "html"):
         out = tmp_path / f"report.{fmt}"
         result = _rollout("report", str(plan), "--format", fmt, "-o", str(out), cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         assert out.stat().st_size > 1000
-    assert len((tmp_path / "report.csv").read_text().splitlines()) == 257
+    with (tmp_path / "report.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    lines = (tmp_path / "report.jsonl").read_text().splitlines()
+    assert len(rows) == len(lines) == 256
+    devices = [json.loads(line) for line in lines]
+    assert [d["device_id"] for d in devices] == [r["device_id"] for r in rows]
+    assert [d["outcome"] for d in devices] == [r["outcome"] for r in rows]
+    assert devices == json.loads((tmp_path / "report.json").read_text())["devices"]
 
 
 def test_module_entry_point_is_the_same_command(tmp_path: Path) -> None:
