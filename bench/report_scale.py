@@ -1,7 +1,8 @@
 """Reports of a 1 000 000-device run, each format in a fresh process: seconds, peak memory and
 file size beside their goals; the HTML page opened in headless Chromium.
 
-Two journals are built first, in this process and not timed, from a fleet CSV shaped like the
+Two journals are built first, not timed, in a builder process of their own (on Linux a child's
+peak RSS starts from its parent's), from a fleet CSV shaped like the
 simulator's (deviceId, type, model, manufacturer, version, group; 1 % of it already on the
 target version, so left out by `fleet.version_column`), planned in two waves (`canary` 1 000,
 `rest`) into 3 907 chunks:
@@ -15,7 +16,7 @@ Then for each journal and each format (CSV, JSON Lines, JSON, HTML), a fresh
 `python -m orchestrator report PLAN --journal J --format F -o FILE`: wall time, the child's
 peak RSS (`os.wait4`'s rusage, so nothing of the build counts) and the file's size. With
 Debian's `chromium`, each HTML file is then opened with `--dump-dom` (wall time, the DOM must
-hold the summary and the capped lists' counts), beside an empty page's time (Chromium's own
+hold the summary; the capped lists' "more" counts are printed), beside an empty page's time (Chromium's own
 start). Goals: HTML ≤ 5 MB and open ≤ 5 s (issue 12); every format ≤ 100 MB peak RSS — the
 interpreter and the imported modules take ~56 MB (the same commands on a 1 000-device run), and
 what the report holds besides (SQLite's page cache, the tasks table, the first 1 000 devices of
