@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import orchestrator.northbound as northbound
 import orchestrator.simulator as simulator
 
@@ -57,3 +60,18 @@ def test_cli_names_of_other_modules_match() -> None:
 
     assert list(RETRY_CHOICE_NAMES) == list(RETRY_CHOICES)
     assert STATE_ENV_VAR == ENV_VAR
+
+
+def test_report_modules_form_no_import_circle() -> None:
+    """report.py draws on report_html.py and report_model.py, which never import report.py
+    (not even for type checking): the report's data flows one way."""
+    root = Path(__file__).parent.parent / "orchestrator"
+    for name in ("report_html.py", "report_model.py"):
+        imported = {
+            node.module
+            for node in ast.walk(ast.parse((root / name).read_text()))
+            if isinstance(node, ast.ImportFrom) and node.level == 1
+        }
+        assert "report" not in imported, f"{name} imports report.py"
+        if name == "report_model.py":
+            assert not imported, f"report_model.py imports {imported}"
