@@ -15,14 +15,16 @@ target version, so left out by `fleet.version_column`), planned in two waves (`c
 Then for each journal and each format (CSV, JSON Lines, JSON, HTML), a fresh
 `python -m orchestrator report PLAN --journal J --format F -o FILE`: wall time, the child's
 peak RSS (`os.wait4`'s rusage, so nothing of the build counts) and the file's size. With
-Debian's `chromium`, each HTML file is then opened with `--dump-dom` (wall time, the DOM must
-hold the summary; the capped lists' "more" counts are printed), beside an empty page's time (Chromium's own
-start). Goals: HTML ≤ 5 MB and open ≤ 5 s (issue 12); every format ≤ 100 MB peak RSS — the
-interpreter and the imported modules take ~56 MB (the same commands on a 1 000-device run), and
-what the report holds besides (SQLite's page cache, the tasks table, the first 1 000 devices of
-each HTML list) does not grow with the devices, while holding a million rows would take
-hundreds of MB; CSV, JSON and JSON Lines ≤ 30 s. Exits 1 when a goal is missed, 3 when a report
-command failed.
+Debian's `chromium`, each HTML file is then opened with `--dump-dom` (wall time; the DOM must
+hold the summary; the capped lists' "more" counts are printed), beside an empty page's time
+(Chromium's own start).
+
+Goals: HTML ≤ 5 MB and open ≤ 5 s (issue 12). Every format ≤ 100 MB peak RSS: the interpreter
+and the imported modules take ~56 MB (the same commands on a 1 000-device run), and what a
+report holds besides (SQLite's page cache, the tasks table, the first 1 000 devices of each
+HTML list) does not grow with the devices, while a million rows held would take hundreds of
+MB. CSV, JSON and JSON Lines ≤ 30 s. Exits 1 when a goal is missed, 3 when a report command
+failed.
 
     python bench/report_scale.py [--devices 1000000] [--keep DIR]
 """

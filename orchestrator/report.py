@@ -1,4 +1,6 @@
-"""Rollout reports — CSV, JSON and a self-contained HTML page — from the journal alone.
+"""Rollout reports — CSV, JSON, JSON Lines and a self-contained HTML page — from the journal
+alone. `collect` reads what a report holds (`report_model.ReportData`); the writers here stream
+the per-device formats, `report_html.py` draws the page.
 
 One row per device (deviceId, wave, chunk, operationId, task status, subtask status,
 upgraded, detail, version, timestamps, outcome), per-task and per-wave summaries, the
