@@ -3,7 +3,7 @@ summary first, readable on a phone, and bounded whatever the fleet's size: the p
 appears whole only up to `ReportData.listed` devices; above that the page lists the failed,
 quarantined and already-current devices up to that many each, says how many more there are,
 and leaves the full list to the CSV, JSON and JSON Lines reports. At 10^6 devices (3 907 tasks)
-the page is ~3 MB with the default limit (`bench/report_scale.py`).
+the page is ~1.4 MB with the default limit (`bench/report_scale.py`).
 """
 
 from __future__ import annotations
