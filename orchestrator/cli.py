@@ -168,7 +168,45 @@ def _rate_limit(_ctx: click.Context, _param: click.Parameter, value: str) -> tup
     return parsed
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineUsageError(click.UsageError):
+    """A click usage error shown as one line naming what is wrong and where to read more
+    (house rule: bad input is one line, exit 2) — not click's Usage/Try/Error block."""
+
+    def show(self, file: Any = None) -> None:
+        where = self.ctx.command_path if self.ctx is not None else "rollout"
+        _say("[red]error:[/]", f"{where}: {self.format_message()} (see {where} --help)")
+
+
+class OneLineUsage(click.Group):
+    """The `rollout` group: every usage error of it or of its commands (unknown command or
+    option, missing argument, invalid value) is one line on stderr, exit 2."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            raise _one_line_usage(exc) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _one_line_usage(exc) from None
+
+
+def _one_line_usage(exc: click.UsageError) -> click.UsageError:
+    if isinstance(exc, (_OneLineUsageError, click.exceptions.NoArgsIsHelpError)):
+        return exc  # `rollout` alone asks for the help page
+    return _OneLineUsageError(exc.format_message(), exc.ctx)
+
+
+@click.group(cls=OneLineUsage, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="rollout")
 @click.option(
     "--log-format",
