@@ -977,10 +977,7 @@ def approve(plan: Path, journal: Path | None, wave: str | None, by: str) -> None
     path, name = _journal_of(plan, journal)
     approval = approve_wave(path, name, wave, by, source=str(plan))
     if approval.state == "failed":
-        what = (
-            f"its failed gate ({approval.reason}); a failure share worse than "
-            f"{approval.failed} of {approval.finished} halts it again"
-        )
+        what = f"its failed gate ({approval.reason}); it halts again once {approval.rule()}"
     else:
         what = f"its gate, passed and awaiting approval ({approval.reason})"
     click.echo(f"approved wave {approval.wave!r} by {by}: {what}. `rollout resume` goes on.")

@@ -679,8 +679,7 @@ class Rollout:
                     return
                 self._set_gate(wave, name, "failed", reason, **numbers)
                 again = (
-                    f" — worse than what {approval.by} approved ({approval.failed} of "
-                    f"{approval.finished} failed)"
+                    f" — beyond what {approval.by} approved: {approval.rule()}"
                     if approval is not None and approval.state == "failed"
                     else ""
                 )

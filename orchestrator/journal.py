@@ -380,6 +380,22 @@ class Approval:
         p = self.failed_share
         return float(2 * math.sqrt(p * (1 - p) / self.finished))
 
+    @property
+    def limit(self) -> float:
+        """The failure share this approval lets through: the approved share plus
+        `tolerance`."""
+        return self.failed_share + self.tolerance
+
+    def rule(self) -> str:
+        """The rule `covers` applies, in an operator's words: 'more than 27.5 % of the
+        finished devices failed (the approved 7 of 43, 16.3 %, plus two standard errors of
+        that sample, 11.3 points)'."""
+        return (
+            f"more than {self.limit:.1%} of the finished devices failed (the approved "
+            f"{self.failed} of {self.finished}, {self.failed_share:.1%}, plus two standard "
+            f"errors of that sample, {self.tolerance * 100:.1f} points)"
+        )
+
     def covers(self, passing: bool, finished: int, failed: int) -> bool:
         """Whether this approval lets a verdict through: a passing gate that awaits approval
         always; a failing one only when the approval was for a failed gate and the failure
@@ -389,7 +405,7 @@ class Approval:
         if self.state != "failed":
             return False
         share = failed / finished if finished else 0.0
-        return share <= self.failed_share + self.tolerance
+        return share <= self.limit
 
 
 def default_journal_path(plan_name: str, plan_dir: Path) -> Path:
