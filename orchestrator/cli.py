@@ -645,8 +645,11 @@ def _drive(
     if not resume_only and (new_run or not has_run(path, loaded.plan.name)):
         check_times(loaded.plan, str(loaded.path))  # a first run refuses a passed start
     display = RunDisplay(err(), len(loaded.fleet.members))
-    if resume_only and unfinished_pass(path, loaded.plan.name) is not None:
-        # resuming means finishing what was under way: here a retry pass
+    if (resume_only or (step and not new_run)) and unfinished_pass(
+        path, loaded.plan.name
+    ) is not None:
+        # resuming (or stepping on) means finishing what was under way: here a retry pass —
+        # one submitted without following is judged by the plan's last gate
         from .passes import RetryOptions, retry
 
         again = RetryOptions(
@@ -654,6 +657,7 @@ def _drive(
             follow=follow,
             unknown_tasks=UnknownTasks(unknown_tasks),
             state_dir=_state_dir(),
+            step=step,
         )
         with _metrics(path, loaded.plan.name, *metrics):
             done = _interruptible(lambda: retry(loaded, again, display), display)

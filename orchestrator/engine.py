@@ -962,6 +962,42 @@ async def _existing_run(
         journal.close()
 
 
+def last_gate(loaded: LoadedPlan) -> tuple[WaveSection | None, GateSection]:
+    """The plan's last wave (its window applies to a retry pass) and its last gate — the gate
+    of the wave before the last; a plan without waves has the gate that passes at once."""
+    waves = loaded.plan.waves
+    if not waves:
+        return None, GateSection()
+    return waves[-1], waves[-2].gate if len(waves) > 1 else GateSection()
+
+
+def judge_pass(journal: Journal, run_id: int, retry_pass: PassRow, loaded: LoadedPlan) -> None:
+    """A followed retry pass (its tasks final) judged by the plan's last gate: the verdict is
+    journaled on the pass's wave; RunHalted (exit 4) when it fails."""
+    _, gate = last_gate(loaded)
+    counts = journal.wave_counts(run_id, retry_pass.wave)
+    verdict, reason = evaluate(gate, counts)
+    numbers = {"finished": counts.finished, "failed": counts.real_failed}
+    if verdict is Verdict.FAIL:
+        journal.set_gate(run_id, retry_pass.wave, "failed", reason, **numbers)
+        raise RunHalted(f"retry pass {retry_pass.pass_no} failed the plan's last gate: {reason}")
+    journal.set_gate(run_id, retry_pass.wave, "passed", reason, **numbers)
+
+
+def _judge_submitted_pass(journal: Journal, run_id: int, loaded: LoadedPlan) -> None:
+    """After `watch` followed every task: a retry pass submitted without following is judged
+    now, as `retry` would have once it followed (docs/resume-and-reconciliation.md)."""
+    passes = journal.passes(run_id)
+    if not passes or passes[-1].status != SUBMITTED_ALL or journal.unfinished_tasks(run_id):
+        return
+    try:
+        judge_pass(journal, run_id, passes[-1], loaded)
+    except RunHalted as exc:
+        journal.set_pass_status(run_id, passes[-1].pass_no, HALTED, str(exc))
+        raise
+    journal.set_pass_status(run_id, passes[-1].pass_no, COMPLETED)
+
+
 async def watch(
     loaded: LoadedPlan,
     journal_file: Path | None,
@@ -977,6 +1013,7 @@ async def watch(
         rollout,
     ):
         await rollout.monitor.follow()
+        _judge_submitted_pass(journal, run_id, loaded)
         return RunResult(run_id, journal.path, journal.counts(run_id))
 
 

@@ -235,9 +235,11 @@ PENDING, INTENT, SUBMITTED, SPLIT, QUARANTINED, FAILED = (
 FINAL_STATES = frozenset({SUBMITTED, SPLIT, QUARANTINED})
 RUNNING, INTERRUPTED, COMPLETED, ABORTED = "running", "interrupted", "completed", "aborted"
 WAITING = "waiting"  # a step (`--step`) ended cleanly; the rest needs time
-# a retry pass still to finish (`rollout retry` or `resume` go on with it); completed,
-# submitted (not followed) and halted (its gate failed) passes are over
-PASS_UNFINISHED = frozenset({RUNNING, INTERRUPTED, ABORTED})
+# a retry pass still to finish (`rollout retry` or `resume` go on with it): a pass submitted
+# without following ("submitted") too — it is not judged by the plan's last gate yet;
+# completed and halted (its gate failed) passes are over
+PASS_SUBMITTED = "submitted"  # engine.SUBMITTED_ALL
+PASS_UNFINISHED = frozenset({RUNNING, INTERRUPTED, ABORTED, PASS_SUBMITTED})
 SENT, RECONCILED, CENSUS, SECOND_CLAIM, UNCONFIRMED = 0, 1, 2, 3, 4  # chunks.adopted
 UNIQUE_CLAIMS = (
     "CREATE UNIQUE INDEX IF NOT EXISTS chunks_operation ON chunks(run_id, operation_id)"

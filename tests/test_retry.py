@@ -3,10 +3,13 @@ exactly once per pass, census-aware, judged by the plan's last gate."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
+import os
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
@@ -219,6 +222,70 @@ name = "rest"
     assert [p["pass"] for p in status["passes"]] == [2, 3]
     assert status["passes"][0]["gate"] == "failed"
     assert status["passes"][0]["pass_status"] == "halted"
+
+
+STRICT_LAST_GATE = """
+[[waves]]
+name = "canary"
+count = 100
+[waves.gate]
+min_finished = 0.5
+max_failed = 0.9
+min_sample = 20
+[[waves]]
+name = "rest"
+"""
+
+
+async def _rollout(args: list[str]) -> tuple[int, str]:
+    """`rollout ARGS` in a child process (the simulator keeps serving here): exit code,
+    stderr."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "orchestrator",
+        *args,
+        env=dict(os.environ, **{SECRET_ENV: SECRET}),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await child.communicate()
+    assert child.returncode is not None
+    return child.returncode, err.decode()
+
+
+@pytest.mark.parametrize("later", ["watch", "resume", "resume --step", "retry"])
+async def test_a_pass_submitted_without_following_is_judged_when_followed_later(
+    tmp_path: Path, later: str
+) -> None:
+    """`retry --no-follow` leaves its pass to be judged: a later watch, resume, step or retry
+    follows its tasks and halts it (exit 4) on the plan's last gate — never a pass let by."""
+    async with _sim(failure_rate=0.5) as sim:
+        devices = devices_of(sim, "WM-200", 400)
+        plan = write_plan(
+            tmp_path, sim, devices, monitor=FAST_MONITOR, waves=STRICT_LAST_GATE, settle=0
+        )
+        journal = tmp_path / "j.sqlite"
+        await execute(load_plan(plan), RunOptions(journal=journal))
+        plan.write_text(plan.read_text().replace("max_failed = 0.9", "max_failed = 0.1"))
+        result = await retry(load_plan(plan), RetryOptions(journal=journal, follow=False))
+        assert result.pass_no == 2
+        tasks = len(sim.platform.tasks)
+        (submitted,) = read_status(journal, "test-plan")["passes"]
+        assert (submitted["pass_status"], submitted["gate"]) == ("submitted", "pending")
+        assert unfinished_pass(journal, "test-plan") == 2  # not over: still to be judged
+        args = [*later.split()[:1], str(plan), "--journal", str(journal), *later.split()[1:]]
+        for _ in range(50):  # steps until the tasks are final
+            code, err = await _rollout(args)
+            if code != 75:
+                break
+            await asyncio.sleep(0.1)
+        assert code == 4, err
+        assert "retry pass 2 failed the plan's last gate" in err
+        assert len(sim.platform.tasks) == tasks  # judged, nothing sent again
+    (judged,) = read_status(journal, "test-plan")["passes"]
+    assert (judged["pass_status"], judged["gate"]) == ("halted", "failed")
+    assert unfinished_pass(journal, "test-plan") is None
 
 
 def test_retry_states_option_is_checked(tmp_path: Path) -> None:
