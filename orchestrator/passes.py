@@ -8,7 +8,8 @@ than the pass (on the platform's clock) and the tasks of earlier passes, so it a
 tasks made for the pass itself: an interrupted pass is finished, never sent twice, and a new
 pass starts only from a finished one. It is sent with the plan's last wave's window and, when
 followed, judged by the plan's last gate — a pass submitted without following is judged when
-it is followed later (watch, resume, a step, retry). docs/resume-and-reconciliation.md#retry-passes.
+it is followed later (watch, resume, a step, retry).
+docs/resume-and-reconciliation.md#retry-passes.
 """
 
 from __future__ import annotations
