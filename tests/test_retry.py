@@ -237,6 +237,49 @@ name = "rest"
 """
 
 
+async def test_status_and_reports_count_each_wave_alike_after_retry_passes(
+    tmp_path: Path,
+) -> None:
+    """After two retry passes, `rollout status` and the report give every plan wave the same
+    counts: each device once, by its final outcome, in its own wave — as its report row says."""
+    async with _sim(failure_rate=0.3) as sim:
+        devices = devices_of(sim, "WM-200", 600)
+        plan = write_plan(
+            tmp_path, sim, devices, monitor=FAST_MONITOR, waves=STRICT_LAST_GATE, settle=0
+        )
+        journal = tmp_path / "j.sqlite"
+        await execute(load_plan(plan), RunOptions(journal=journal))
+        for _ in range(2):
+            await retry(load_plan(plan), RetryOptions(journal=journal))
+    status = read_status(journal, "test-plan")
+    data = collect(journal, "test-plan")
+    assert [p["pass"] for p in status["passes"]] == [2, 3]
+    truth: dict[str, dict[str, int]] = {}
+    for row in data.devices():
+        bucket = {"upgraded": "upgraded", "already-current": "already_current"}
+        column = bucket.get(row.outcome, "failed")
+        wave = truth.setdefault(row.wave, {"upgraded": 0, "failed": 0, "already_current": 0})
+        wave[column] += 1
+    assert sum(w["failed"] for w in truth.values()) > 0
+    in_status = {
+        w["name"]: {
+            "upgraded": w["succeeded"],
+            "failed": w["failed"],
+            "already_current": w["already_current"],
+        }
+        for w in status["waves"]
+    }
+    in_report = {
+        w["wave"]: {k: w[k] for k in ("upgraded", "failed", "already_current")} for w in data.waves
+    }
+    assert in_status == in_report == truth
+    assert (
+        status["devices_failed"]
+        == data.totals["failed"]
+        == sum(w["failed"] for w in truth.values())
+    )
+
+
 async def _rollout(args: list[str]) -> tuple[int, str]:
     """`rollout ARGS` in a child process (the simulator keeps serving here): exit code,
     stderr."""
