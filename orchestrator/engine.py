@@ -36,7 +36,13 @@ from .errors import (
     RunWaiting,
 )
 from .gates import Verdict, evaluate
-from .groups import ResolvedGroup, find_overlaps, refuse_overlaps, resolve_groups
+from .groups import (
+    ResolvedGroup,
+    find_overlaps,
+    refuse_other_model,
+    refuse_overlaps,
+    resolve_groups,
+)
 from .journal import (
     ABORTED,
     CENSUS,
@@ -209,13 +215,20 @@ async def platform_client(
         yield client
 
 
-async def check_groups(loaded: LoadedPlan, client: NorthboundClient) -> dict[str, ResolvedGroup]:
+async def check_groups(
+    loaded: LoadedPlan, client: NorthboundClient, package: Package
+) -> dict[str, ResolvedGroup]:
     """A group fleet's members, resolved through the member API; raises InputError (exit 2,
-    nothing created) when the plan names an unknown group or puts groups that share devices
-    in different tasks (`groups.py`)."""
-    assert loaded.plan.fleet.groups is not None
+    nothing created) when the plan names an unknown group, targets the groups as another
+    type/model/manufacturer than the package's, or puts groups that share devices in
+    different tasks (`groups.py`)."""
+    fleet = loaded.plan.fleet
+    assert fleet.groups is not None
     source = str(loaded.path)
-    groups = await resolve_groups(client, loaded.plan.fleet.groups, source)
+    groups = await resolve_groups(client, fleet.groups, source)
+    refuse_other_model(
+        groups, (fleet.device_type, fleet.model, fleet.manufacturer), package, source
+    )
     chunks = list(plan_chunks(loaded.fleet, loaded.waves))
     refuse_overlaps(find_overlaps(chunks, groups, {w.index: w.name for w in loaded.waves}), source)
     return groups
@@ -225,9 +238,11 @@ async def preview_groups(
     loaded: LoadedPlan, state_dir: Path | None = None
 ) -> tuple[dict[str, ResolvedGroup], dict[str, int]]:
     """`rollout plan` for a group fleet: the groups' members and the calls it took to learn
-    them (a login, a list call per group, the member pages)."""
+    them and check them against the package (a login, the package, a list call per group,
+    the member pages)."""
     async with platform_client(loaded, state_dir, "plan") as client:
-        groups = await check_groups(loaded, client)
+        package = await resolve_package(loaded, client)
+        groups = await check_groups(loaded, client, package)
         return groups, client.take_call_counts()
 
 
@@ -793,7 +808,11 @@ async def execute(
                 check_times(
                     loaded.plan, str(loaded.path), datetime.fromtimestamp(client.clock.now(), UTC)
                 )
-                groups = await check_groups(loaded, client) if loaded.fleet.kind == "groups" else {}
+                groups = (
+                    await check_groups(loaded, client, package)
+                    if loaded.fleet.kind == "groups"
+                    else {}
+                )
                 run_id = start_run(journal, loaded)
                 if groups:
                     journal.event(

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import InputError
-from .northbound import NorthboundClient
+from .northbound import NorthboundClient, Package
 from .planner import Chunk
 
 SHOWN = 5  # devices named in a refusal
@@ -67,6 +67,31 @@ async def resolve_groups(
         members = await client.group_members(group.group_id)
         resolved[name] = ResolvedGroup(name, group.group_id, tuple(members))
     return resolved
+
+
+def refuse_other_model(
+    groups: Mapping[str, ResolvedGroup],
+    fleet: tuple[str | None, str | None, str | None],
+    package: Package,
+    source: str,
+) -> None:
+    """A group fleet's task carries the fleet's device type, model and manufacturer; the
+    platform refuses it (123016) when they are not the package's (platform-api.md §3.4), so
+    no device of the groups would be upgraded. One line naming the groups, their devices and
+    both models (InputError, exit 2) — before anything is created, as a device fleet's
+    wrong-model devices are quarantined before they are in a task."""
+    wanted = (package.device_type, package.model, package.manufacturer)
+    if fleet == wanted:
+        return
+    devices = len({device for group in groups.values() for device in group.devices})
+    names = ", ".join(repr(name) for name in groups)
+    raise InputError(
+        source,
+        "fleet.model",
+        f"group(s) {names} ({devices} devices) are targeted as {'/'.join(map(str, fleet))} "
+        f"but package {package.file_id} is for {'/'.join(wanted)} (type/model/manufacturer): "
+        "the platform refuses such a task (123016) and none of them would be upgraded",
+    )
 
 
 def find_overlaps(

@@ -482,6 +482,27 @@ class Plan(_Section):
         return self
 
     @model_validator(mode="after")
+    def _group_model(self) -> Plan:
+        """A group fleet targeted as another type/model/manufacturer than the firmware's:
+        the platform refuses the task (123016, platform-api.md §3.4) — said offline when the
+        firmware is given by its lookup fields (with a file_id, `rollout plan` and a run say
+        it once the package is read: groups.refuse_other_model)."""
+        fleet, firmware = self.fleet, self.firmware
+        if fleet.groups is None or firmware.model is None:
+            return self
+        targeted = (fleet.device_type, fleet.model, fleet.manufacturer)
+        wanted = (firmware.device_type, firmware.model, firmware.manufacturer)
+        if targeted != wanted:
+            names = ", ".join(repr(name) for name in fleet.groups)
+            raise ValueError(
+                f"fleet.model: group(s) {names} are targeted as {'/'.join(map(str, targeted))} "
+                f"but the firmware is for {'/'.join(map(str, wanted))} "
+                "(type/model/manufacturer): the platform refuses such a task (123016) and "
+                "none of their devices would be upgraded"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _version_column(self) -> Plan:
         if self.fleet.version_column is not None and self.firmware.version is None:
             raise ValueError(

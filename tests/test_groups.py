@@ -208,6 +208,7 @@ def test_rollout_plan_resolves_group_members_and_shows_the_calls(
     pages = sum(-(-n // 100) for n in members.values())
     assert preview["calls_made_to_resolve_groups"] == {
         "login": 1,
+        "getPackage": 1,  # the groups are checked against the package's model
         "listGroups": 2,
         "groupMembers": pages,
     }
@@ -228,6 +229,43 @@ def test_rollout_plan_refuses_groups_sharing_devices_across_waves(
     assert "groups 'north' and 'overlap'" in line and "share 3 devices" in line
     assert all(device in line for device in [*north[:2], north[-1]])
     assert "Traceback" not in result.stderr
+
+
+def test_rollout_plan_refuses_groups_targeted_as_another_model(
+    sim_process: tuple[str, Path], tmp_path: Path
+) -> None:
+    """A group fleet of WM-310 meters targeted as WM-310 with a WM-200 package: `rollout plan`
+    exits 2 with one line naming the group, its devices and both models (the platform would
+    refuse the task, 123016) — and nothing is created."""
+    url, fleet = sim_process
+    with fleet.open() as handle:
+        wm310 = [row["deviceId"] for row in csv.DictReader(handle) if row["model"] == "WM-310"]
+    _create_group(url, "wm310meters", wm310[:40])
+    plan = _group_plan(tmp_path, url, _package_of(url), ["wm310meters"], "")
+    plan.write_text(plan.read_text().replace('model = "WM-200"', 'model = "WM-310"'))
+    result = _plan_command(plan)
+    assert result.returncode == 2, result.stdout
+    assert "Traceback" not in result.stderr
+    (line,) = [text for text in result.stderr.splitlines() if text.startswith("error:")]
+    assert "'wm310meters' (40 devices)" in line and "WM-310" in line and "WM-200" in line
+    assert "123016" in line
+
+
+def test_rollout_plan_offline_refuses_groups_of_another_model_than_the_firmware(
+    tmp_path: Path,
+) -> None:
+    """With the firmware given by version/type/model/manufacturer, a group fleet targeted as
+    another model is refused offline (exit 2, one line naming the groups and the models)."""
+    plan = _group_plan(tmp_path, "http://127.0.0.1:9", "0" * 24, ["north", "south"], "")
+    text = plan.read_text().replace(
+        f'file_id = "{"0" * 24}"',
+        'version = "5.4.0"\ndevice_type = "GasMeter"\nmodel = "GM-10"\nmanufacturer = "Gastro"',
+    )
+    plan.write_text(text)
+    result = CliRunner().invoke(main, ["plan", "--offline", str(plan)])
+    err = result.stderr.strip()
+    assert result.exit_code == 2 and len(err.splitlines()) == 1, err
+    assert "'north', 'south'" in err and "WM-200" in err and "GM-10" in err and "123016" in err
 
 
 def _package_of(url: str) -> str:
