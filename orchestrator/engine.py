@@ -38,9 +38,12 @@ from .errors import (
 from .gates import Verdict, evaluate
 from .groups import (
     ResolvedGroup,
+    device_duplicates,
     find_overlaps,
+    find_resent,
     refuse_other_model,
     refuse_overlaps,
+    refuse_resent,
     resolve_groups,
 )
 from .journal import (
@@ -53,6 +56,7 @@ from .journal import (
     PENDING,
     RUNNING,
     SPLIT,
+    SUBMITTED,
     UNCONFIRMED,
     WAITING,
     ChunkRow,
@@ -368,7 +372,7 @@ async def open_census(
         )
         journal.event(run_id, "census-ignored", {})
         return CensusView(None, judge, options.unknown_tasks)
-    targets = {member: member for member in session.loaded.fleet.members}
+    targets = census_targets(journal, run_id, session.loaded)
     horizon = session.plan.platform.request_timeout + session.plan.execution.settle
     clock = session.client.clock
     retried = journal.retry_operations()  # retry passes sent their devices again on purpose
@@ -409,6 +413,17 @@ async def open_census(
     return CensusView(census, judge, options.unknown_tasks)
 
 
+def census_targets(journal: Journal, run_id: int, loaded: LoadedPlan) -> dict[str, str]:
+    """The census index: the fleet's targets, each mapped to itself — for a group fleet its
+    group names and their recorded members (a task naming one of those devices holds it:
+    groups.py)."""
+    targets = {member: member for member in loaded.fleet.members}
+    if loaded.fleet.kind == "groups":
+        for devices in journal.group_members(run_id).values():
+            targets.update((device, device) for device in devices)
+    return targets
+
+
 def adopt_found(
     journal: Journal, run_id: int, census: Census, rows: list[ChunkRow], unknown: UnknownTasks
 ) -> None:
@@ -438,11 +453,17 @@ def _record_duplicates(
     census: Census,
     options: RunOptions,
     notice: Callable[..., None] | None = None,
+    by_device: dict[str, list[str]] | None = None,
 ) -> None:
     """Targets in two tasks of this package, and — unless the operator chose to send them —
-    in one of this package and one whose package is unknown. `notice` (Rollout.notice) tells
+    in one of this package and one whose package is unknown; with `by_device` (a group
+    fleet's closing census), the devices in two tasks too. `notice` (Rollout.notice) tells
     people of targets not recorded as duplicates before."""
     duplicates = census.duplicates(with_unknown=options.unknown_tasks is not UnknownTasks.SEND)
+    if by_device is not None:  # counted by device: a group's name says nothing of them
+        group_names = set(journal.group_members(run_id))
+        duplicates = {t: ops for t, ops in duplicates.items() if t not in group_names}
+        duplicates.update(by_device)
     new = set(duplicates) - set(journal.duplicates(run_id))
     journal.record_duplicates(run_id, duplicates)
     if new and notice is not None:
@@ -509,6 +530,8 @@ class Rollout:
             if rows[wave.index].gate_state == "passed":
                 continue
             log.info("wave", wave=wave.name, targets=len(wave.members))
+            if self.session.loaded.fleet.kind == "groups":
+                await self._recheck_groups(wave.index, wave.name)
             creates = self.progress.creates
             await Submitter(
                 self.session,
@@ -540,6 +563,42 @@ class Rollout:
                 )
         elif follow:
             await self.monitor.follow(first_wait=self.session.plan.monitor.poll_interval)
+
+    async def _recheck_groups(self, wave: int, name: str) -> None:
+        """Before a group wave's creates: read its groups' members again and halt (RunAborted,
+        nothing of the wave created) when a member is already in a task of this package —
+        sent through a group of an earlier task of the run or by a task naming it
+        (groups.find_resent); then record what the wave's groups hold."""
+        journal, run_id = self.session.journal, self.session.run_id
+        pending = [row for row in journal.chunks(run_id, [PENDING], wave)]
+        if not pending:
+            return
+        names = [group for row in pending for group in row.members]
+        resolved = await resolve_groups(self.session.client, names, str(self.session.loaded.path))
+        recorded = journal.group_members(run_id)
+        waves = {w.index: w.name for w in self.session.loaded.waves}
+        earlier: dict[str, str] = {}
+        for row in journal.chunks(run_id, [SUBMITTED, INTENT]):
+            for group in row.members:
+                held_by = f"group {group!r} (wave {waves.get(row.wave, row.wave)!r})"
+                for device in recorded.get(group, ()):
+                    earlier.setdefault(device, held_by)
+        census = self.census.census if self.census is not None else None
+        if census is not None:
+            for target in census.holder:
+                if target not in recorded and target not in earlier:
+                    earlier[target] = "a task naming it"
+        if earlier:
+            judge = (
+                self.census.judge
+                if self.census is not None
+                else PackageJudge(
+                    self.session.client, self.session.package, journal.known_operations()
+                )
+            )
+            found, unchecked = await find_resent(judge, self.session.operation, resolved, earlier)
+            refuse_resent(name, found, unchecked)
+        journal.record_group_members(run_id, {group: resolved[group].devices for group in names})
 
     GATE_NOTICES = {  # noqa: RUF012
         "passed": NoticeKind.GATE_PASSED,
@@ -643,7 +702,7 @@ class Rollout:
         judge.created_windows = journal.created_windows()
         if retry_pass is None:
             kind = self.session.loaded.fleet.kind
-            targets = {member: member for member in self.session.loaded.fleet.members}
+            targets = census_targets(journal, run_id, self.session.loaded)
             since, ignore = None, journal.retry_operations()
         else:
             kind, targets = "devices", pass_targets(journal, run_id, retry_pass)
@@ -653,8 +712,12 @@ class Rollout:
             judge, self.session.operation, kind, targets, since=since, ignore=ignore
         )
         summary = census.summary() | ({"pass": retry_pass.pass_no} if retry_pass else {})
+        by_device: dict[str, list[str]] | None = None
+        if kind == "groups":  # a group fleet's duplicates are devices, not group names
+            by_device = await device_duplicates(judge, census, journal.group_members(run_id))
+            summary["devices_in_two_tasks"] = len(by_device)
         journal.record_census(run_id, "closing", summary)
-        _record_duplicates(journal, run_id, census, self.options, self.notice)
+        _record_duplicates(journal, run_id, census, self.options, self.notice, by_device)
 
     async def _judge(self, wave: int, gate: GateSection) -> tuple[Verdict, str, WaveCounts]:
         """The gate's verdict on the journal's counts. A verdict that would decide while
@@ -815,6 +878,9 @@ async def execute(
                 )
                 run_id = start_run(journal, loaded)
                 if groups:
+                    journal.record_group_members(
+                        run_id, {name: group.devices for name, group in groups.items()}
+                    )
                     journal.event(
                         run_id,
                         "groups-resolved",

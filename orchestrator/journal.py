@@ -40,7 +40,7 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -200,6 +200,13 @@ CREATE TABLE IF NOT EXISTS already_current (
     device_id TEXT NOT NULL,
     version TEXT NOT NULL,
     PRIMARY KEY (run_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS group_members (
+    run_id INTEGER NOT NULL,
+    group_name TEXT NOT NULL,
+    members TEXT NOT NULL,
+    read_at REAL NOT NULL,
+    PRIMARY KEY (run_id, group_name)
 );
 CREATE TABLE IF NOT EXISTS api_calls (
     run_id INTEGER NOT NULL,
@@ -1005,6 +1012,24 @@ class Journal:
         ).fetchone()
         last_send, last_census = row
         return last_send is not None and (last_census is None or last_census < last_send)
+
+    def record_group_members(self, run_id: int, members: dict[str, Sequence[str]]) -> None:
+        """A group fleet's groups as the member API listed them — at the run's start, then
+        again just before the creates of each group's wave (groups.py): what each group's
+        task was given, to tell a device that a later group would send again."""
+        now = time.time()
+        with self._tx() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO group_members VALUES (?,?,?,?)",
+                ((run_id, name, "\n".join(devices), now) for name, devices in members.items()),
+            )
+
+    def group_members(self, run_id: int) -> dict[str, list[str]]:
+        """group name → its devices as last recorded (`record_group_members`)."""
+        rows = self._db.execute(
+            "SELECT group_name, members FROM group_members WHERE run_id=?", (run_id,)
+        ).fetchall()
+        return {str(name): (members.split("\n") if members else []) for name, members in rows}
 
     def record_census(self, run_id: int, kind: str, summary: dict[str, Any]) -> None:
         self.event(run_id, f"census-{kind}", summary)

@@ -19,7 +19,8 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.engine import RunOptions, execute
-from orchestrator.errors import InputError
+from orchestrator.errors import DuplicatesFound, InputError, RunAborted, RunHalted
+from orchestrator.journal import approve_wave
 from orchestrator.plan import load_plan
 from orchestrator.report import collect
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
@@ -27,7 +28,7 @@ from orchestrator.simulator.testing import simulator_process
 from orchestrator.status import read_status
 
 from .conftest import APP_ID, SECRET
-from .enginehelpers import SECRET_ENV
+from .enginehelpers import SECRET_ENV, device_sets
 from .simhelpers import newest_package
 
 GROUP_WAVES = """
@@ -143,6 +144,71 @@ async def test_overlapping_groups_across_waves_are_refused_before_any_create(
     message = str(refused.value)
     assert all(device in message for device in north[:3]) and "share 3 devices" in message
     assert "wave 'canary' and wave 'rest'" in message
+
+
+APPROVED_CANARY = GROUP_WAVES.replace("min_sample = 10\n", "min_sample = 10\napproval = true\n")
+
+
+async def test_a_device_added_to_a_later_waves_group_after_it_was_sent_halts_that_wave(
+    tmp_path: Path,
+) -> None:
+    """Meters of the canary's group added to the next wave's group while the canary waits:
+    the next wave halts before any create, naming the meters already in a task and their
+    groups — not the added devices of another model, which no task holds; once they are
+    taken out, the run goes on and every device is in exactly one task."""
+    config = SimulatorConfig(tls=False, devices=2000, seed=4, speed=36000, rate_limit=(5000, 1.0))
+    async with SimulatorServer(config) as sim:
+        north, south = sim.fleet.groups["north"], sim.fleet.groups["south"]
+        models = {d: sim.fleet.devices[d].model.model for d in north.device_ids}
+        sent = [d for d in north.device_ids if models[d] == "WM-200"][:3]
+        other = [d for d in north.device_ids if models[d] != "WM-200"][:2]
+        file_id = newest_package(sim).file_id
+        plan = _group_plan(tmp_path, sim.url, file_id, ["north", "south"], APPROVED_CANARY)
+        journal = tmp_path / "j.sqlite"
+        with pytest.raises(RunHalted, match="waits for approval"):
+            await execute(load_plan(plan), RunOptions(journal=journal))
+        sim.platform.add_group_members({"devGroupId": south.group_id, "deviceIds": sent + other})
+        approve_wave(journal, "groups", "canary", "alice")
+        with pytest.raises(RunAborted, match="wave 'rest'") as halted:
+            await execute(load_plan(plan), RunOptions(journal=journal, resume_only=True))
+        assert len(sim.platform.tasks) == 1  # nothing of wave 'rest'
+        message = str(halted.value)
+        assert all(device in message for device in sent), message
+        assert not any(device in message for device in other), message
+        assert "group(s) 'south' now hold 3 devices" in message
+        assert "group 'north' (wave 'canary')" in message and "\n" not in message
+        sim.platform.remove_group_members({"devGroupId": south.group_id, "deviceIds": sent})
+        await execute(load_plan(plan), RunOptions(journal=journal, resume_only=True))
+        counts = device_sets(sim.platform.truth())
+    assert len(counts) > 0 and max(counts.values()) == 1
+    assert all(counts[device] == 1 for device in sent)
+    assert read_status(journal, "groups")["duplicates"] == 0
+
+
+async def test_group_duplicates_are_counted_by_device(tmp_path: Path) -> None:
+    """Groups sent twice (a second run told to ignore the census): the closing census counts
+    the devices the platform holds in two tasks — each by its ID — not the two group names,
+    and not the groups' members of another model, which no task holds."""
+    config = SimulatorConfig(tls=False, devices=1500, seed=4, speed=36000, rate_limit=(5000, 1.0))
+    async with SimulatorServer(config) as sim:
+        file_id = newest_package(sim).file_id
+        plan = _group_plan(tmp_path, sim.url, file_id, ["north", "west"], "")
+        journal = tmp_path / "j.sqlite"
+        await execute(load_plan(plan), RunOptions(journal=journal))
+        again = RunOptions(journal=journal, new_run=True, ignore_census=True)
+        with pytest.raises(DuplicatesFound):
+            await execute(load_plan(plan), again)
+        twice = {d for d, n in device_sets(sim.platform.truth()).items() if n == 2}
+        members = set(sim.fleet.groups["north"].device_ids) | set(
+            sim.fleet.groups["west"].device_ids
+        )
+    status = read_status(journal, "groups")
+    assert 0 < len(twice) < len(members)  # other models are members, never in a task
+    assert status["duplicates"] == len(twice)
+    examples = {e["target"] for e in status["duplicate_examples"]}
+    assert examples <= twice and len(examples) == min(20, len(twice))
+    data = collect(journal, "groups")
+    assert {d["target"] for d in data.duplicates} == twice
 
 
 @pytest.fixture(scope="module")
