@@ -234,7 +234,11 @@ async def check_groups(
         groups, (fleet.device_type, fleet.model, fleet.manufacturer), package, source
     )
     chunks = list(plan_chunks(loaded.fleet, loaded.waves))
-    refuse_overlaps(find_overlaps(chunks, groups, {w.index: w.name for w in loaded.waves}), source)
+    other_model = {
+        device for device, model in loaded.device_models.items() if model != package.model
+    }
+    names = {w.index: w.name for w in loaded.waves}
+    refuse_overlaps(find_overlaps(chunks, groups, names, other_model), source)
     return groups
 
 

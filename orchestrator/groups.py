@@ -14,8 +14,11 @@ then ⌈members/100⌉ pages of `GET /iocm/app/dm/v1.2.0/devices/ids?devGroupId=
 five 200-member region groups of a 1 000-device fleet, 5 + 10 calls and a login.
 
 Members are every device of a group, whatever its model; the platform upgrades only those of
-the package's type, model and manufacturer (the task's `staResult.total` counts them). An
-overlap is refused whatever the shared devices' model: the member API does not say it.
+the package's type, model and manufacturer (the task's `staResult.total` counts them). The
+member API does not say a member's model, and the reference has no device query: a shared
+device counts as an overlap unless `[fleet] inventory` (a CSV with deviceId and model, e.g.
+the platform's device export) lists it with another model than the package's — such a device
+would receive nothing.
 
 Membership changes while a run goes on: a device added to a later wave's group after it was
 sent (through an earlier group, or by a task naming it) would be sent again by that group's
@@ -31,7 +34,7 @@ group fleet by device: the tasks it finds sharing devices are read (`device_dupl
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 
 from .census import Census, Match, PackageJudge
@@ -108,10 +111,16 @@ def refuse_other_model(
 
 
 def find_overlaps(
-    chunks: Sequence[Chunk], groups: Mapping[str, ResolvedGroup], wave_names: Mapping[int, str]
+    chunks: Sequence[Chunk],
+    groups: Mapping[str, ResolvedGroup],
+    wave_names: Mapping[int, str],
+    other_model: Container[str] = frozenset(),
 ) -> list[Overlap]:
     """Pairs of groups placed in different tasks (chunks) that share devices, in plan order.
-    Groups in one task may share devices: the platform makes one subtask per device."""
+    Groups in one task may share devices: the platform makes one subtask per device. Devices
+    in `other_model` (known to be of another model than the package's: `[fleet] inventory`)
+    would receive nothing and are no overlap; a member of unknown model counts (the member
+    API does not tell models)."""
     first_seen: dict[str, tuple[str, str]] = {}  # device → (chunk, group)
     shared: dict[tuple[str, str], list[str]] = {}
     chunk_of: dict[str, Chunk] = {}
@@ -119,6 +128,8 @@ def find_overlaps(
         for name in chunk.members:
             chunk_of[name] = chunk
             for device in groups[name].devices:
+                if device in other_model:
+                    continue
                 seen = first_seen.get(device)
                 if seen is None:
                     first_seen[device] = (chunk.chunk_id, name)
@@ -154,7 +165,8 @@ def refuse_overlaps(overlaps: Sequence[Overlap], source: str) -> None:
         "fleet.groups",
         f"groups {first.first!r} and {first.second!r} ({where}) share {len(first.devices)} "
         f"devices ({shown}{more}): each would be sent twice{others}; put such groups in one "
-        "wave's task or make them disjoint",
+        "wave's task or make them disjoint (shared devices of another model do not count "
+        "when `[fleet] inventory` lists their models)",
     )
 
 

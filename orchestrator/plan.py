@@ -139,12 +139,18 @@ class FirmwareSection(_Section):
         return self
 
 
+INVENTORY_MODEL = "model"  # the inventory's column of each device's model
+
+
 class FleetSection(_Section):
     devices_file: Path | None = None
     # a CSV column with each device's current version: devices already on the package's
     # version (firmware.version) are left out before any create
     version_column: str | None = Field(default=None, min_length=1, max_length=100)
     groups: list[str] | None = None
+    # with groups: a CSV with deviceId and model columns (e.g. the platform's device export);
+    # shared members it lists with another model than the package's are not overlaps
+    inventory: Path | None = None
     device_type: str | None = Field(default=None, min_length=1, max_length=256)
     model: str | None = Field(default=None, min_length=1, max_length=256)
     manufacturer: str | None = Field(default=None, min_length=1, max_length=256)
@@ -169,6 +175,8 @@ class FleetSection(_Section):
             raise ValueError("give devices_file or groups, not both and not neither")
         if self.version_column is not None and self.devices_file is None:
             raise ValueError("version_column goes with devices_file (a CSV column)")
+        if self.inventory is not None and self.groups is None:
+            raise ValueError("inventory goes with groups (the models of their members)")
         if self.groups is not None:
             for name in ("device_type", "model", "manufacturer"):
                 if getattr(self, name) is None:
@@ -546,6 +554,8 @@ class LoadedPlan:
                 )
         self.fleet = fleet
         self.waves = assign_waves(plan, fleet, str(path))
+        # deviceId → model, from `[fleet] inventory` (a group fleet's members; else empty)
+        self.device_models: dict[str, str] = {}
 
     @property
     def base_dir(self) -> Path:
@@ -699,4 +709,15 @@ def load_plan(path: Path, now: datetime | None = None, *, check_start: bool = Fa
     else:
         assert plan.fleet.groups is not None
         fleet = Fleet.of_groups(plan.fleet.groups)
-    return LoadedPlan(path, plan, fleet, hashlib.sha256(data).hexdigest())
+    loaded = LoadedPlan(path, plan, fleet, hashlib.sha256(data).hexdigest())
+    if plan.fleet.inventory is not None:
+        inventory = base / plan.fleet.inventory
+        if not inventory.is_file():
+            raise InputError(
+                source, "fleet.inventory", f"{plan.fleet.inventory} is not an existing file"
+            )
+        listed = read_fleet_file(inventory, [INVENTORY_MODEL])
+        loaded.device_models = dict(
+            zip(listed.members, listed.attributes[INVENTORY_MODEL], strict=True)
+        )
+    return loaded

@@ -334,6 +334,38 @@ def test_rollout_plan_offline_refuses_groups_of_another_model_than_the_firmware(
     assert "'north', 'south'" in err and "WM-200" in err and "GM-10" in err and "123016" in err
 
 
+def test_rollout_plan_counts_only_shared_devices_that_would_receive_the_package(
+    sim_process: tuple[str, Path], tmp_path: Path
+) -> None:
+    """Groups in two waves that share only a gas meter (another model than the WM-200
+    package): with `[fleet] inventory` listing models, `rollout plan` passes; a shared
+    WM-200 meter is still refused, and without an inventory the shared device's model is
+    unknown, so it counts."""
+    url, fleet = sim_process
+    with fleet.open() as handle:
+        rows = list(csv.DictReader(handle))
+    water = [r["deviceId"] for r in rows if r["model"] == "WM-200"]
+    gas = next(r["deviceId"] for r in rows if r["model"] == "GM-10")
+    _create_group(url, "sharegasa", [*water[:5], gas])
+    _create_group(url, "sharegasb", [*water[5:10], gas])
+    _create_group(url, "sharewatb", [*water[5:10], water[0]])
+    package = _package_of(url)
+    inventory = f'inventory = "{fleet}"\n'
+
+    def plan(name: str, groups: list[str], extra: str) -> Path:
+        path = _group_plan(tmp_path / name, url, package, groups, GROUP_WAVES)
+        path.write_text(path.read_text().replace("[fleet]\n", f"[fleet]\n{extra}"))
+        return path
+
+    passed = _plan_command(plan("gas", ["sharegasa", "sharegasb"], inventory))
+    assert passed.returncode == 0, passed.stderr
+    unknown = _plan_command(plan("unknown", ["sharegasa", "sharegasb"], ""))
+    assert unknown.returncode == 2 and gas in unknown.stderr
+    water_shared = _plan_command(plan("water", ["sharegasa", "sharewatb"], inventory))
+    assert water_shared.returncode == 2
+    assert f"share 1 devices ({water[0]})" in water_shared.stderr
+
+
 def _package_of(url: str) -> str:
     form = urllib.parse.urlencode({"appId": APP_ID, "secret": SECRET}).encode()
     token = _post(url, "/iocm/app/sec/v1.1.0/login", form, {})["accessToken"]
