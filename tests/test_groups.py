@@ -185,6 +185,26 @@ async def test_a_device_added_to_a_later_waves_group_after_it_was_sent_halts_tha
     assert read_status(journal, "groups")["duplicates"] == 0
 
 
+async def test_a_group_member_sent_directly_by_another_task_halts_its_wave(
+    tmp_path: Path,
+) -> None:
+    """A meter of the next wave's group that another task of this package names directly
+    (another tool, an earlier device plan) halts that wave before its create, naming it."""
+    config = SimulatorConfig(tls=False, devices=2000, seed=4, speed=36000, rate_limit=(5000, 1.0))
+    async with SimulatorServer(config) as sim:
+        south = sim.fleet.groups["south"].device_ids
+        direct = next(d for d in south if sim.fleet.devices[d].model.model == "WM-200")
+        file_id = newest_package(sim).file_id
+        body = {"fileId": file_id, "targets": {"devices": [direct]}}
+        sim.platform.commit_create(sim.platform.check_create("firmwareUpgrade", body))
+        plan = _group_plan(tmp_path, sim.url, file_id, ["north", "south"], GROUP_WAVES)
+        with pytest.raises(RunAborted, match="wave 'rest'") as halted:
+            await execute(load_plan(plan), RunOptions(journal=tmp_path / "j.sqlite"))
+        assert len(sim.platform.tasks) == 2  # the direct task and the canary's
+    message = str(halted.value)
+    assert f"{direct} (sent by a task naming it)" in message and "'south'" in message
+
+
 async def test_group_duplicates_are_counted_by_device(tmp_path: Path) -> None:
     """Groups sent twice (a second run told to ignore the census): the closing census counts
     the devices the platform holds in two tasks — each by its ID — not the two group names,
