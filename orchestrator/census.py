@@ -159,8 +159,11 @@ class Census:
 
 
 def members_of(task: Task, kind: str) -> list[str]:
-    targets = task.targets.devices if kind == "devices" else task.targets.device_groups
-    return targets or []
+    """What a task names: its devices; for a group fleet its groups and the devices it names
+    (a device of the fleet's groups sent directly is in that task too: groups.py)."""
+    if kind == "devices":
+        return task.targets.devices or []
+    return [*(task.targets.device_groups or []), *(task.targets.devices or [])]
 
 
 async def take_census(

@@ -168,7 +168,45 @@ def _rate_limit(_ctx: click.Context, _param: click.Parameter, value: str) -> tup
     return parsed
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineUsageError(click.UsageError):
+    """A click usage error shown as one line naming what is wrong and where to read more
+    (house rule: bad input is one line, exit 2) — not click's Usage/Try/Error block."""
+
+    def show(self, file: Any = None) -> None:
+        where = self.ctx.command_path if self.ctx is not None else "rollout"
+        _say("[red]error:[/]", f"{where}: {self.format_message()} (see {where} --help)")
+
+
+class OneLineUsage(click.Group):
+    """The `rollout` group: every usage error of it or of its commands (unknown command or
+    option, missing argument, invalid value) is one line on stderr, exit 2."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            raise _one_line_usage(exc) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _one_line_usage(exc) from None
+
+
+def _one_line_usage(exc: click.UsageError) -> click.UsageError:
+    if isinstance(exc, (_OneLineUsageError, click.exceptions.NoArgsIsHelpError)):
+        return exc  # `rollout` alone asks for the help page
+    return _OneLineUsageError(exc.format_message(), exc.ctx)
+
+
+@click.group(cls=OneLineUsage, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="rollout")
 @click.option(
     "--log-format",
@@ -607,8 +645,11 @@ def _drive(
     if not resume_only and (new_run or not has_run(path, loaded.plan.name)):
         check_times(loaded.plan, str(loaded.path))  # a first run refuses a passed start
     display = RunDisplay(err(), len(loaded.fleet.members))
-    if resume_only and unfinished_pass(path, loaded.plan.name) is not None:
-        # resuming means finishing what was under way: here a retry pass
+    if (resume_only or (step and not new_run)) and unfinished_pass(
+        path, loaded.plan.name
+    ) is not None:
+        # resuming (or stepping on) means finishing what was under way: here a retry pass —
+        # one submitted without following is judged by the plan's last gate
         from .passes import RetryOptions, retry
 
         again = RetryOptions(
@@ -616,6 +657,7 @@ def _drive(
             follow=follow,
             unknown_tasks=UnknownTasks(unknown_tasks),
             state_dir=_state_dir(),
+            step=step,
         )
         with _metrics(path, loaded.plan.name, *metrics):
             done = _interruptible(lambda: retry(loaded, again, display), display)
@@ -939,10 +981,7 @@ def approve(plan: Path, journal: Path | None, wave: str | None, by: str) -> None
     path, name = _journal_of(plan, journal)
     approval = approve_wave(path, name, wave, by, source=str(plan))
     if approval.state == "failed":
-        what = (
-            f"its failed gate ({approval.reason}); a failure share worse than "
-            f"{approval.failed} of {approval.finished} halts it again"
-        )
+        what = f"its failed gate ({approval.reason}); it halts again once {approval.rule()}"
     else:
         what = f"its gate, passed and awaiting approval ({approval.reason})"
     click.echo(f"approved wave {approval.wave!r} by {by}: {what}. `rollout resume` goes on.")

@@ -36,7 +36,16 @@ from .errors import (
     RunWaiting,
 )
 from .gates import Verdict, evaluate
-from .groups import ResolvedGroup, find_overlaps, refuse_overlaps, resolve_groups
+from .groups import (
+    ResolvedGroup,
+    device_duplicates,
+    find_overlaps,
+    find_resent,
+    refuse_other_model,
+    refuse_overlaps,
+    refuse_resent,
+    resolve_groups,
+)
 from .journal import (
     ABORTED,
     CENSUS,
@@ -47,6 +56,7 @@ from .journal import (
     PENDING,
     RUNNING,
     SPLIT,
+    SUBMITTED,
     UNCONFIRMED,
     WAITING,
     ChunkRow,
@@ -209,15 +219,26 @@ async def platform_client(
         yield client
 
 
-async def check_groups(loaded: LoadedPlan, client: NorthboundClient) -> dict[str, ResolvedGroup]:
+async def check_groups(
+    loaded: LoadedPlan, client: NorthboundClient, package: Package
+) -> dict[str, ResolvedGroup]:
     """A group fleet's members, resolved through the member API; raises InputError (exit 2,
-    nothing created) when the plan names an unknown group or puts groups that share devices
-    in different tasks (`groups.py`)."""
-    assert loaded.plan.fleet.groups is not None
+    nothing created) when the plan names an unknown group, targets the groups as another
+    type/model/manufacturer than the package's, or puts groups that share devices in
+    different tasks (`groups.py`)."""
+    fleet = loaded.plan.fleet
+    assert fleet.groups is not None
     source = str(loaded.path)
-    groups = await resolve_groups(client, loaded.plan.fleet.groups, source)
+    groups = await resolve_groups(client, fleet.groups, source)
+    refuse_other_model(
+        groups, (fleet.device_type, fleet.model, fleet.manufacturer), package, source
+    )
     chunks = list(plan_chunks(loaded.fleet, loaded.waves))
-    refuse_overlaps(find_overlaps(chunks, groups, {w.index: w.name for w in loaded.waves}), source)
+    other_model = {
+        device for device, model in loaded.device_models.items() if model != package.model
+    }
+    names = {w.index: w.name for w in loaded.waves}
+    refuse_overlaps(find_overlaps(chunks, groups, names, other_model), source)
     return groups
 
 
@@ -225,9 +246,11 @@ async def preview_groups(
     loaded: LoadedPlan, state_dir: Path | None = None
 ) -> tuple[dict[str, ResolvedGroup], dict[str, int]]:
     """`rollout plan` for a group fleet: the groups' members and the calls it took to learn
-    them (a login, a list call per group, the member pages)."""
+    them and check them against the package (a login, the package, a list call per group,
+    the member pages)."""
     async with platform_client(loaded, state_dir, "plan") as client:
-        groups = await check_groups(loaded, client)
+        package = await resolve_package(loaded, client)
+        groups = await check_groups(loaded, client, package)
         return groups, client.take_call_counts()
 
 
@@ -353,7 +376,7 @@ async def open_census(
         )
         journal.event(run_id, "census-ignored", {})
         return CensusView(None, judge, options.unknown_tasks)
-    targets = {member: member for member in session.loaded.fleet.members}
+    targets = census_targets(journal, run_id, session.loaded)
     horizon = session.plan.platform.request_timeout + session.plan.execution.settle
     clock = session.client.clock
     retried = journal.retry_operations()  # retry passes sent their devices again on purpose
@@ -394,6 +417,17 @@ async def open_census(
     return CensusView(census, judge, options.unknown_tasks)
 
 
+def census_targets(journal: Journal, run_id: int, loaded: LoadedPlan) -> dict[str, str]:
+    """The census index: the fleet's targets, each mapped to itself — for a group fleet its
+    group names and their recorded members (a task naming one of those devices holds it:
+    groups.py)."""
+    targets = {member: member for member in loaded.fleet.members}
+    if loaded.fleet.kind == "groups":
+        for devices in journal.group_members(run_id).values():
+            targets.update((device, device) for device in devices)
+    return targets
+
+
 def adopt_found(
     journal: Journal, run_id: int, census: Census, rows: list[ChunkRow], unknown: UnknownTasks
 ) -> None:
@@ -423,11 +457,17 @@ def _record_duplicates(
     census: Census,
     options: RunOptions,
     notice: Callable[..., None] | None = None,
+    by_device: dict[str, list[str]] | None = None,
 ) -> None:
     """Targets in two tasks of this package, and — unless the operator chose to send them —
-    in one of this package and one whose package is unknown. `notice` (Rollout.notice) tells
+    in one of this package and one whose package is unknown; with `by_device` (a group
+    fleet's closing census), the devices in two tasks too. `notice` (Rollout.notice) tells
     people of targets not recorded as duplicates before."""
     duplicates = census.duplicates(with_unknown=options.unknown_tasks is not UnknownTasks.SEND)
+    if by_device is not None:  # counted by device: a group's name says nothing of them
+        group_names = set(journal.group_members(run_id))
+        duplicates = {t: ops for t, ops in duplicates.items() if t not in group_names}
+        duplicates.update(by_device)
     new = set(duplicates) - set(journal.duplicates(run_id))
     journal.record_duplicates(run_id, duplicates)
     if new and notice is not None:
@@ -494,6 +534,8 @@ class Rollout:
             if rows[wave.index].gate_state == "passed":
                 continue
             log.info("wave", wave=wave.name, targets=len(wave.members))
+            if self.session.loaded.fleet.kind == "groups":
+                await self._recheck_groups(wave.index, wave.name)
             creates = self.progress.creates
             await Submitter(
                 self.session,
@@ -525,6 +567,42 @@ class Rollout:
                 )
         elif follow:
             await self.monitor.follow(first_wait=self.session.plan.monitor.poll_interval)
+
+    async def _recheck_groups(self, wave: int, name: str) -> None:
+        """Before a group wave's creates: read its groups' members again and halt (RunAborted,
+        nothing of the wave created) when a member is already in a task of this package —
+        sent through a group of an earlier task of the run or by a task naming it
+        (groups.find_resent); then record what the wave's groups hold."""
+        journal, run_id = self.session.journal, self.session.run_id
+        pending = [row for row in journal.chunks(run_id, [PENDING], wave)]
+        if not pending:
+            return
+        names = [group for row in pending for group in row.members]
+        resolved = await resolve_groups(self.session.client, names, str(self.session.loaded.path))
+        recorded = journal.group_members(run_id)
+        waves = {w.index: w.name for w in self.session.loaded.waves}
+        earlier: dict[str, str] = {}
+        for row in journal.chunks(run_id, [SUBMITTED, INTENT]):
+            for group in row.members:
+                held_by = f"group {group!r} (wave {waves.get(row.wave, row.wave)!r})"
+                for device in recorded.get(group, ()):
+                    earlier.setdefault(device, held_by)
+        census = self.census.census if self.census is not None else None
+        if census is not None:
+            for target in census.holder:
+                if target not in recorded and target not in earlier:
+                    earlier[target] = "a task naming it"
+        if earlier:
+            judge = (
+                self.census.judge
+                if self.census is not None
+                else PackageJudge(
+                    self.session.client, self.session.package, journal.known_operations()
+                )
+            )
+            found, unchecked = await find_resent(judge, self.session.operation, resolved, earlier)
+            refuse_resent(name, found, unchecked)
+        journal.record_group_members(run_id, {group: resolved[group].devices for group in names})
 
     GATE_NOTICES = {  # noqa: RUF012
         "passed": NoticeKind.GATE_PASSED,
@@ -628,7 +706,7 @@ class Rollout:
         judge.created_windows = journal.created_windows()
         if retry_pass is None:
             kind = self.session.loaded.fleet.kind
-            targets = {member: member for member in self.session.loaded.fleet.members}
+            targets = census_targets(journal, run_id, self.session.loaded)
             since, ignore = None, journal.retry_operations()
         else:
             kind, targets = "devices", pass_targets(journal, run_id, retry_pass)
@@ -638,8 +716,12 @@ class Rollout:
             judge, self.session.operation, kind, targets, since=since, ignore=ignore
         )
         summary = census.summary() | ({"pass": retry_pass.pass_no} if retry_pass else {})
+        by_device: dict[str, list[str]] | None = None
+        if kind == "groups":  # a group fleet's duplicates are devices, not group names
+            by_device = await device_duplicates(judge, census, journal.group_members(run_id))
+            summary["devices_in_two_tasks"] = len(by_device)
         journal.record_census(run_id, "closing", summary)
-        _record_duplicates(journal, run_id, census, self.options, self.notice)
+        _record_duplicates(journal, run_id, census, self.options, self.notice, by_device)
 
     async def _judge(self, wave: int, gate: GateSection) -> tuple[Verdict, str, WaveCounts]:
         """The gate's verdict on the journal's counts. A verdict that would decide while
@@ -679,8 +761,7 @@ class Rollout:
                     return
                 self._set_gate(wave, name, "failed", reason, **numbers)
                 again = (
-                    f" — worse than what {approval.by} approved ({approval.failed} of "
-                    f"{approval.finished} failed)"
+                    f" — beyond what {approval.by} approved: {approval.rule()}"
                     if approval is not None and approval.state == "failed"
                     else ""
                 )
@@ -794,9 +875,16 @@ async def execute(
                 check_times(
                     loaded.plan, str(loaded.path), datetime.fromtimestamp(client.clock.now(), UTC)
                 )
-                groups = await check_groups(loaded, client) if loaded.fleet.kind == "groups" else {}
+                groups = (
+                    await check_groups(loaded, client, package)
+                    if loaded.fleet.kind == "groups"
+                    else {}
+                )
                 run_id = start_run(journal, loaded)
                 if groups:
+                    journal.record_group_members(
+                        run_id, {name: group.devices for name, group in groups.items()}
+                    )
                     journal.event(
                         run_id,
                         "groups-resolved",
@@ -963,6 +1051,42 @@ async def _existing_run(
         journal.close()
 
 
+def last_gate(loaded: LoadedPlan) -> tuple[WaveSection | None, GateSection]:
+    """The plan's last wave (its window applies to a retry pass) and its last gate — the gate
+    of the wave before the last; a plan without waves has the gate that passes at once."""
+    waves = loaded.plan.waves
+    if not waves:
+        return None, GateSection()
+    return waves[-1], waves[-2].gate if len(waves) > 1 else GateSection()
+
+
+def judge_pass(journal: Journal, run_id: int, retry_pass: PassRow, loaded: LoadedPlan) -> None:
+    """A followed retry pass (its tasks final) judged by the plan's last gate: the verdict is
+    journaled on the pass's wave; RunHalted (exit 4) when it fails."""
+    _, gate = last_gate(loaded)
+    counts = journal.wave_counts(run_id, retry_pass.wave)
+    verdict, reason = evaluate(gate, counts)
+    numbers = {"finished": counts.finished, "failed": counts.real_failed}
+    if verdict is Verdict.FAIL:
+        journal.set_gate(run_id, retry_pass.wave, "failed", reason, **numbers)
+        raise RunHalted(f"retry pass {retry_pass.pass_no} failed the plan's last gate: {reason}")
+    journal.set_gate(run_id, retry_pass.wave, "passed", reason, **numbers)
+
+
+def _judge_submitted_pass(journal: Journal, run_id: int, loaded: LoadedPlan) -> None:
+    """After `watch` followed every task: a retry pass submitted without following is judged
+    now, as `retry` would have once it followed (docs/resume-and-reconciliation.md)."""
+    passes = journal.passes(run_id)
+    if not passes or passes[-1].status != SUBMITTED_ALL or journal.unfinished_tasks(run_id):
+        return
+    try:
+        judge_pass(journal, run_id, passes[-1], loaded)
+    except RunHalted as exc:
+        journal.set_pass_status(run_id, passes[-1].pass_no, HALTED, str(exc))
+        raise
+    journal.set_pass_status(run_id, passes[-1].pass_no, COMPLETED)
+
+
 async def watch(
     loaded: LoadedPlan,
     journal_file: Path | None,
@@ -978,6 +1102,7 @@ async def watch(
         rollout,
     ):
         await rollout.monitor.follow()
+        _judge_submitted_pass(journal, run_id, loaded)
         return RunResult(run_id, journal.path, journal.counts(run_id))
 
 

@@ -40,7 +40,7 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -201,6 +201,13 @@ CREATE TABLE IF NOT EXISTS already_current (
     version TEXT NOT NULL,
     PRIMARY KEY (run_id, device_id)
 );
+CREATE TABLE IF NOT EXISTS group_members (
+    run_id INTEGER NOT NULL,
+    group_name TEXT NOT NULL,
+    members TEXT NOT NULL,
+    read_at REAL NOT NULL,
+    PRIMARY KEY (run_id, group_name)
+);
 CREATE TABLE IF NOT EXISTS api_calls (
     run_id INTEGER NOT NULL,
     api TEXT NOT NULL,
@@ -235,9 +242,11 @@ PENDING, INTENT, SUBMITTED, SPLIT, QUARANTINED, FAILED = (
 FINAL_STATES = frozenset({SUBMITTED, SPLIT, QUARANTINED})
 RUNNING, INTERRUPTED, COMPLETED, ABORTED = "running", "interrupted", "completed", "aborted"
 WAITING = "waiting"  # a step (`--step`) ended cleanly; the rest needs time
-# a retry pass still to finish (`rollout retry` or `resume` go on with it); completed,
-# submitted (not followed) and halted (its gate failed) passes are over
-PASS_UNFINISHED = frozenset({RUNNING, INTERRUPTED, ABORTED})
+# a retry pass still to finish (`rollout retry` or `resume` go on with it): a pass submitted
+# without following ("submitted") too — it is not judged by the plan's last gate yet;
+# completed and halted (its gate failed) passes are over
+PASS_SUBMITTED = "submitted"  # engine.SUBMITTED_ALL
+PASS_UNFINISHED = frozenset({RUNNING, INTERRUPTED, ABORTED, PASS_SUBMITTED})
 SENT, RECONCILED, CENSUS, SECOND_CLAIM, UNCONFIRMED = 0, 1, 2, 3, 4  # chunks.adopted
 UNIQUE_CLAIMS = (
     "CREATE UNIQUE INDEX IF NOT EXISTS chunks_operation ON chunks(run_id, operation_id)"
@@ -380,6 +389,22 @@ class Approval:
         p = self.failed_share
         return float(2 * math.sqrt(p * (1 - p) / self.finished))
 
+    @property
+    def limit(self) -> float:
+        """The failure share this approval lets through: the approved share plus
+        `tolerance`."""
+        return self.failed_share + self.tolerance
+
+    def rule(self) -> str:
+        """The rule `covers` applies, in an operator's words: 'more than 27.5 % of the
+        finished devices failed (the approved 7 of 43, 16.3 %, plus two standard errors of
+        that sample, 11.3 points)'."""
+        return (
+            f"more than {self.limit:.1%} of the finished devices failed (the approved "
+            f"{self.failed} of {self.finished}, {self.failed_share:.1%}, plus two standard "
+            f"errors of that sample, {self.tolerance * 100:.1f} points)"
+        )
+
     def covers(self, passing: bool, finished: int, failed: int) -> bool:
         """Whether this approval lets a verdict through: a passing gate that awaits approval
         always; a failing one only when the approval was for a failed gate and the failure
@@ -389,7 +414,7 @@ class Approval:
         if self.state != "failed":
             return False
         share = failed / finished if finished else 0.0
-        return share <= self.failed_share + self.tolerance
+        return share <= self.limit
 
 
 def default_journal_path(plan_name: str, plan_dir: Path) -> Path:
@@ -987,6 +1012,24 @@ class Journal:
         ).fetchone()
         last_send, last_census = row
         return last_send is not None and (last_census is None or last_census < last_send)
+
+    def record_group_members(self, run_id: int, members: dict[str, Sequence[str]]) -> None:
+        """A group fleet's groups as the member API listed them — at the run's start, then
+        again just before the creates of each group's wave (groups.py): what each group's
+        task was given, to tell a device that a later group would send again."""
+        now = time.time()
+        with self._tx() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO group_members VALUES (?,?,?,?)",
+                ((run_id, name, "\n".join(devices), now) for name, devices in members.items()),
+            )
+
+    def group_members(self, run_id: int) -> dict[str, list[str]]:
+        """group name → its devices as last recorded (`record_group_members`)."""
+        rows = self._db.execute(
+            "SELECT group_name, members FROM group_members WHERE run_id=?", (run_id,)
+        ).fetchall()
+        return {str(name): (members.split("\n") if members else []) for name, members in rows}
 
     def record_census(self, run_id: int, kind: str, summary: dict[str, Any]) -> None:
         self.event(run_id, f"census-{kind}", summary)

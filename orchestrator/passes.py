@@ -7,7 +7,9 @@ wave like any other — intents, settling, bisection, monitoring. Its census ign
 than the pass (on the platform's clock) and the tasks of earlier passes, so it adopts only
 tasks made for the pass itself: an interrupted pass is finished, never sent twice, and a new
 pass starts only from a finished one. It is sent with the plan's last wave's window and, when
-followed, judged by the plan's last gate. docs/resume-and-reconciliation.md#retry-passes.
+followed, judged by the plan's last gate — a pass submitted without following is judged when
+it is followed later (watch, resume, a step, retry).
+docs/resume-and-reconciliation.md#retry-passes.
 """
 
 from __future__ import annotations
@@ -25,12 +27,20 @@ from .engine import (
     adopt_found,
     check_same_inputs,
     journal_path,
+    judge_pass,
+    last_gate,
     pass_targets,
     platform_client,
     wave_policy,
 )
-from .errors import DuplicatesFound, JournalError, JournalMismatch, RunAborted, RunHalted
-from .gates import Verdict, evaluate
+from .errors import (
+    DuplicatesFound,
+    JournalError,
+    JournalMismatch,
+    RunAborted,
+    RunHalted,
+    RunWaiting,
+)
 from .journal import (
     ABORTED,
     COMPLETED,
@@ -47,7 +57,7 @@ from .journal import (
 from .monitor import Sleep
 from .observe import Observer
 from .outcomes import Outcome
-from .plan import GateSection, LoadedPlan, WaveSection
+from .plan import LoadedPlan
 from .session import RunSession
 from .submitter import CensusView, Progress, Submitter, resolve_package
 
@@ -71,6 +81,8 @@ class RetryOptions:
     follow: bool | None = None  # None: the plan's monitor.follow
     unknown_tasks: UnknownTasks = UnknownTasks.STOP
     state_dir: Path | None = None  # the host's shared state (None: $ROLLOUT_STATE_DIR or default)
+    # one monitor poll, then judge the pass when its tasks are final, else RunWaiting (75)
+    step: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,15 +93,6 @@ class RetryResult:
     targets: int
 
 
-def last_gate(loaded: LoadedPlan) -> tuple[WaveSection | None, GateSection]:
-    """The plan's last wave (its window applies to a retry pass) and its last gate — the gate
-    of the wave before the last; a plan without waves has the gate that passes at once."""
-    waves = loaded.plan.waves
-    if not waves:
-        return None, GateSection()
-    return waves[-1], waves[-2].gate if len(waves) > 1 else GateSection()
-
-
 async def retry(
     loaded: LoadedPlan,
     options: RetryOptions,
@@ -98,7 +101,8 @@ async def retry(
     sleep: Sleep | None = None,
 ) -> RetryResult:
     """`rollout retry`: a new pass for the devices of the finished run whose latest outcome
-    is one of `options.states` — or the unfinished pass, finished first.
+    is one of `options.states` — or the unfinished pass (one submitted without following
+    included: it is followed and judged), finished first.
 
     A pass is journaled whole before its first create (its wave row, chunks and pass row in
     one transaction); its census ignores tasks older than the pass and those of earlier
@@ -156,6 +160,9 @@ async def retry(
             except RunHalted as exc:
                 journal.set_pass_status(run_id, current.pass_no, HALTED, str(exc))
                 raise
+            except RunWaiting as exc:  # a step: submitted, to be judged by a later step
+                journal.set_pass_status(run_id, current.pass_no, SUBMITTED_ALL, str(exc))
+                raise
             except BaseException:
                 journal.set_pass_status(run_id, current.pass_no, INTERRUPTED, "interrupted")
                 raise
@@ -211,7 +218,7 @@ async def _drive_pass(
     adopt_found(journal, run_id, census, rows, options.unknown_tasks)
     view = CensusView(census, judge, options.unknown_tasks)
     rollout = Rollout(session, observer, sleep, view)
-    last_wave, gate = last_gate(session.loaded)
+    last_wave, _ = last_gate(session.loaded)
     await Submitter(
         session,
         rollout.observer.progress,
@@ -226,14 +233,18 @@ async def _drive_pass(
     await rollout.closing_census(current)
     if not follow:
         return
-    await rollout.monitor.follow(first_wait=session.plan.monitor.poll_interval)
-    counts = journal.wave_counts(run_id, current.wave)
-    verdict, reason = evaluate(gate, counts)
-    numbers = {"finished": counts.finished, "failed": counts.real_failed}
-    if verdict is Verdict.FAIL:
-        journal.set_gate(run_id, current.wave, "failed", reason, **numbers)
-        raise RunHalted(f"retry pass {current.pass_no} failed the plan's last gate: {reason}")
-    journal.set_gate(run_id, current.wave, "passed", reason, **numbers)
+    if options.step:
+        await rollout.monitor.poll()
+        unfinished = len(journal.unfinished_tasks(run_id))
+        if unfinished:
+            raise RunWaiting(
+                f"retry pass {current.pass_no}: {unfinished} tasks still running; the next "
+                "step polls again, then judges the pass by the plan's last gate",
+                waiting_for="tasks",
+            )
+    else:
+        await rollout.monitor.follow(first_wait=session.plan.monitor.poll_interval)
+    judge_pass(journal, run_id, current, session.loaded)
 
 
 def _finish_pass(journal: Journal, run_id: int, current: PassRow, status: str) -> None:

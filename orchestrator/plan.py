@@ -139,12 +139,18 @@ class FirmwareSection(_Section):
         return self
 
 
+INVENTORY_MODEL = "model"  # the inventory's column of each device's model
+
+
 class FleetSection(_Section):
     devices_file: Path | None = None
     # a CSV column with each device's current version: devices already on the package's
     # version (firmware.version) are left out before any create
     version_column: str | None = Field(default=None, min_length=1, max_length=100)
     groups: list[str] | None = None
+    # with groups: a CSV with deviceId and model columns (e.g. the platform's device export);
+    # shared members it lists with another model than the package's are not overlaps
+    inventory: Path | None = None
     device_type: str | None = Field(default=None, min_length=1, max_length=256)
     model: str | None = Field(default=None, min_length=1, max_length=256)
     manufacturer: str | None = Field(default=None, min_length=1, max_length=256)
@@ -169,6 +175,8 @@ class FleetSection(_Section):
             raise ValueError("give devices_file or groups, not both and not neither")
         if self.version_column is not None and self.devices_file is None:
             raise ValueError("version_column goes with devices_file (a CSV column)")
+        if self.inventory is not None and self.groups is None:
+            raise ValueError("inventory goes with groups (the models of their members)")
         if self.groups is not None:
             for name in ("device_type", "model", "manufacturer"):
                 if getattr(self, name) is None:
@@ -482,6 +490,27 @@ class Plan(_Section):
         return self
 
     @model_validator(mode="after")
+    def _group_model(self) -> Plan:
+        """A group fleet targeted as another type/model/manufacturer than the firmware's:
+        the platform refuses the task (123016, platform-api.md §3.4) — said offline when the
+        firmware is given by its lookup fields (with a file_id, `rollout plan` and a run say
+        it once the package is read: groups.refuse_other_model)."""
+        fleet, firmware = self.fleet, self.firmware
+        if fleet.groups is None or firmware.model is None:
+            return self
+        targeted = (fleet.device_type, fleet.model, fleet.manufacturer)
+        wanted = (firmware.device_type, firmware.model, firmware.manufacturer)
+        if targeted != wanted:
+            names = ", ".join(repr(name) for name in fleet.groups)
+            raise ValueError(
+                f"fleet.model: group(s) {names} are targeted as {'/'.join(map(str, targeted))} "
+                f"but the firmware is for {'/'.join(map(str, wanted))} "
+                "(type/model/manufacturer): the platform refuses such a task (123016) and "
+                "none of their devices would be upgraded"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _version_column(self) -> Plan:
         if self.fleet.version_column is not None and self.firmware.version is None:
             raise ValueError(
@@ -525,6 +554,8 @@ class LoadedPlan:
                 )
         self.fleet = fleet
         self.waves = assign_waves(plan, fleet, str(path))
+        # deviceId → model, from `[fleet] inventory` (a group fleet's members; else empty)
+        self.device_models: dict[str, str] = {}
 
     @property
     def base_dir(self) -> Path:
@@ -678,4 +709,15 @@ def load_plan(path: Path, now: datetime | None = None, *, check_start: bool = Fa
     else:
         assert plan.fleet.groups is not None
         fleet = Fleet.of_groups(plan.fleet.groups)
-    return LoadedPlan(path, plan, fleet, hashlib.sha256(data).hexdigest())
+    loaded = LoadedPlan(path, plan, fleet, hashlib.sha256(data).hexdigest())
+    if plan.fleet.inventory is not None:
+        inventory = base / plan.fleet.inventory
+        if not inventory.is_file():
+            raise InputError(
+                source, "fleet.inventory", f"{plan.fleet.inventory} is not an existing file"
+            )
+        listed = read_fleet_file(inventory, [INVENTORY_MODEL])
+        loaded.device_models = dict(
+            zip(listed.members, listed.attributes[INVENTORY_MODEL], strict=True)
+        )
+    return loaded

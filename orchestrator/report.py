@@ -42,6 +42,7 @@ from .report_model import (
     DeviceRow,
     ReportData,
 )
+from .status import wave_summaries
 
 __all__ = [
     "DEVICE_COLUMNS",
@@ -165,6 +166,7 @@ def collect(path: Path, plan_name: str, listed: int = DEFAULT_LISTED) -> ReportD
             kept = lists.get(bucket)
             if kept is not None and len(kept) < listed:
                 kept.append(device)
+        summaries = {row["wave"]: row for row in wave_summaries(db, run_id)[0]}
         waves = []
         gates = {}
         for w in db.execute("SELECT * FROM waves WHERE run_id=? ORDER BY wave", (run_id,)):
@@ -177,13 +179,18 @@ def collect(path: Path, plan_name: str, listed: int = DEFAULT_LISTED) -> ReportD
                     "wave": w["name"],
                     "targets": w["target_count"],
                     **{key: counts[key] for key in WAVE_COUNTS},
+                    **_final_counts(summaries.get(w["wave"]), counts),
                     "gate": w["gate_state"],
                     "gate_reason": w["gate_reason"] or "",
                     "approved": w["approved_at"] is not None,
                 }
             )
         everything = sum(per_wave.values(), Counter())
-        totals = {"devices": everything["devices"], **{k: everything[k] for k in WAVE_COUNTS}}
+        outside = per_wave.get("", Counter())  # devices left out by the fleet file
+        totals = {
+            "devices": everything["devices"],
+            **{k: sum(w[k] for w in waves) + outside[k] for k in WAVE_COUNTS},
+        }
         totals.update(
             {f"in_task_by_{how}": everything[f"in_task_by_{how}"] for how in IN_TASK_BY.values()}
         )
@@ -268,6 +275,21 @@ def collect(path: Path, plan_name: str, listed: int = DEFAULT_LISTED) -> ReportD
         )
     finally:
         db.close()
+
+
+def _final_counts(summary: dict[str, Any] | None, rows: Counter[str]) -> dict[str, int]:
+    """A wave's devices by outcome as `rollout status` counts them (`wave_summaries`: the one
+    source of per-wave counts, each device once by its final outcome); those of its tasks
+    not counted there are in progress. `rows`: the wave's device rows by column."""
+    if summary is None:
+        return {}
+    final = {
+        "upgraded": int(summary["succeeded"]),
+        "failed": int(summary["failed"]),
+        "already_current": int(summary["already_current"]),
+    }
+    in_tasks = sum(rows[k] for k in ("upgraded", "failed", "already_current", "in_progress"))
+    return final | {"in_progress": max(0, in_tasks - sum(final.values()))}
 
 
 def _presentation(

@@ -89,7 +89,6 @@ def read_status(path: Path, plan_name: str) -> dict[str, Any]:
             "SELECT COALESCE(SUM(final), 0), COUNT(*) FROM tasks WHERE run_id=?", (run_id,)
         ).fetchone()
         schema_3 = _has_column(db, "device_results", "outcome")
-        outcomes = _outcomes(db, run_id) if schema_3 else {}
         verified = (
             db.execute(
                 "SELECT COALESCE(SUM(verified), 0) FROM tasks WHERE run_id=?", (run_id,)
@@ -101,65 +100,11 @@ def read_status(path: Path, plan_name: str) -> dict[str, Any]:
         if _has_table(db, "already_current"):
             query = "SELECT COUNT(*) FROM already_current WHERE run_id=?"
             left_out = db.execute(query, (run_id,)).fetchone()[0]
-        retry_passes = (
-            {
-                int(wave): (pass_no, json.loads(states), status, targets, reason)
-                for pass_no, wave, states, status, targets, reason in db.execute(
-                    "SELECT pass_no, wave, states, status, targets, reason FROM passes"
-                    " WHERE run_id=? ORDER BY pass_no",
-                    (run_id,),
-                )
-            }
-            if _has_table(db, "passes")
-            else {}
-        )
-        waves: list[dict[str, Any]] = []
-        passes: list[dict[str, Any]] = []
-        for wave, name, targets, gate, reason, soak_until, approved_at in db.execute(
-            "SELECT wave, name, target_count, gate_state, gate_reason, soak_until,"
-            " approved_at FROM waves WHERE run_id=? ORDER BY wave",
-            (run_id,),
-        ).fetchall():
-            in_tasks, w_succeeded, w_failed, w_devices = db.execute(
-                "SELECT (SELECT COALESCE(SUM(member_count), 0) FROM chunks WHERE run_id=?1"
-                " AND wave=?2 AND state='submitted'), COALESCE(SUM(succeeded), 0),"
-                " COALESCE(SUM(failed + stopped), 0), COALESCE(SUM(total), 0) FROM tasks"
-                " WHERE run_id=?1 AND wave=?2",
-                (run_id, wave),
-            ).fetchone()
-            current, mismatched = outcomes.get(wave, (0, 0))
-            retry = retry_passes.get(wave)
-            (waves if retry is None else passes).append(
-                {
-                    "wave": wave,
-                    "name": name,
-                    "targets": targets,
-                    "in_tasks": in_tasks,  # targets: devices, or groups for a group fleet
-                    "devices": w_devices,  # in the wave's tasks (staResult.total)
-                    "succeeded": w_succeeded - mismatched,
-                    "failed": max(0, w_failed - current) + mismatched,
-                    "already_current": current,
-                    "gate": gate,
-                    "gate_reason": reason,
-                    "soak_until": soak_until,
-                    "approved": approved_at is not None,
-                }
-                | (
-                    {}
-                    if retry is None
-                    else {
-                        "pass": retry[0],
-                        "states": retry[1],
-                        "pass_status": retry[2],
-                        "stop_reason": retry[4],
-                    }
-                )
-            )
-        # devices by final outcome (outcomes.py), across passes: each pass's devices were
-        # failures of an earlier pass, so they leave the failed of the pass before
-        final_upgraded = sum(w["succeeded"] for w in waves + passes)
-        final_failed = sum(w["failed"] for w in waves + passes) - sum(w["targets"] for w in passes)
-        final_current = sum(w["already_current"] for w in waves + passes)
+        waves, passes = wave_summaries(db, run_id)
+        # devices by final outcome (outcomes.py): each counted once, in its plan wave
+        final_upgraded = sum(w["succeeded"] for w in waves)
+        final_failed = sum(w["failed"] for w in waves)
+        final_current = sum(w["already_current"] for w in waves)
         plan_waves = [w["wave"] for w in waves]
         submitted = _plan_count(
             db,
@@ -219,6 +164,149 @@ def read_status(path: Path, plan_name: str) -> dict[str, Any]:
         }
     finally:
         db.close()
+
+
+def wave_summaries(
+    db: sqlite3.Connection, run_id: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The run's plan waves and its retry passes, each with its devices by outcome — the one
+    source of the per-wave counts of `rollout status` and the reports. A plan wave counts
+    each of its devices once, by its final outcome (a retried device's latest pass's:
+    `retried_outcomes`); a pass counts its own devices' outcomes in it. From the tasks'
+    counters (`staResult`), corrected by the subtasks the monitor read (already current,
+    version mismatch)."""
+    outcomes = _outcomes(db, run_id) if _has_column(db, "device_results", "outcome") else {}
+    retry_passes = (
+        {
+            int(wave): (pass_no, json.loads(states), status, targets, reason)
+            for pass_no, wave, states, status, targets, reason in db.execute(
+                "SELECT pass_no, wave, states, status, targets, reason FROM passes"
+                " WHERE run_id=? ORDER BY pass_no",
+                (run_id,),
+            )
+        }
+        if _has_table(db, "passes")
+        else {}
+    )
+    finals = retried_outcomes(db, run_id, {w: p[0] for w, p in retry_passes.items()})
+    waves: list[dict[str, Any]] = []
+    passes: list[dict[str, Any]] = []
+    for wave, name, targets, gate, reason, soak_until, approved_at in db.execute(
+        "SELECT wave, name, target_count, gate_state, gate_reason, soak_until,"
+        " approved_at FROM waves WHERE run_id=? ORDER BY wave",
+        (run_id,),
+    ).fetchall():
+        in_tasks, w_succeeded, w_failed, w_devices = db.execute(
+            "SELECT (SELECT COALESCE(SUM(member_count), 0) FROM chunks WHERE run_id=?1"
+            " AND wave=?2 AND state='submitted'), COALESCE(SUM(succeeded), 0),"
+            " COALESCE(SUM(failed + stopped), 0), COALESCE(SUM(total), 0) FROM tasks"
+            " WHERE run_id=?1 AND wave=?2",
+            (run_id, wave),
+        ).fetchone()
+        current, mismatched = outcomes.get(wave, (0, 0))
+        retry = retry_passes.get(wave)
+        # a plan wave: its devices by final outcome (a retried device's latest pass's);
+        # a pass: its own devices' outcomes in it
+        final = finals.get(wave, {}) if retry is None else {}
+        (waves if retry is None else passes).append(
+            {
+                "wave": wave,
+                "name": name,
+                "targets": targets,
+                "in_tasks": in_tasks,  # targets: devices, or groups for a group fleet
+                "devices": w_devices,  # in the wave's tasks (staResult.total)
+                "succeeded": w_succeeded - mismatched + final.get("upgraded", 0),
+                "failed": max(0, w_failed - current) + mismatched + final.get("failed", 0),
+                "already_current": current + final.get("already_current", 0),
+                "gate": gate,
+                "gate_reason": reason,
+                "soak_until": soak_until,
+                "approved": approved_at is not None,
+            }
+            | (
+                {}
+                if retry is None
+                else {
+                    "pass": retry[0],
+                    "states": retry[1],
+                    "pass_status": retry[2],
+                    "stop_reason": retry[4],
+                }
+            )
+        )
+    return waves, passes
+
+
+FAILED_OUTCOMES = frozenset({"failed", "version-mismatch", "timed-out", "stopped"})
+
+
+def _bucket(outcome: str) -> str:
+    """The column a device's outcome counts in (outcomes.Outcome values, spelled out: status
+    imports neither the client nor outcomes)."""
+    if outcome == "upgraded":
+        return "upgraded"
+    if outcome == "already-current":
+        return "already_current"
+    return "failed" if outcome in FAILED_OUTCOMES else "in_progress"
+
+
+def retried_outcomes(
+    db: sqlite3.Connection, run_id: int, pass_waves: dict[int, int]
+) -> dict[int, dict[str, int]]:
+    """The one correction both `rollout status` and the reports apply to a plan wave's
+    counts after retry passes: plan wave → change per column (upgraded, failed,
+    already_current, in_progress) once each retried device counts by its final outcome —
+    its latest pass's — instead of the failure that got it retried. A device's outcome in
+    a pass: its kept subtask row, else upgraded when the pass's task is final and read,
+    else in progress. Reads the passes' chunks and the kept rows of failed devices only."""
+    if not pass_waves:
+        return {}
+    marks = ",".join("?" * len(pass_waves))
+    latest: dict[str, str] = {}  # device → operationId of its newest pass (None: no task)
+    for members, operation_id in db.execute(
+        "SELECT members, operation_id FROM chunks WHERE run_id=? AND state='submitted'"
+        f" AND wave IN ({marks}) ORDER BY wave",
+        (run_id, *sorted(pass_waves, key=pass_waves.__getitem__)),
+    ):
+        for device in members.split("\n"):
+            latest[device] = operation_id
+    if not latest:
+        return {}
+    read = {
+        op: bool(final and fetched)
+        for op, final, fetched in db.execute(
+            f"SELECT operation_id, final, details_fetched FROM tasks WHERE run_id=?"
+            f" AND wave IN ({marks})",
+            (run_id, *pass_waves),
+        )
+    }
+    in_pass: dict[tuple[str, str], str] = {}  # (device, operationId) → outcome
+    first: dict[str, tuple[int, str]] = {}  # device → (plan wave, outcome there)
+    for device, operation_id, wave, outcome in db.execute(
+        "SELECT d.device_id, d.operation_id, t.wave, d.outcome FROM device_results d JOIN"
+        " tasks t ON t.run_id=d.run_id AND t.operation_id=d.operation_id WHERE d.run_id=?"
+        " AND d.outcome != 'upgraded' ORDER BY t.chunk_id",
+        (run_id,),
+    ):
+        if device not in latest:
+            continue
+        if wave in pass_waves:
+            in_pass[(device, operation_id)] = outcome
+        else:
+            first.setdefault(device, (int(wave), outcome))
+    changes: dict[int, dict[str, int]] = {}
+    for device, operation_id in latest.items():
+        start = first.get(device)
+        if start is None:
+            continue  # not a failure of a plan wave's task (nothing to move)
+        wave, before = start
+        outcome = in_pass.get((device, operation_id))
+        if outcome is None:
+            outcome = "upgraded" if read.get(operation_id) else "in-progress"
+        change = changes.setdefault(wave, {})
+        change[_bucket(before)] = change.get(_bucket(before), 0) - 1
+        change[_bucket(outcome)] = change.get(_bucket(outcome), 0) + 1
+    return changes
 
 
 def _outcomes(db: sqlite3.Connection, run_id: int) -> dict[int, tuple[int, int]]:

@@ -152,18 +152,7 @@ async def resolve_package(loaded: LoadedPlan, client: NorthboundClient) -> Packa
             f"package {package.file_id} is a {package.file_type}, "
             f"not for a {plan.operation.value} upgrade",
         )
-    fleet = plan.fleet
-    if fleet.groups is not None:
-        wanted = (fleet.device_type, fleet.model, fleet.manufacturer)
-        actual = (package.device_type, package.model, package.manufacturer)
-        if wanted != actual:
-            raise InputError(
-                source,
-                "fleet",
-                f"type/model/manufacturer {wanted} do not match "
-                f"the package's {actual} (the platform refuses 123016)",
-            )
-    return package
+    return package  # a group fleet's type/model/manufacturer: groups.refuse_other_model
 
 
 def settle_wait(session: RunSession, sent: tuple[float, float | None]) -> float:

@@ -120,6 +120,35 @@ async def test_approved_gate_halts_again_on_a_worse_verdict(tmp_path: Path) -> N
     assert read_status(journal, "test-plan")["waves"][0]["gate"] == "passed"
 
 
+async def test_approving_a_failed_gate_states_the_rule_it_will_apply(tmp_path: Path) -> None:
+    """`rollout approve` of a failed gate says the failure share past which it halts again —
+    the approved share plus two standard errors of its sample — not 'worse than N of M'."""
+    config = SimulatorConfig(
+        tls=False, devices=3000, seed=9, speed=36000, rate_limit=(5000, 1.0), failure_rate=0.5
+    )
+    gate = MANUAL_GATE.replace("approval = true\n", "")
+    async with SimulatorServer(config) as sim:
+        monitor = "follow = true\npoll_interval = 0.05\nmax_poll_interval = 0.1"
+        devices = devices_of(sim, "WM-200", 400)
+        plan = write_plan(tmp_path, sim, devices, monitor=monitor, waves=gate)
+        journal = tmp_path / "j.sqlite"
+        with pytest.raises(RunHalted, match="failed its gate"):
+            await execute(load_plan(plan), RunOptions(journal=journal))
+    approved = CliRunner().invoke(
+        main, ["approve", str(plan), "--journal", str(journal), "--by", "alice"]
+    )
+    assert approved.exit_code == 0, approved.output
+    given = approve_wave(journal, "test-plan", "canary", "alice")  # the same verdict again
+    share = given.failed / given.finished
+    limit = share + 2 * (share * (1 - share) / given.finished) ** 0.5
+    said = approved.stdout
+    assert f"more than {limit:.1%} of the finished devices failed" in said, said
+    assert f"the approved {given.failed} of {given.finished}, {share:.1%}" in said, said
+    assert "two standard errors" in said and "worse than" not in said
+    assert given.covers(False, 1000, int(limit * 1000) - 1)
+    assert not given.covers(False, 1000, int(limit * 1000) + 1)
+
+
 async def test_approve_without_a_waiting_wave_is_bad_input(tmp_path: Path) -> None:
     """Approving when no gate waits for a decision is refused with the waves' states."""
     config = SimulatorConfig(tls=False, devices=2000, seed=9, speed=36000, rate_limit=(5000, 1.0))

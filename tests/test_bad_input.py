@@ -373,3 +373,24 @@ def test_fuzzed_plans_fail_cleanly(
     assert "Traceback" not in err
     if result.exit_code == 2:
         assert len(err.splitlines()) == 1 and str(path) in err, (text, err)
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["status"], "Missing argument 'PLAN'"),
+        (["report", "p.toml", "--format", "pdf"], "'--format'"),
+        (["retry", "p.toml", "--states", "often"], "not often"),
+        (["run", "p.toml", "--bogus"], "No such option '--bogus'"),
+        (["rollback", "p.toml"], "No such command 'rollback'"),
+        (["--log-level", "loud", "status", "p.toml"], "'--log-level'"),
+    ],
+)
+def test_click_usage_errors_are_one_line(args: list[str], named: str) -> None:
+    """A usage error of any command (missing argument, bad value, unknown option or command)
+    is one line naming what is wrong and the command, exit 2 — not click's three lines."""
+    result = CliRunner().invoke(main, args)
+    err = result.stderr.strip()
+    assert result.exit_code == 2, err
+    assert len(err.splitlines()) == 1 and named in err and "Usage:" not in err, err
+    assert err.startswith("error: ")

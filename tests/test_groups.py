@@ -19,7 +19,8 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.engine import RunOptions, execute
-from orchestrator.errors import InputError
+from orchestrator.errors import DuplicatesFound, InputError, RunAborted, RunHalted
+from orchestrator.journal import approve_wave
 from orchestrator.plan import load_plan
 from orchestrator.report import collect
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
@@ -27,7 +28,7 @@ from orchestrator.simulator.testing import simulator_process
 from orchestrator.status import read_status
 
 from .conftest import APP_ID, SECRET
-from .enginehelpers import SECRET_ENV
+from .enginehelpers import SECRET_ENV, device_sets
 from .simhelpers import newest_package
 
 GROUP_WAVES = """
@@ -145,6 +146,91 @@ async def test_overlapping_groups_across_waves_are_refused_before_any_create(
     assert "wave 'canary' and wave 'rest'" in message
 
 
+APPROVED_CANARY = GROUP_WAVES.replace("min_sample = 10\n", "min_sample = 10\napproval = true\n")
+
+
+async def test_a_device_added_to_a_later_waves_group_after_it_was_sent_halts_that_wave(
+    tmp_path: Path,
+) -> None:
+    """Meters of the canary's group added to the next wave's group while the canary waits:
+    the next wave halts before any create, naming the meters already in a task and their
+    groups — not the added devices of another model, which no task holds; once they are
+    taken out, the run goes on and every device is in exactly one task."""
+    config = SimulatorConfig(tls=False, devices=2000, seed=4, speed=36000, rate_limit=(5000, 1.0))
+    async with SimulatorServer(config) as sim:
+        north, south = sim.fleet.groups["north"], sim.fleet.groups["south"]
+        models = {d: sim.fleet.devices[d].model.model for d in north.device_ids}
+        sent = [d for d in north.device_ids if models[d] == "WM-200"][:3]
+        other = [d for d in north.device_ids if models[d] != "WM-200"][:2]
+        file_id = newest_package(sim).file_id
+        plan = _group_plan(tmp_path, sim.url, file_id, ["north", "south"], APPROVED_CANARY)
+        journal = tmp_path / "j.sqlite"
+        with pytest.raises(RunHalted, match="waits for approval"):
+            await execute(load_plan(plan), RunOptions(journal=journal))
+        sim.platform.add_group_members({"devGroupId": south.group_id, "deviceIds": sent + other})
+        approve_wave(journal, "groups", "canary", "alice")
+        with pytest.raises(RunAborted, match="wave 'rest'") as halted:
+            await execute(load_plan(plan), RunOptions(journal=journal, resume_only=True))
+        assert len(sim.platform.tasks) == 1  # nothing of wave 'rest'
+        message = str(halted.value)
+        assert all(device in message for device in sent), message
+        assert not any(device in message for device in other), message
+        assert "group(s) 'south' now hold 3 devices" in message
+        assert "group 'north' (wave 'canary')" in message and "\n" not in message
+        sim.platform.remove_group_members({"devGroupId": south.group_id, "deviceIds": sent})
+        await execute(load_plan(plan), RunOptions(journal=journal, resume_only=True))
+        counts = device_sets(sim.platform.truth())
+    assert len(counts) > 0 and max(counts.values()) == 1
+    assert all(counts[device] == 1 for device in sent)
+    assert read_status(journal, "groups")["duplicates"] == 0
+
+
+async def test_a_group_member_sent_directly_by_another_task_halts_its_wave(
+    tmp_path: Path,
+) -> None:
+    """A meter of the next wave's group that another task of this package names directly
+    (another tool, an earlier device plan) halts that wave before its create, naming it."""
+    config = SimulatorConfig(tls=False, devices=2000, seed=4, speed=36000, rate_limit=(5000, 1.0))
+    async with SimulatorServer(config) as sim:
+        south = sim.fleet.groups["south"].device_ids
+        direct = next(d for d in south if sim.fleet.devices[d].model.model == "WM-200")
+        file_id = newest_package(sim).file_id
+        body = {"fileId": file_id, "targets": {"devices": [direct]}}
+        sim.platform.commit_create(sim.platform.check_create("firmwareUpgrade", body))
+        plan = _group_plan(tmp_path, sim.url, file_id, ["north", "south"], GROUP_WAVES)
+        with pytest.raises(RunAborted, match="wave 'rest'") as halted:
+            await execute(load_plan(plan), RunOptions(journal=tmp_path / "j.sqlite"))
+        assert len(sim.platform.tasks) == 2  # the direct task and the canary's
+    message = str(halted.value)
+    assert f"{direct} (sent by a task naming it)" in message and "'south'" in message
+
+
+async def test_group_duplicates_are_counted_by_device(tmp_path: Path) -> None:
+    """Groups sent twice (a second run told to ignore the census): the closing census counts
+    the devices the platform holds in two tasks — each by its ID — not the two group names,
+    and not the groups' members of another model, which no task holds."""
+    config = SimulatorConfig(tls=False, devices=1500, seed=4, speed=36000, rate_limit=(5000, 1.0))
+    async with SimulatorServer(config) as sim:
+        file_id = newest_package(sim).file_id
+        plan = _group_plan(tmp_path, sim.url, file_id, ["north", "west"], "")
+        journal = tmp_path / "j.sqlite"
+        await execute(load_plan(plan), RunOptions(journal=journal))
+        again = RunOptions(journal=journal, new_run=True, ignore_census=True)
+        with pytest.raises(DuplicatesFound):
+            await execute(load_plan(plan), again)
+        twice = {d for d, n in device_sets(sim.platform.truth()).items() if n == 2}
+        members = set(sim.fleet.groups["north"].device_ids) | set(
+            sim.fleet.groups["west"].device_ids
+        )
+    status = read_status(journal, "groups")
+    assert 0 < len(twice) < len(members)  # other models are members, never in a task
+    assert status["duplicates"] == len(twice)
+    examples = {e["target"] for e in status["duplicate_examples"]}
+    assert examples <= twice and len(examples) == min(20, len(twice))
+    data = collect(journal, "groups")
+    assert {d["target"] for d in data.duplicates} == twice
+
+
 @pytest.fixture(scope="module")
 def sim_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     directory = tmp_path_factory.mktemp("groups-sim")
@@ -208,6 +294,7 @@ def test_rollout_plan_resolves_group_members_and_shows_the_calls(
     pages = sum(-(-n // 100) for n in members.values())
     assert preview["calls_made_to_resolve_groups"] == {
         "login": 1,
+        "getPackage": 1,  # the groups are checked against the package's model
         "listGroups": 2,
         "groupMembers": pages,
     }
@@ -228,6 +315,75 @@ def test_rollout_plan_refuses_groups_sharing_devices_across_waves(
     assert "groups 'north' and 'overlap'" in line and "share 3 devices" in line
     assert all(device in line for device in [*north[:2], north[-1]])
     assert "Traceback" not in result.stderr
+
+
+def test_rollout_plan_refuses_groups_targeted_as_another_model(
+    sim_process: tuple[str, Path], tmp_path: Path
+) -> None:
+    """A group fleet of WM-310 meters targeted as WM-310 with a WM-200 package: `rollout plan`
+    exits 2 with one line naming the group, its devices and both models (the platform would
+    refuse the task, 123016) — and nothing is created."""
+    url, fleet = sim_process
+    with fleet.open() as handle:
+        wm310 = [row["deviceId"] for row in csv.DictReader(handle) if row["model"] == "WM-310"]
+    _create_group(url, "wm310meters", wm310[:40])
+    plan = _group_plan(tmp_path, url, _package_of(url), ["wm310meters"], "")
+    plan.write_text(plan.read_text().replace('model = "WM-200"', 'model = "WM-310"'))
+    result = _plan_command(plan)
+    assert result.returncode == 2, result.stdout
+    assert "Traceback" not in result.stderr
+    (line,) = [text for text in result.stderr.splitlines() if text.startswith("error:")]
+    assert "'wm310meters' (40 devices)" in line and "WM-310" in line and "WM-200" in line
+    assert "123016" in line
+
+
+def test_rollout_plan_offline_refuses_groups_of_another_model_than_the_firmware(
+    tmp_path: Path,
+) -> None:
+    """With the firmware given by version/type/model/manufacturer, a group fleet targeted as
+    another model is refused offline (exit 2, one line naming the groups and the models)."""
+    plan = _group_plan(tmp_path, "http://127.0.0.1:9", "0" * 24, ["north", "south"], "")
+    text = plan.read_text().replace(
+        f'file_id = "{"0" * 24}"',
+        'version = "5.4.0"\ndevice_type = "GasMeter"\nmodel = "GM-10"\nmanufacturer = "Gastro"',
+    )
+    plan.write_text(text)
+    result = CliRunner().invoke(main, ["plan", "--offline", str(plan)])
+    err = result.stderr.strip()
+    assert result.exit_code == 2 and len(err.splitlines()) == 1, err
+    assert "'north', 'south'" in err and "WM-200" in err and "GM-10" in err and "123016" in err
+
+
+def test_rollout_plan_counts_only_shared_devices_that_would_receive_the_package(
+    sim_process: tuple[str, Path], tmp_path: Path
+) -> None:
+    """Groups in two waves that share only a gas meter (another model than the WM-200
+    package): with `[fleet] inventory` listing models, `rollout plan` passes; a shared
+    WM-200 meter is still refused, and without an inventory the shared device's model is
+    unknown, so it counts."""
+    url, fleet = sim_process
+    with fleet.open() as handle:
+        rows = list(csv.DictReader(handle))
+    water = [r["deviceId"] for r in rows if r["model"] == "WM-200"]
+    gas = next(r["deviceId"] for r in rows if r["model"] == "GM-10")
+    _create_group(url, "sharegasa", [*water[:5], gas])
+    _create_group(url, "sharegasb", [*water[5:10], gas])
+    _create_group(url, "sharewatb", [*water[5:10], water[0]])
+    package = _package_of(url)
+    inventory = f'inventory = "{fleet}"\n'
+
+    def plan(name: str, groups: list[str], extra: str) -> Path:
+        path = _group_plan(tmp_path / name, url, package, groups, GROUP_WAVES)
+        path.write_text(path.read_text().replace("[fleet]\n", f"[fleet]\n{extra}"))
+        return path
+
+    passed = _plan_command(plan("gas", ["sharegasa", "sharegasb"], inventory))
+    assert passed.returncode == 0, passed.stderr
+    unknown = _plan_command(plan("unknown", ["sharegasa", "sharegasb"], ""))
+    assert unknown.returncode == 2 and gas in unknown.stderr
+    water_shared = _plan_command(plan("water", ["sharegasa", "sharewatb"], inventory))
+    assert water_shared.returncode == 2
+    assert f"share 1 devices ({water[0]})" in water_shared.stderr
 
 
 def _package_of(url: str) -> str:

@@ -3,10 +3,13 @@ exactly once per pass, census-aware, judged by the plan's last gate."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
+import os
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
@@ -219,6 +222,113 @@ name = "rest"
     assert [p["pass"] for p in status["passes"]] == [2, 3]
     assert status["passes"][0]["gate"] == "failed"
     assert status["passes"][0]["pass_status"] == "halted"
+
+
+STRICT_LAST_GATE = """
+[[waves]]
+name = "canary"
+count = 100
+[waves.gate]
+min_finished = 0.5
+max_failed = 0.9
+min_sample = 20
+[[waves]]
+name = "rest"
+"""
+
+
+async def test_status_and_reports_count_each_wave_alike_after_retry_passes(
+    tmp_path: Path,
+) -> None:
+    """After two retry passes, `rollout status` and the report give every plan wave the same
+    counts: each device once, by its final outcome, in its own wave — as its report row says."""
+    async with _sim(failure_rate=0.3) as sim:
+        devices = devices_of(sim, "WM-200", 600)
+        plan = write_plan(
+            tmp_path, sim, devices, monitor=FAST_MONITOR, waves=STRICT_LAST_GATE, settle=0
+        )
+        journal = tmp_path / "j.sqlite"
+        await execute(load_plan(plan), RunOptions(journal=journal))
+        for _ in range(2):
+            await retry(load_plan(plan), RetryOptions(journal=journal))
+    status = read_status(journal, "test-plan")
+    data = collect(journal, "test-plan")
+    assert [p["pass"] for p in status["passes"]] == [2, 3]
+    truth: dict[str, dict[str, int]] = {}
+    for row in data.devices():
+        bucket = {"upgraded": "upgraded", "already-current": "already_current"}
+        column = bucket.get(row.outcome, "failed")
+        wave = truth.setdefault(row.wave, {"upgraded": 0, "failed": 0, "already_current": 0})
+        wave[column] += 1
+    assert sum(w["failed"] for w in truth.values()) > 0
+    in_status = {
+        w["name"]: {
+            "upgraded": w["succeeded"],
+            "failed": w["failed"],
+            "already_current": w["already_current"],
+        }
+        for w in status["waves"]
+    }
+    in_report = {
+        w["wave"]: {k: w[k] for k in ("upgraded", "failed", "already_current")} for w in data.waves
+    }
+    assert in_status == in_report == truth
+    assert (
+        status["devices_failed"]
+        == data.totals["failed"]
+        == sum(w["failed"] for w in truth.values())
+    )
+
+
+async def _rollout(args: list[str]) -> tuple[int, str]:
+    """`rollout ARGS` in a child process (the simulator keeps serving here): exit code,
+    stderr."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "orchestrator",
+        *args,
+        env=dict(os.environ, **{SECRET_ENV: SECRET}),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await child.communicate()
+    assert child.returncode is not None
+    return child.returncode, err.decode()
+
+
+@pytest.mark.parametrize("later", ["watch", "resume", "resume --step", "retry"])
+async def test_a_pass_submitted_without_following_is_judged_when_followed_later(
+    tmp_path: Path, later: str
+) -> None:
+    """`retry --no-follow` leaves its pass to be judged: a later watch, resume, step or retry
+    follows its tasks and halts it (exit 4) on the plan's last gate — never a pass let by."""
+    async with _sim(failure_rate=0.5) as sim:
+        devices = devices_of(sim, "WM-200", 400)
+        plan = write_plan(
+            tmp_path, sim, devices, monitor=FAST_MONITOR, waves=STRICT_LAST_GATE, settle=0
+        )
+        journal = tmp_path / "j.sqlite"
+        await execute(load_plan(plan), RunOptions(journal=journal))
+        plan.write_text(plan.read_text().replace("max_failed = 0.9", "max_failed = 0.1"))
+        result = await retry(load_plan(plan), RetryOptions(journal=journal, follow=False))
+        assert result.pass_no == 2
+        tasks = len(sim.platform.tasks)
+        (submitted,) = read_status(journal, "test-plan")["passes"]
+        assert (submitted["pass_status"], submitted["gate"]) == ("submitted", "pending")
+        assert unfinished_pass(journal, "test-plan") == 2  # not over: still to be judged
+        args = [*later.split()[:1], str(plan), "--journal", str(journal), *later.split()[1:]]
+        for _ in range(50):  # steps until the tasks are final
+            code, err = await _rollout(args)
+            if code != 75:
+                break
+            await asyncio.sleep(0.1)
+        assert code == 4, err
+        assert "retry pass 2 failed the plan's last gate" in err
+        assert len(sim.platform.tasks) == tasks  # judged, nothing sent again
+    (judged,) = read_status(journal, "test-plan")["passes"]
+    assert (judged["pass_status"], judged["gate"]) == ("halted", "failed")
+    assert unfinished_pass(journal, "test-plan") is None
 
 
 def test_retry_states_option_is_checked(tmp_path: Path) -> None:
