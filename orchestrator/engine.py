@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -642,12 +642,19 @@ class Rollout:
         _record_duplicates(journal, run_id, census, self.options, self.notice)
 
     async def _judge(self, wave: int, gate: GateSection) -> tuple[Verdict, str, WaveCounts]:
-        """The gate's verdict on the journal's counts. A verdict that would decide while
-        failed devices of the wave are not all known is judged again once they are: an
-        already-current device is counted as failed by the platform's counters."""
+        """The gate's verdict on the journal's counts. Successes whose version is not checked
+        yet count as not finished; when counting them as upgrades would give another verdict,
+        they are read (`learn_successes`) and the gate judges again. A verdict that would
+        decide while failed devices of the wave are not all known is judged again once they
+        are: an already-current device is counted as failed by the platform's counters."""
         journal, run_id = self.session.journal, self.session.run_id
         counts = journal.wave_counts(run_id, wave)
         verdict, reason = evaluate(gate, counts)
+        if counts.unverified:
+            hoped, _ = evaluate(gate, replace(counts, unverified=0))
+            if hoped is not verdict and await self.monitor.learn_successes(wave):
+                counts = journal.wave_counts(run_id, wave)
+                verdict, reason = evaluate(gate, counts)
         if verdict is not Verdict.WAIT and await self.monitor.learn_failures(wave):
             counts = journal.wave_counts(run_id, wave)
             verdict, reason = evaluate(gate, counts)

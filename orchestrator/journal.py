@@ -308,7 +308,9 @@ class WaveCounts:
     Device counts come from the tasks' `staResult` (devices, whatever the targets are),
     corrected by what the monitor learned of single subtasks: `already_current` of the
     `failed` found the device on the package's version (neither failed nor upgraded), and
-    `mismatched` of the `succeeded` report another version (failed)."""
+    `mismatched` of the `succeeded` report another version (failed). `unverified` of the
+    `succeeded` are in tasks still running whose success pages were not read since: their
+    version is not checked yet, so they count as not finished (neither upgraded nor failed)."""
 
     targets: int  # the wave's targets: devices, or groups for a group fleet
     submitted: int  # targets in submitted chunks
@@ -322,6 +324,7 @@ class WaveCounts:
     kind: str = "devices"
     task_devices: int = 0  # Σ staResult.total of the observed tasks
     submitted_tasks: int = 0  # tasks the submitted chunks are in
+    unverified: int = 0  # devices, staResult success not yet read (version unchecked)
 
     @property
     def devices(self) -> int | None:
@@ -333,7 +336,8 @@ class WaveCounts:
 
     @property
     def upgraded(self) -> int:
-        return self.succeeded - self.mismatched
+        """Devices whose success was read and whose reported version is the package's."""
+        return self.succeeded - self.mismatched - self.unverified
 
     @property
     def real_failed(self) -> int:
@@ -1185,6 +1189,43 @@ class Journal:
             )
         return sum(1 for row in rows if row[-1] == Outcome.ALREADY_CURRENT.value)
 
+    def record_successes(
+        self,
+        run_id: int,
+        operation_id: str,
+        results: list[SubOperation],
+        version: str,
+        *,
+        keep_upgraded: bool = False,
+    ) -> int:
+        """The succeeded subtasks of a task still running, each version-checked
+        (`outcomes.classify`): the mismatched are kept as rows, the upgraded counted on the
+        task (`verified`/`unreported`, as `record_device_results` does once it is final).
+        Returns how many report another version."""
+        from .outcomes import Outcome, classify
+
+        verified = unreported = mismatched = 0
+        rows = []
+        for r in results:
+            reported = r.reported_version
+            outcome = classify(r.status, r.detail, reported, bool(r.start_time), version)
+            if outcome is Outcome.UPGRADED:
+                verified += reported is not None
+                unreported += reported is None
+                if not keep_upgraded:
+                    continue
+            else:
+                mismatched += 1
+            rows.append(self._result_row(run_id, operation_id, r, outcome))
+        with self._tx() as db:
+            db.executemany(self._RESULT_INSERT, rows)
+            db.execute(
+                "UPDATE tasks SET verified=?, unreported=? WHERE run_id=? AND operation_id=?"
+                " AND details_fetched=0",
+                (verified, unreported, run_id, operation_id),
+            )
+        return mismatched
+
     _RESULT_INSERT = (
         "INSERT OR REPLACE INTO device_results (run_id, device_id, operation_id, status,"
         " detail, version, start_time, stop_time, outcome) VALUES (?,?,?,?,?,?,?,?,?)"
@@ -1253,6 +1294,15 @@ class Journal:
             " WHERE run_id=? AND wave=?",
             (run_id, wave),
         ).fetchone()
+        # a running task's successes read so far: `verified` + `unreported` (set when its
+        # success pages were read) + its version-mismatch rows
+        unverified = self._db.execute(
+            "SELECT COALESCE(SUM(MAX(0, t.succeeded - t.verified - t.unreported - ("
+            "  SELECT COUNT(*) FROM device_results d WHERE d.run_id=t.run_id"
+            "  AND d.operation_id=t.operation_id AND d.outcome='version-mismatch'))), 0)"
+            " FROM tasks t WHERE t.run_id=? AND t.wave=? AND t.details_fetched=0",
+            (run_id, wave),
+        ).fetchone()[0]
         already, mismatched = self._db.execute(
             "SELECT COALESCE(SUM(d.outcome='already-current'), 0),"
             " COALESCE(SUM(d.outcome='version-mismatch'), 0) FROM device_results d"
@@ -1273,7 +1323,21 @@ class Journal:
             kind=str(kind or "devices"),
             task_devices=int(devices),
             submitted_tasks=int(submitted_tasks),
+            unverified=int(unverified),
         )
+
+    def unseen_successes(self, run_id: int, wave: int) -> list[str]:
+        """operationIds of the wave's running tasks whose successes are not all read (the
+        counters show more than were read): a gate about to decide on them asks for these."""
+        rows = self._db.execute(
+            "SELECT t.operation_id FROM tasks t WHERE t.run_id=? AND t.wave=?"
+            " AND t.details_fetched=0 AND t.succeeded > t.verified + t.unreported + ("
+            "  SELECT COUNT(*) FROM device_results d WHERE d.run_id=t.run_id"
+            "  AND d.operation_id=t.operation_id AND d.outcome='version-mismatch')"
+            " ORDER BY t.chunk_id",
+            (run_id, wave),
+        ).fetchall()
+        return [str(row[0]) for row in rows]
 
     def unseen_failures(self, run_id: int, wave: int) -> list[str]:
         """operationIds of the wave's tasks whose failed devices are not all known yet (the
