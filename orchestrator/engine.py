@@ -356,9 +356,11 @@ async def open_census(
     targets = {member: member for member in session.loaded.fleet.members}
     horizon = session.plan.platform.request_timeout + session.plan.execution.settle
     clock = session.client.clock
-    retried = journal.retry_operations()  # retry passes sent their devices again on purpose
+    # retry passes sent their devices again on purpose: no duplicates, and where one holds
+    # a device it is that device's newest task (its outcome; census.Census.operation_of)
+    retried = journal.retry_operations()
     census = await take_census(
-        judge, session.operation, session.loaded.fleet.kind, targets, ignore=retried
+        judge, session.operation, session.loaded.fleet.kind, targets, again=retried
     )
     for _ in range(FOREIGN_ROUNDS):
         taken = clock.now()
@@ -372,7 +374,7 @@ async def open_census(
         )
         await sleep(horizon)
         census = await take_census(
-            judge, session.operation, session.loaded.fleet.kind, targets, ignore=retried
+            judge, session.operation, session.loaded.fleet.kind, targets, again=retried
         )
         if census.newest_foreign == fresh:
             break
@@ -629,13 +631,13 @@ class Rollout:
         if retry_pass is None:
             kind = self.session.loaded.fleet.kind
             targets = {member: member for member in self.session.loaded.fleet.members}
-            since, ignore = None, journal.retry_operations()
+            since, ignore, again = None, frozenset[str](), journal.retry_operations()
         else:
             kind, targets = "devices", pass_targets(journal, run_id, retry_pass)
-            since = retry_pass.platform_start
+            since, again = retry_pass.platform_start, frozenset()
             ignore = journal.operations_outside(run_id, retry_pass.wave)
         census = await take_census(
-            judge, self.session.operation, kind, targets, since=since, ignore=ignore
+            judge, self.session.operation, kind, targets, since=since, ignore=ignore, again=again
         )
         summary = census.summary() | ({"pass": retry_pass.pass_no} if retry_pass else {})
         journal.record_census(run_id, "closing", summary)

@@ -1479,28 +1479,33 @@ class Journal:
         """Devices whose latest outcome — in the newest pass that holds them — is one of
         `wanted` (outcomes.Outcome values, plus `never-started`: timed out, or stopped before
         starting), in the order of their first chunk. Only kept subtask rows can qualify: an
-        upgraded device of a read task has none."""
+        upgraded device of a read task has none. A row counts only from the task of the
+        device's own chunk in its newest pass: a task adopted for other devices may name it
+        too (its older task, when a retry pass holds it now) — never its outcome."""
         from .outcomes import Outcome
 
-        latest: dict[str, str] = {}  # device → operationId of its newest pass
-        for members, operation_id in self._db.execute(
-            "SELECT c.members, c.operation_id FROM chunks c JOIN passes p"
-            " ON p.run_id=c.run_id AND p.wave=c.wave WHERE c.run_id=? AND c.state='submitted'"
-            " ORDER BY p.pass_no",
-            (run_id,),
-        ):
-            for device in members.split("\n"):
-                latest[device] = operation_id
-        chosen: list[str] = []
-        for device, operation_id, outcome, start in self._db.execute(
+        rows = self._db.execute(
             "SELECT d.device_id, d.operation_id, d.outcome, d.start_time FROM device_results d"
             " JOIN chunks c ON c.run_id=d.run_id AND c.operation_id=d.operation_id"
             " WHERE d.run_id=? AND c.state='submitted' GROUP BY d.device_id, d.operation_id"
             " ORDER BY MIN(c.chunk_id)",
             (run_id,),
+        ).fetchall()
+        candidates = {str(row[0]) for row in rows}
+        latest: dict[str, str] = {}  # device → operationId of its chunk in its newest pass
+        for members, operation_id in self._db.execute(
+            "SELECT c.members, c.operation_id FROM chunks c LEFT JOIN passes p"
+            " ON p.run_id=c.run_id AND p.wave=c.wave WHERE c.run_id=? AND c.state='submitted'"
+            " ORDER BY COALESCE(p.pass_no, 1), c.chunk_id",
+            (run_id,),
         ):
+            for device in members.split("\n"):
+                if device in candidates:
+                    latest[device] = operation_id
+        chosen: list[str] = []
+        for device, operation_id, outcome, start in rows:
             if latest.get(device, operation_id) != operation_id:
-                continue  # a newer pass holds it
+                continue  # its own chunk is in another task: a newer pass, or adopted apart
             never_started = outcome == Outcome.TIMED_OUT or (
                 outcome == Outcome.STOPPED and not start
             )

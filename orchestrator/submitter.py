@@ -19,7 +19,7 @@ For each chunk, in order, under the shared pacing:
    type and the chunk's first deviceId, and keeps the tasks that hold exactly the chunk's
    targets and carry our package (`census.PackageJudge`); a task whose package the platform
    does not tell is taken as ours only when its createTime, on the platform's measured
-   clock, is not older than our first intent. Found → adopt the oldest match; absent →
+   clock, is not older than our first intent. Found → adopt the newest match; absent →
    what the run's census found of the chunk is adopted, the rest is sent again.
 
 A run of identical failures stops the run rather than burn the budget. Refusals that are not
@@ -571,11 +571,13 @@ class Submitter:
             self._enqueue(adoption.remainder)
 
     async def find_existing(self, chunk: Chunk) -> list[str]:
-        """operationIds of tasks on the platform that are exactly this chunk with our package
-        (oldest first)."""
+        """operationIds of tasks on the platform that are exactly this chunk with our package,
+        newest first — by createTime, then by the list's creation order (§3.7): the chunk's
+        devices have their outcome in the newest, which is adopted; the others are
+        duplicates."""
         members = set(chunk.members)
         first_intent = self.session.journal.first_intent(self.session.run_id, chunk.chunk_id)
-        matches: list[tuple[str, str]] = []
+        matches: list[tuple[str, int, str]] = []
         page_no = 0
         while True:
             if chunk.kind == "devices":
@@ -597,11 +599,11 @@ class Submitter:
                 )
             for task in page.items:
                 if await self._matches(task, chunk.kind, members, first_intent):
-                    matches.append((task.create_time, task.operation_id))
+                    matches.append((task.create_time or "", len(matches), task.operation_id))
             if not page.items or (page_no + 1) * (page.page_size or 1) >= page.total:
                 break
             page_no += 1
-        return [operation_id for _, operation_id in sorted(matches)]
+        return [operation_id for _, _, operation_id in sorted(matches, reverse=True)]
 
     async def _matches(
         self,

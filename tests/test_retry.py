@@ -182,6 +182,30 @@ async def test_new_run_after_a_retry_pass_reports_no_duplicates(tmp_path: Path) 
     assert status["duplicates"] == 0 and status["status"] == "completed"
 
 
+async def test_new_run_after_a_retry_pass_takes_each_devices_newest_task(tmp_path: Path) -> None:
+    """A --new-run after a retry pass adopts each device's newest task of the package: its
+    outcome is the pass's, and `retry` of the new run sends only what failed there again."""
+    async with _sim(failure_rate=0.3) as sim:
+        devices = devices_of(sim, "WM-200", 600)
+        plan = write_plan(tmp_path, sim, devices, monitor=FAST_MONITOR, settle=0)
+        journal = tmp_path / "j.sqlite"
+        await execute(load_plan(plan), RunOptions(journal=journal))
+        await retry(load_plan(plan), RetryOptions(journal=journal))
+        newest = {d: statuses[-1] for d, statuses in _final_status(sim).items()}
+        retried = {d for d, statuses in _final_status(sim).items() if len(statuses) == 2}
+        assert any(newest[d] == "success" for d in retried)  # upgraded by the pass
+        await execute(load_plan(plan), RunOptions(journal=journal, new_run=True))
+        rows = {row.device_id: row for row in collect(journal, "test-plan").devices()}
+        assert {d for d, row in rows.items() if row.upgraded} == {
+            d for d in devices if newest[d] == "success"
+        }
+        before = device_sets(sim.platform.truth())
+        result = await retry(load_plan(plan), RetryOptions(journal=journal))
+        again = {d for d, n in device_sets(sim.platform.truth()).items() if n > before.get(d, 0)}
+    assert result.targets == len(again)
+    assert again == {d for d in devices if newest[d] == "fail"}
+
+
 async def test_retry_waits_for_a_finished_run_and_is_judged_by_the_last_gate(
     tmp_path: Path,
 ) -> None:
