@@ -1288,11 +1288,13 @@ class Journal:
             " (SELECT kind FROM chunks WHERE run_id=?1 AND wave=?2 LIMIT 1)",
             (run_id, wave),
         ).fetchone()
+        shared = self._shared_tasks(run_id, wave)
+        outside = f" AND t.operation_id NOT IN ({','.join('?' * len(shared))})"
         tasks, final, succeeded, failed, devices = self._db.execute(
             "SELECT COUNT(*), COALESCE(SUM(final), 0), COALESCE(SUM(succeeded), 0),"
-            " COALESCE(SUM(failed + stopped), 0), COALESCE(SUM(total), 0) FROM tasks"
-            " WHERE run_id=? AND wave=?",
-            (run_id, wave),
+            " COALESCE(SUM(failed + stopped), 0), COALESCE(SUM(total), 0) FROM tasks t"
+            " WHERE run_id=? AND wave=?" + outside,
+            (run_id, wave, *shared),
         ).fetchone()
         # a running task's successes read so far: `verified` + `unreported` (set when its
         # success pages were read) + its version-mismatch rows
@@ -1307,24 +1309,65 @@ class Journal:
             "SELECT COALESCE(SUM(d.outcome='already-current'), 0),"
             " COALESCE(SUM(d.outcome='version-mismatch'), 0) FROM device_results d"
             " JOIN tasks t ON t.run_id=d.run_id AND t.operation_id=d.operation_id"
-            " WHERE d.run_id=? AND t.wave=?",
-            (run_id, wave),
+            " WHERE d.run_id=? AND t.wave=?" + outside,
+            (run_id, wave, *shared),
         ).fetchone()
+        tasks, final, devices = int(tasks) + len(shared), int(final) + len(shared), int(devices)
+        succeeded, failed, already, mismatched = (
+            int(succeeded),
+            int(failed),
+            int(already),
+            int(mismatched),
+        )
+        for operation_id, members in shared.items():
+            results = dict(
+                self._db.execute(
+                    "SELECT device_id, outcome FROM device_results WHERE run_id=?"
+                    " AND operation_id=?",
+                    (run_id, operation_id),
+                ).fetchall()
+            )
+            devices += len(members)
+            for device in members:
+                outcome = results.get(device) or "upgraded"  # read, no row: upgraded
+                succeeded += outcome in ("upgraded", "version-mismatch")
+                failed += outcome not in ("upgraded", "version-mismatch")
+                already += outcome == "already-current"
+                mismatched += outcome == "version-mismatch"
         return WaveCounts(
             int(targets or 0),
             int(submitted),
             int(quarantined),
-            int(tasks),
-            int(final),
-            int(succeeded),
-            int(failed),
-            already_current=int(already),
-            mismatched=int(mismatched),
+            tasks,
+            final,
+            succeeded,
+            failed,
+            already_current=already,
+            mismatched=mismatched,
             kind=str(kind or "devices"),
-            task_devices=int(devices),
+            task_devices=devices,
             submitted_tasks=int(submitted_tasks),
             unverified=int(unverified),
         )
+
+    def _shared_tasks(self, run_id: int, wave: int) -> dict[str, list[str]]:
+        """operationId → the wave's devices in it, of the read tasks that hold other devices
+        too (a task adopted for part of its devices: the census gave the rest a newer task,
+        a retry pass's task spans waves, a task names devices not in this plan). Their
+        counters (`staResult`) speak for devices that are not the wave's, so the wave counts
+        them device by device from the subtasks read; a running one is counted by its
+        counters until it is read."""
+        shared: dict[str, list[str]] = {}
+        for operation_id, members in self._db.execute(
+            "SELECT c.operation_id, GROUP_CONCAT(c.members, char(10)) FROM chunks c"
+            " JOIN tasks t ON t.run_id=c.run_id AND t.operation_id=c.operation_id"
+            " WHERE c.run_id=? AND c.wave=? AND c.state='submitted' AND c.kind='devices'"
+            " AND t.final=1 AND t.details_fetched=1"
+            " GROUP BY c.operation_id HAVING SUM(c.member_count) != MAX(t.total)",
+            (run_id, wave),
+        ):
+            shared[str(operation_id)] = str(members).split("\n")
+        return shared
 
     def unseen_successes(self, run_id: int, wave: int) -> list[str]:
         """operationIds of the wave's running tasks whose successes are not all read (the
