@@ -1276,7 +1276,12 @@ class Journal:
         return [WaveRow(*row) for row in rows]
 
     def wave_counts(self, run_id: int, wave: int) -> WaveCounts:
-        targets, submitted, quarantined, submitted_tasks, kind = self._db.execute(
+        return self.count_wave(self._db, run_id, wave)
+
+    @staticmethod
+    def count_wave(db: sqlite3.Connection, run_id: int, wave: int) -> WaveCounts:
+        """The wave's counts from a journal's connection (a read-only one too: status)."""
+        targets, submitted, quarantined, submitted_tasks, kind = db.execute(
             "SELECT (SELECT target_count FROM waves WHERE run_id=?1 AND wave=?2),"
             " (SELECT COALESCE(SUM(member_count), 0) FROM chunks"
             "   WHERE run_id=?1 AND wave=?2 AND state='submitted'),"
@@ -1288,9 +1293,9 @@ class Journal:
             " (SELECT kind FROM chunks WHERE run_id=?1 AND wave=?2 LIMIT 1)",
             (run_id, wave),
         ).fetchone()
-        shared = self._shared_tasks(run_id, wave)
+        shared = Journal._shared_tasks(db, run_id, wave)
         outside = f" AND t.operation_id NOT IN ({','.join('?' * len(shared))})"
-        tasks, final, succeeded, failed, devices = self._db.execute(
+        tasks, final, succeeded, failed, devices = db.execute(
             "SELECT COUNT(*), COALESCE(SUM(final), 0), COALESCE(SUM(succeeded), 0),"
             " COALESCE(SUM(failed + stopped), 0), COALESCE(SUM(total), 0) FROM tasks t"
             " WHERE run_id=? AND wave=?" + outside,
@@ -1298,14 +1303,14 @@ class Journal:
         ).fetchone()
         # a running task's successes read so far: `verified` + `unreported` (set when its
         # success pages were read) + its version-mismatch rows
-        unverified = self._db.execute(
+        unverified = db.execute(
             "SELECT COALESCE(SUM(MAX(0, t.succeeded - t.verified - t.unreported - ("
             "  SELECT COUNT(*) FROM device_results d WHERE d.run_id=t.run_id"
             "  AND d.operation_id=t.operation_id AND d.outcome='version-mismatch'))), 0)"
             " FROM tasks t WHERE t.run_id=? AND t.wave=? AND t.details_fetched=0",
             (run_id, wave),
         ).fetchone()[0]
-        already, mismatched = self._db.execute(
+        already, mismatched = db.execute(
             "SELECT COALESCE(SUM(d.outcome='already-current'), 0),"
             " COALESCE(SUM(d.outcome='version-mismatch'), 0) FROM device_results d"
             " JOIN tasks t ON t.run_id=d.run_id AND t.operation_id=d.operation_id"
@@ -1321,7 +1326,7 @@ class Journal:
         )
         for operation_id, members in shared.items():
             results = dict(
-                self._db.execute(
+                db.execute(
                     "SELECT device_id, outcome FROM device_results WHERE run_id=?"
                     " AND operation_id=?",
                     (run_id, operation_id),
@@ -1350,7 +1355,8 @@ class Journal:
             unverified=int(unverified),
         )
 
-    def _shared_tasks(self, run_id: int, wave: int) -> dict[str, list[str]]:
+    @staticmethod
+    def _shared_tasks(db: sqlite3.Connection, run_id: int, wave: int) -> dict[str, list[str]]:
         """operationId → the wave's devices in it, of the read tasks that hold other devices
         too (a task adopted for part of its devices: the census gave the rest a newer task,
         a retry pass's task spans waves, a task names devices not in this plan). Their
@@ -1358,7 +1364,7 @@ class Journal:
         them device by device from the subtasks read; a running one is counted by its
         counters until it is read."""
         shared: dict[str, list[str]] = {}
-        for operation_id, members in self._db.execute(
+        for operation_id, members in db.execute(
             "SELECT c.operation_id, GROUP_CONCAT(c.members, char(10)) FROM chunks c"
             " JOIN tasks t ON t.run_id=c.run_id AND t.operation_id=c.operation_id"
             " WHERE c.run_id=? AND c.wave=? AND c.state='submitted' AND c.kind='devices'"

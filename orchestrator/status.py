@@ -90,7 +90,6 @@ def read_status(path: Path, plan_name: str) -> dict[str, Any]:
         ).fetchone()
         schema_3 = _has_column(db, "device_results", "outcome")
         outcomes = _outcomes(db, run_id) if schema_3 else {}
-        unchecked = _unchecked(db, run_id) if schema_3 else {}
         verified = (
             db.execute(
                 "SELECT COALESCE(SUM(verified), 0) FROM tasks WHERE run_id=?", (run_id,)
@@ -129,6 +128,11 @@ def read_status(path: Path, plan_name: str) -> dict[str, Any]:
                 (run_id, wave),
             ).fetchone()
             current, mismatched = outcomes.get(wave, (0, 0))
+            upgraded, failed = w_succeeded - mismatched, max(0, w_failed - current) + mismatched
+            if schema_3:  # as the gates count: versions checked, each device by its newest task
+                counts = Journal.count_wave(db, run_id, wave)
+                upgraded, failed = counts.upgraded, counts.real_failed
+                current, w_devices = counts.already_current, counts.task_devices
             retry = retry_passes.get(wave)
             (waves if retry is None else passes).append(
                 {
@@ -137,9 +141,8 @@ def read_status(path: Path, plan_name: str) -> dict[str, Any]:
                     "targets": targets,
                     "in_tasks": in_tasks,  # targets: devices, or groups for a group fleet
                     "devices": w_devices,  # in the wave's tasks (staResult.total)
-                    # upgraded: successes whose version was read (journal.WaveCounts)
-                    "succeeded": w_succeeded - mismatched - unchecked.get(wave, 0),
-                    "failed": max(0, w_failed - current) + mismatched,
+                    "succeeded": upgraded,
+                    "failed": failed,
                     "already_current": current,
                     "gate": gate,
                     "gate_reason": reason,
@@ -232,21 +235,6 @@ def _outcomes(db: sqlite3.Connection, run_id: int) -> dict[int, tuple[int, int]]
             " COALESCE(SUM(d.outcome='version-mismatch'), 0) FROM device_results d"
             " JOIN tasks t ON t.run_id=d.run_id AND t.operation_id=d.operation_id"
             " WHERE d.run_id=? GROUP BY t.wave",
-            (run_id,),
-        )
-    }
-
-
-def _unchecked(db: sqlite3.Connection, run_id: int) -> dict[int, int]:
-    """wave → devices that succeeded in running tasks whose success pages were not read
-    since: not upgraded yet (their version is unchecked; `Journal.wave_counts`)."""
-    return {
-        int(wave): int(n)
-        for wave, n in db.execute(
-            "SELECT t.wave, COALESCE(SUM(MAX(0, t.succeeded - t.verified - t.unreported - ("
-            "  SELECT COUNT(*) FROM device_results d WHERE d.run_id=t.run_id"
-            "  AND d.operation_id=t.operation_id AND d.outcome='version-mismatch'))), 0)"
-            " FROM tasks t WHERE t.run_id=? AND t.details_fetched=0 GROUP BY t.wave",
             (run_id,),
         )
     }

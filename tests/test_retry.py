@@ -222,9 +222,9 @@ name = "rest"
 async def test_new_run_after_a_retry_pass_judges_its_gates_on_the_newest_tasks(
     tmp_path: Path,
 ) -> None:
-    """After a retry pass upgraded most of the canary's failed meters, a --new-run's canary
-    gate counts each device once, by its newest task: it passes where the first task's
-    failures alone would fail it, and nothing is sent."""
+    """After retry passes upgraded most of the canary's failed meters, a --new-run's canary
+    gate (and `status`) counts each device once, by its newest task: it passes where the
+    first task's failures alone would fail it, and nothing is sent."""
     async with _sim(failure_rate=0.25) as sim:
         devices = devices_of(sim, "WM-200", 600)
         plan = write_plan(tmp_path, sim, devices, monitor=FAST_MONITOR, settle=0)
@@ -248,6 +248,8 @@ async def test_new_run_after_a_retry_pass_judges_its_gates_on_the_newest_tasks(
             "SELECT gate_state, gate_finished, gate_failed FROM waves WHERE run_id=2 AND wave=0"
         ).fetchone()
     assert (gate, finished, failed) == ("passed", 256, canary_failed)
+    canary = read_status(journal, "test-plan")["waves"][0]  # status counts as the gate does
+    assert (canary["succeeded"], canary["failed"]) == (256 - canary_failed, canary_failed)
 
 
 async def test_retry_waits_for_a_finished_run_and_is_judged_by_the_last_gate(
