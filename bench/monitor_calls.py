@@ -17,7 +17,8 @@ monitor does not know when that is: it polls (first after `poll_interval`, each 
 1.5× longer), re-reading only the list pages that still hold an unfinished task of ours,
 and reads a task's subtasks once, when it sees the task final. Its excess over the bound is
 the price of not knowing the future. (A gate about to decide also reads the failed subtasks
-of its wave's running tasks; this benchmark has no waves.)
+of its wave's running tasks, and — when its verdict hinges on successes not yet checked —
+their succeeded subtasks; this benchmark has no waves.)
 
 Setup: fleets of 10 000 and 100 000 WM-200 meters with a 2 % upgrade failure rate (no
 offline or already-upgraded meters), simulated time at 300× (the meters wake every 30

@@ -99,12 +99,20 @@ class PackageJudge:
         return verdict
 
 
+Entry = tuple[str, int, str]  # (createTime, place in the list, operationId): sorts oldest first
+
+
 @dataclass
 class Census:
-    """Our targets as the platform's task list shows them (only targets of this plan)."""
+    """Our targets as the platform's task list shows them (only targets of this plan).
 
-    holder: dict[str, tuple[str, str]] = field(default_factory=dict)  # target → (createTime, op)
+    A target in several tasks of this package (a retry pass sent it again, or a duplicate)
+    has its outcome in the **newest** of them — by createTime, then by the list's order (the
+    list is in creation order, §3.7) — which `operation_of` names and adoption takes."""
+
+    holder: dict[str, Entry] = field(default_factory=dict)  # target → its first task
     extra: dict[str, list[str]] = field(default_factory=dict)  # target → further ops (duplicates)
+    newest: dict[str, Entry] = field(default_factory=dict)  # target in ≥ 2 tasks → the newest
     unknown: dict[str, list[str]] = field(default_factory=dict)  # target → ops, package unknown
     other_package: int = 0  # our targets found in tasks of another package (information)
     newest_foreign: float | None = None  # platform time: newest task holding ours, not ours
@@ -115,18 +123,19 @@ class Census:
     seconds: float = 0.0
 
     def operation_of(self, target: str) -> str | None:
-        held = self.holder.get(target)
-        return held[1] if held else None
+        """The newest task of this package that names `target` (None: none does)."""
+        held = self.newest.get(target) or self.holder.get(target)
+        return held[2] if held else None
 
     def duplicates(self, *, with_unknown: bool = False) -> dict[str, list[str]]:
         """Targets in two or more tasks of this package → their operationIds, oldest first.
         `with_unknown`: a target in one of these and in a task whose package the platform does
         not tell counts too (possibly two tasks of this package)."""
-        found = {t: [self.holder[t][1], *ops] for t, ops in self.extra.items()}
+        found = {t: [self.holder[t][2], *ops] for t, ops in self.extra.items()}
         if with_unknown:
             for target, ops in self.unknown.items():
                 if target in self.holder:
-                    found[target] = [*found.get(target, [self.holder[target][1]]), *ops]
+                    found[target] = [*found.get(target, [self.holder[target][2]]), *ops]
         return found
 
     @property
@@ -146,16 +155,21 @@ class Census:
             "seconds": round(self.seconds, 3),
         }
 
-    def _hold(self, target: str, entry: tuple[str, str]) -> None:
+    def _hold(self, target: str, entry: Entry, again: bool = False) -> None:
+        """`again`: the task sent the target again on purpose (a retry pass): it may be the
+        target's newest task, never a duplicate."""
         held = self.holder.get(target)
         if held is None:
             self.holder[target] = entry  # one tuple per task, shared by its targets
             return
-        if held[1] == entry[1]:
+        if held[2] == entry[2]:
             return
-        older, newer = sorted((held, entry))
-        self.holder[target] = older
-        self.extra.setdefault(target, []).append(newer[1])
+        newest = max(self.newest.get(target, held), entry)
+        if not again:
+            older, newer = sorted((held, entry))
+            self.holder[target] = older
+            self.extra.setdefault(target, []).append(newer[2])
+        self.newest[target] = newest
 
 
 def members_of(task: Task, kind: str) -> list[str]:
@@ -174,6 +188,7 @@ async def take_census(
     *,
     since: float | None = None,
     ignore: frozenset[str] = frozenset(),
+    again: frozenset[str] = frozenset(),
 ) -> Census:
     """Read every page of the app's tasks of this operation and the package's device type,
     model and manufacturer (every status) and index our `targets` (device IDs, or group
@@ -182,7 +197,10 @@ async def take_census(
 
     A retry pass sends devices again on purpose: its census passes `since` (the platform's
     time when the pass started: older tasks are not indexed) and `ignore` (the operationIds
-    of earlier passes), so it adopts only tasks made for the pass itself.
+    of earlier passes), so it adopts only tasks made for the pass itself. A run's census
+    passes the passes' operationIds as `again`: they sent their devices again on purpose, so
+    they are no duplicates, yet a device they hold has its outcome there when they are its
+    newest task (`Census.operation_of`).
 
     Costs ceil(tasks / 100) list calls, plus one probe call per task that holds our targets
     when neither the reply nor the journal tells its package. Raises PlatformCallError."""
@@ -229,9 +247,10 @@ async def take_census(
             if verdict is Match.OTHER:
                 census.other_package += len(ours)
             elif verdict is Match.SAME:
-                entry = (task.create_time, task.operation_id)
+                entry = (task.create_time or "", census.tasks_listed, task.operation_id)
+                again_ = task.operation_id in again
                 for target in ours:
-                    census._hold(target, entry)
+                    census._hold(target, entry, again_)
             elif verdict is Match.UNKNOWN:
                 for target in ours:
                     census.unknown.setdefault(target, []).append(task.operation_id)
@@ -278,7 +297,7 @@ def plan_adoption(
         operation_id = census.operation_of(member)
         key = (operation_id, CONFIRMED) if operation_id is not None else None
         if key is None and unknown is UnknownTasks.SKIP and member in census.unknown:
-            key = (census.unknown[member][0], UNCONFIRMED)
+            key = (census.unknown[member][-1], UNCONFIRMED)  # the newest (list order)
         if key is None:
             rest.append(member)
         else:

@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -379,9 +379,11 @@ async def open_census(
     targets = census_targets(journal, run_id, session.loaded)
     horizon = session.plan.platform.request_timeout + session.plan.execution.settle
     clock = session.client.clock
-    retried = journal.retry_operations()  # retry passes sent their devices again on purpose
+    # retry passes sent their devices again on purpose: no duplicates, and where one holds
+    # a device it is that device's newest task (its outcome; census.Census.operation_of)
+    retried = journal.retry_operations()
     census = await take_census(
-        judge, session.operation, session.loaded.fleet.kind, targets, ignore=retried
+        judge, session.operation, session.loaded.fleet.kind, targets, again=retried
     )
     for _ in range(FOREIGN_ROUNDS):
         taken = clock.now()
@@ -395,7 +397,7 @@ async def open_census(
         )
         await sleep(horizon)
         census = await take_census(
-            judge, session.operation, session.loaded.fleet.kind, targets, ignore=retried
+            judge, session.operation, session.loaded.fleet.kind, targets, again=retried
         )
         if census.newest_foreign == fresh:
             break
@@ -707,13 +709,13 @@ class Rollout:
         if retry_pass is None:
             kind = self.session.loaded.fleet.kind
             targets = census_targets(journal, run_id, self.session.loaded)
-            since, ignore = None, journal.retry_operations()
+            since, ignore, again = None, frozenset[str](), journal.retry_operations()
         else:
             kind, targets = "devices", pass_targets(journal, run_id, retry_pass)
-            since = retry_pass.platform_start
+            since, again = retry_pass.platform_start, frozenset()
             ignore = journal.operations_outside(run_id, retry_pass.wave)
         census = await take_census(
-            judge, self.session.operation, kind, targets, since=since, ignore=ignore
+            judge, self.session.operation, kind, targets, since=since, ignore=ignore, again=again
         )
         summary = census.summary() | ({"pass": retry_pass.pass_no} if retry_pass else {})
         by_device: dict[str, list[str]] | None = None
@@ -724,12 +726,19 @@ class Rollout:
         _record_duplicates(journal, run_id, census, self.options, self.notice, by_device)
 
     async def _judge(self, wave: int, gate: GateSection) -> tuple[Verdict, str, WaveCounts]:
-        """The gate's verdict on the journal's counts. A verdict that would decide while
-        failed devices of the wave are not all known is judged again once they are: an
-        already-current device is counted as failed by the platform's counters."""
+        """The gate's verdict on the journal's counts. Successes whose version is not checked
+        yet count as not finished; when counting them as upgrades would give another verdict,
+        they are read (`learn_successes`) and the gate judges again. A verdict that would
+        decide while failed devices of the wave are not all known is judged again once they
+        are: an already-current device is counted as failed by the platform's counters."""
         journal, run_id = self.session.journal, self.session.run_id
         counts = journal.wave_counts(run_id, wave)
         verdict, reason = evaluate(gate, counts)
+        if counts.unverified:
+            hoped, _ = evaluate(gate, replace(counts, unverified=0))
+            if hoped is not verdict and await self.monitor.learn_successes(wave):
+                counts = journal.wave_counts(run_id, wave)
+                verdict, reason = evaluate(gate, counts)
         if verdict is not Verdict.WAIT and await self.monitor.learn_failures(wave):
             counts = journal.wave_counts(run_id, wave)
             verdict, reason = evaluate(gate, counts)

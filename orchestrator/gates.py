@@ -4,7 +4,10 @@ A gate looks at the *devices* of its wave that are in upgrade tasks — for a gr
 tasks' own device counts (`staResult.total`), never the number of groups — and judges only
 real outcomes (`outcomes`): a device already on the package's version is neither failed nor
 upgraded and leaves the base; a device whose subtask succeeded but reports another version is
-failed. Quarantined targets never reached the platform and say nothing about the image.
+failed. A success not yet version-checked (counted by a running task, its subtask not read
+since) is not finished: a gate never passes or soaks on successes it has not checked (the
+engine reads them when they would change the verdict; `monitor.learn_successes`).
+Quarantined targets never reached the platform and say nothing about the image.
 
 - it **fails** once the failure share of the finished devices exceeds `max_failed`, judged
   only when at least `min_sample` devices have finished (or the whole wave has): AWS IoT
@@ -42,6 +45,8 @@ def evaluate(gate: GateSection, counts: WaveCounts) -> tuple[Verdict, str]:
     all_final = counts.tasks > 0 and counts.final_tasks == counts.tasks
     sample_ok = finished >= gate.min_sample or all_final or base == 0
     current = f", {counts.already_current} already current" if counts.already_current else ""
+    if counts.unverified:
+        current += f", {counts.unverified} succeeded with the version not checked yet"
     if gate.max_failed is not None and finished and sample_ok:
         share = failed / finished
         if share > gate.max_failed:

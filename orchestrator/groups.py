@@ -270,7 +270,7 @@ async def device_duplicates(
     device is suspect."""
     ops_of: dict[str, set[str]] = {}
     created: dict[str, str] = {}
-    for target, (create_time, operation_id) in census.holder.items():
+    for target, (create_time, _, operation_id) in census.holder.items():
         created.setdefault(operation_id, create_time)
         ops = {operation_id, *census.extra.get(target, [])}
         for device in members.get(target, [target]):

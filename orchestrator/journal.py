@@ -317,7 +317,9 @@ class WaveCounts:
     Device counts come from the tasks' `staResult` (devices, whatever the targets are),
     corrected by what the monitor learned of single subtasks: `already_current` of the
     `failed` found the device on the package's version (neither failed nor upgraded), and
-    `mismatched` of the `succeeded` report another version (failed)."""
+    `mismatched` of the `succeeded` report another version (failed). `unverified` of the
+    `succeeded` are in tasks still running whose success pages were not read since: their
+    version is not checked yet, so they count as not finished (neither upgraded nor failed)."""
 
     targets: int  # the wave's targets: devices, or groups for a group fleet
     submitted: int  # targets in submitted chunks
@@ -331,6 +333,7 @@ class WaveCounts:
     kind: str = "devices"
     task_devices: int = 0  # Σ staResult.total of the observed tasks
     submitted_tasks: int = 0  # tasks the submitted chunks are in
+    unverified: int = 0  # devices, staResult success not yet read (version unchecked)
 
     @property
     def devices(self) -> int | None:
@@ -342,7 +345,8 @@ class WaveCounts:
 
     @property
     def upgraded(self) -> int:
-        return self.succeeded - self.mismatched
+        """Devices whose success was read and whose reported version is the package's."""
+        return self.succeeded - self.mismatched - self.unverified
 
     @property
     def real_failed(self) -> int:
@@ -1228,6 +1232,43 @@ class Journal:
             )
         return sum(1 for row in rows if row[-1] == Outcome.ALREADY_CURRENT.value)
 
+    def record_successes(
+        self,
+        run_id: int,
+        operation_id: str,
+        results: list[SubOperation],
+        version: str,
+        *,
+        keep_upgraded: bool = False,
+    ) -> int:
+        """The succeeded subtasks of a task still running, each version-checked
+        (`outcomes.classify`): the mismatched are kept as rows, the upgraded counted on the
+        task (`verified`/`unreported`, as `record_device_results` does once it is final).
+        Returns how many report another version."""
+        from .outcomes import Outcome, classify
+
+        verified = unreported = mismatched = 0
+        rows = []
+        for r in results:
+            reported = r.reported_version
+            outcome = classify(r.status, r.detail, reported, bool(r.start_time), version)
+            if outcome is Outcome.UPGRADED:
+                verified += reported is not None
+                unreported += reported is None
+                if not keep_upgraded:
+                    continue
+            else:
+                mismatched += 1
+            rows.append(self._result_row(run_id, operation_id, r, outcome))
+        with self._tx() as db:
+            db.executemany(self._RESULT_INSERT, rows)
+            db.execute(
+                "UPDATE tasks SET verified=?, unreported=? WHERE run_id=? AND operation_id=?"
+                " AND details_fetched=0",
+                (verified, unreported, run_id, operation_id),
+            )
+        return mismatched
+
     _RESULT_INSERT = (
         "INSERT OR REPLACE INTO device_results (run_id, device_id, operation_id, status,"
         " detail, version, start_time, stop_time, outcome) VALUES (?,?,?,?,?,?,?,?,?)"
@@ -1278,7 +1319,12 @@ class Journal:
         return [WaveRow(*row) for row in rows]
 
     def wave_counts(self, run_id: int, wave: int) -> WaveCounts:
-        targets, submitted, quarantined, submitted_tasks, kind = self._db.execute(
+        return self.count_wave(self._db, run_id, wave)
+
+    @staticmethod
+    def count_wave(db: sqlite3.Connection, run_id: int, wave: int) -> WaveCounts:
+        """The wave's counts from a journal's connection (a read-only one too: status)."""
+        targets, submitted, quarantined, submitted_tasks, kind = db.execute(
             "SELECT (SELECT target_count FROM waves WHERE run_id=?1 AND wave=?2),"
             " (SELECT COALESCE(SUM(member_count), 0) FROM chunks"
             "   WHERE run_id=?1 AND wave=?2 AND state='submitted'),"
@@ -1290,33 +1336,100 @@ class Journal:
             " (SELECT kind FROM chunks WHERE run_id=?1 AND wave=?2 LIMIT 1)",
             (run_id, wave),
         ).fetchone()
-        tasks, final, succeeded, failed, devices = self._db.execute(
+        shared = Journal._shared_tasks(db, run_id, wave)
+        outside = f" AND t.operation_id NOT IN ({','.join('?' * len(shared))})"
+        tasks, final, succeeded, failed, devices = db.execute(
             "SELECT COUNT(*), COALESCE(SUM(final), 0), COALESCE(SUM(succeeded), 0),"
-            " COALESCE(SUM(failed + stopped), 0), COALESCE(SUM(total), 0) FROM tasks"
-            " WHERE run_id=? AND wave=?",
-            (run_id, wave),
+            " COALESCE(SUM(failed + stopped), 0), COALESCE(SUM(total), 0) FROM tasks t"
+            " WHERE run_id=? AND wave=?" + outside,
+            (run_id, wave, *shared),
         ).fetchone()
-        already, mismatched = self._db.execute(
+        # a running task's successes read so far: `verified` + `unreported` (set when its
+        # success pages were read) + its version-mismatch rows
+        unverified = db.execute(
+            "SELECT COALESCE(SUM(MAX(0, t.succeeded - t.verified - t.unreported - ("
+            "  SELECT COUNT(*) FROM device_results d WHERE d.run_id=t.run_id"
+            "  AND d.operation_id=t.operation_id AND d.outcome='version-mismatch'))), 0)"
+            " FROM tasks t WHERE t.run_id=? AND t.wave=? AND t.details_fetched=0",
+            (run_id, wave),
+        ).fetchone()[0]
+        already, mismatched = db.execute(
             "SELECT COALESCE(SUM(d.outcome='already-current'), 0),"
             " COALESCE(SUM(d.outcome='version-mismatch'), 0) FROM device_results d"
             " JOIN tasks t ON t.run_id=d.run_id AND t.operation_id=d.operation_id"
-            " WHERE d.run_id=? AND t.wave=?",
-            (run_id, wave),
+            " WHERE d.run_id=? AND t.wave=?" + outside,
+            (run_id, wave, *shared),
         ).fetchone()
+        tasks, final, devices = int(tasks) + len(shared), int(final) + len(shared), int(devices)
+        succeeded, failed, already, mismatched = (
+            int(succeeded),
+            int(failed),
+            int(already),
+            int(mismatched),
+        )
+        for operation_id, members in shared.items():
+            results = dict(
+                db.execute(
+                    "SELECT device_id, outcome FROM device_results WHERE run_id=?"
+                    " AND operation_id=?",
+                    (run_id, operation_id),
+                ).fetchall()
+            )
+            devices += len(members)
+            for device in members:
+                outcome = results.get(device) or "upgraded"  # read, no row: upgraded
+                succeeded += outcome in ("upgraded", "version-mismatch")
+                failed += outcome not in ("upgraded", "version-mismatch")
+                already += outcome == "already-current"
+                mismatched += outcome == "version-mismatch"
         return WaveCounts(
             int(targets or 0),
             int(submitted),
             int(quarantined),
-            int(tasks),
-            int(final),
-            int(succeeded),
-            int(failed),
-            already_current=int(already),
-            mismatched=int(mismatched),
+            tasks,
+            final,
+            succeeded,
+            failed,
+            already_current=already,
+            mismatched=mismatched,
             kind=str(kind or "devices"),
-            task_devices=int(devices),
+            task_devices=devices,
             submitted_tasks=int(submitted_tasks),
+            unverified=int(unverified),
         )
+
+    @staticmethod
+    def _shared_tasks(db: sqlite3.Connection, run_id: int, wave: int) -> dict[str, list[str]]:
+        """operationId → the wave's devices in it, of the read tasks that hold other devices
+        too (a task adopted for part of its devices: the census gave the rest a newer task,
+        a retry pass's task spans waves, a task names devices not in this plan). Their
+        counters (`staResult`) speak for devices that are not the wave's, so the wave counts
+        them device by device from the subtasks read; a running one is counted by its
+        counters until it is read."""
+        shared: dict[str, list[str]] = {}
+        for operation_id, members in db.execute(
+            "SELECT c.operation_id, GROUP_CONCAT(c.members, char(10)) FROM chunks c"
+            " JOIN tasks t ON t.run_id=c.run_id AND t.operation_id=c.operation_id"
+            " WHERE c.run_id=? AND c.wave=? AND c.state='submitted' AND c.kind='devices'"
+            " AND t.final=1 AND t.details_fetched=1"
+            " GROUP BY c.operation_id HAVING SUM(c.member_count) != MAX(t.total)",
+            (run_id, wave),
+        ):
+            shared[str(operation_id)] = str(members).split("\n")
+        return shared
+
+    def unseen_successes(self, run_id: int, wave: int) -> list[str]:
+        """operationIds of the wave's running tasks whose successes are not all read (the
+        counters show more than were read): a gate about to decide on them asks for these."""
+        rows = self._db.execute(
+            "SELECT t.operation_id FROM tasks t WHERE t.run_id=? AND t.wave=?"
+            " AND t.details_fetched=0 AND t.succeeded > t.verified + t.unreported + ("
+            "  SELECT COUNT(*) FROM device_results d WHERE d.run_id=t.run_id"
+            "  AND d.operation_id=t.operation_id AND d.outcome='version-mismatch')"
+            " ORDER BY t.chunk_id",
+            (run_id, wave),
+        ).fetchall()
+        return [str(row[0]) for row in rows]
 
     def unseen_failures(self, run_id: int, wave: int) -> list[str]:
         """operationIds of the wave's tasks whose failed devices are not all known yet (the
@@ -1458,28 +1571,33 @@ class Journal:
         """Devices whose latest outcome — in the newest pass that holds them — is one of
         `wanted` (outcomes.Outcome values, plus `never-started`: timed out, or stopped before
         starting), in the order of their first chunk. Only kept subtask rows can qualify: an
-        upgraded device of a read task has none."""
+        upgraded device of a read task has none. A row counts only from the task of the
+        device's own chunk in its newest pass: a task adopted for other devices may name it
+        too (its older task, when a retry pass holds it now) — never its outcome."""
         from .outcomes import Outcome
 
-        latest: dict[str, str] = {}  # device → operationId of its newest pass
-        for members, operation_id in self._db.execute(
-            "SELECT c.members, c.operation_id FROM chunks c JOIN passes p"
-            " ON p.run_id=c.run_id AND p.wave=c.wave WHERE c.run_id=? AND c.state='submitted'"
-            " ORDER BY p.pass_no",
-            (run_id,),
-        ):
-            for device in members.split("\n"):
-                latest[device] = operation_id
-        chosen: list[str] = []
-        for device, operation_id, outcome, start in self._db.execute(
+        rows = self._db.execute(
             "SELECT d.device_id, d.operation_id, d.outcome, d.start_time FROM device_results d"
             " JOIN chunks c ON c.run_id=d.run_id AND c.operation_id=d.operation_id"
             " WHERE d.run_id=? AND c.state='submitted' GROUP BY d.device_id, d.operation_id"
             " ORDER BY MIN(c.chunk_id)",
             (run_id,),
+        ).fetchall()
+        candidates = {str(row[0]) for row in rows}
+        latest: dict[str, str] = {}  # device → operationId of its chunk in its newest pass
+        for members, operation_id in self._db.execute(
+            "SELECT c.members, c.operation_id FROM chunks c LEFT JOIN passes p"
+            " ON p.run_id=c.run_id AND p.wave=c.wave WHERE c.run_id=? AND c.state='submitted'"
+            " ORDER BY COALESCE(p.pass_no, 1), c.chunk_id",
+            (run_id,),
         ):
+            for device in members.split("\n"):
+                if device in candidates:
+                    latest[device] = operation_id
+        chosen: list[str] = []
+        for device, operation_id, outcome, start in rows:
             if latest.get(device, operation_id) != operation_id:
-                continue  # a newer pass holds it
+                continue  # its own chunk is in another task: a newer pass, or adopted apart
             never_started = outcome == Outcome.TIMED_OUT or (
                 outcome == Outcome.STOPPED and not start
             )

@@ -13,6 +13,11 @@ succeeded must be read too, not only the failed. The cheapest way the API offers
   calls for a task of nᵢ devices (3 for 256). Filtering by status cannot do better: the
   pages of success, fail and stop cost ⌈s/100⌉ + ⌈f/100⌉ + ⌈t/100⌉ ≥ ⌈nᵢ/100⌉. The rows of
   devices not upgraded are kept; the upgraded are counted on the task;
+- a success counted by a running task's counters is not version-checked, so a gate counts
+  it as not finished; when that changes the verdict (the gate would pass, or would not fail,
+  were those successes upgrades), the gate asks for the succeeded subtasks of the tasks
+  whose success counter grew since last read (`learn_successes`, ⌈sᵢ/100⌉ calls each) and
+  judges again on checked versions — so a gate never passes or soaks on unchecked successes;
 - a gate that is about to pass or fail while tasks of its wave still run asks for their
   failed subtasks (`learn_failures`) — only then, only for tasks whose failure counter grew
   since, because an already-current device counts as failed in the counters but is neither
@@ -24,7 +29,9 @@ succeeded must be read too, not only the failed. The cheapest way the API offers
 The bound (`bench/monitor_calls.py`): seeing T final statuses takes ⌈T/100⌉ list calls, and
 reading every device of task i takes ⌈nᵢ/100⌉ subtask calls, so the least any client can
 spend is `⌈T/100⌉ + Σᵢ ⌈nᵢ/100⌉` (about 3 calls per 256-device task); the monitor adds the
-polls that found tasks still running and the gate's failed-subtask pages.
+polls that found tasks still running and the gate's failed- and succeeded-subtask pages (the
+latter only on a judgement whose verdict depends on them: in a gate that then passes, once;
+docs/monitoring-and-reports.md).
 
 All of it at `Priority.MONITOR`, so submission goes first in the shared pacing.
 """
@@ -152,6 +159,27 @@ class Monitor:
             self.session.package.version,
             keep_upgraded=self.session.loaded.fleet.kind == "groups",
         )
+
+    async def learn_successes(self, wave: int) -> int:
+        """The succeeded subtasks of the wave's running tasks whose success counter grew since
+        they were last read, version-checked (a gate whose verdict hinges on successes not
+        yet checked reads them: a device the platform rolled back, or that reports another
+        version, is failed, not upgraded). ⌈sᵢ/100⌉ calls for a task with sᵢ successes.
+        Returns the tasks read."""
+        journal, run_id = self.session.journal, self.session.run_id
+        operations = journal.unseen_successes(run_id, wave)
+        for operation_id in operations:
+            results = await self.session.client.sub_operations(operation_id, Status.SUCCEEDED)
+            journal.record_successes(
+                run_id,
+                operation_id,
+                results,
+                self.session.package.version,
+                keep_upgraded=self.session.loaded.fleet.kind == "groups",
+            )
+        if operations:
+            journal.add_calls(run_id, self.session.client.take_call_counts())
+        return len(operations)
 
     async def learn_failures(self, wave: int) -> int:
         """The failed subtasks of the wave's tasks whose failure counter grew since they were

@@ -175,7 +175,8 @@ def wave_summaries(
     `retried_outcomes`); a pass counts its own devices' outcomes in it. From the tasks'
     counters (`staResult`), corrected by the subtasks the monitor read (already current,
     version mismatch)."""
-    outcomes = _outcomes(db, run_id) if _has_column(db, "device_results", "outcome") else {}
+    schema_3 = _has_column(db, "device_results", "outcome")
+    outcomes = _outcomes(db, run_id) if schema_3 else {}
     retry_passes = (
         {
             int(wave): (pass_no, json.loads(states), status, targets, reason)
@@ -204,6 +205,11 @@ def wave_summaries(
             (run_id, wave),
         ).fetchone()
         current, mismatched = outcomes.get(wave, (0, 0))
+        upgraded, failed = w_succeeded - mismatched, max(0, w_failed - current) + mismatched
+        if schema_3:  # as the gates count: versions checked, each device by its newest task
+            counts = Journal.count_wave(db, run_id, wave)
+            upgraded, failed = counts.upgraded, counts.real_failed
+            current, w_devices = counts.already_current, counts.task_devices
         retry = retry_passes.get(wave)
         # a plan wave: its devices by final outcome (a retried device's latest pass's);
         # a pass: its own devices' outcomes in it
@@ -215,8 +221,8 @@ def wave_summaries(
                 "targets": targets,
                 "in_tasks": in_tasks,  # targets: devices, or groups for a group fleet
                 "devices": w_devices,  # in the wave's tasks (staResult.total)
-                "succeeded": w_succeeded - mismatched + final.get("upgraded", 0),
-                "failed": max(0, w_failed - current) + mismatched + final.get("failed", 0),
+                "succeeded": upgraded + final.get("upgraded", 0),
+                "failed": failed + final.get("failed", 0),
                 "already_current": current + final.get("already_current", 0),
                 "gate": gate,
                 "gate_reason": reason,

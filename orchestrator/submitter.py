@@ -19,7 +19,7 @@ For each chunk, in order, under the shared pacing:
    type and the chunk's first deviceId, and keeps the tasks that hold exactly the chunk's
    targets and carry our package (`census.PackageJudge`); a task whose package the platform
    does not tell is taken as ours only when its createTime, on the platform's measured
-   clock, is not older than our first intent. Found → adopt the oldest match; absent →
+   clock, is not older than our first intent. Found → adopt the newest match; absent →
    what the run's census found of the chunk is adopted, the rest is sent again.
 
 A run of identical failures stops the run rather than burn the budget. Refusals that are not
@@ -42,6 +42,18 @@ offending targets among n — 12.5 on average and 16 at most for one bad target 
 per target when bad targets crowd a chunk. `execution.max_bisect_share` caps the creates
 spent bisecting at that multiple of the run's planned creates (one per chunk); past it the
 run stops (exit 1) with the reason and the count quarantined so far.
+
+**The package's fault, not a device's.** 123002 means "device *or package file* not found"
+(platform-api.md §3.4): a package deleted during the run (§3.3) makes the platform refuse
+every create with it, and bisection would quarantine good meters. So before a chunk refused
+with a code in `PACKAGE_CODES` is bisected, and before a single target is quarantined for
+one, the package is looked up once (`GET /category/{fileId}`, §3.2). Gone (404/123002) → the
+run stops at once (exit 1) with one line naming the fix, quarantining nothing; there → the
+refusal is the devices'. A look-up that found the package clears every refusal of a create
+sent before it (a deleted package never comes back under its fileId), so concurrent refusals
+share one call: at most one call per refused chunk and per quarantined target, beyond the
+bisection's creates. (123016 names a device whose model is not the package's; a deleted
+package answers 123002 first, §3.4's order, so 123016 is never the package's fault.)
 """
 
 from __future__ import annotations
@@ -86,6 +98,7 @@ from .session import RunSession, operation_type
 log = structlog.get_logger("orchestrator.submitter")
 
 DEVICE_LEVEL_CODES = frozenset({"123002", "123016"})
+PACKAGE_CODES = frozenset({"123002"})  # device-level refusals that a missing package also gives
 START_LEAD = 2.0  # seconds: a custom window's start must not have passed when the create arrives
 MIN_WINDOW_SECONDS = 300.0
 RETRY_PAUSE = 1.0
@@ -206,6 +219,10 @@ class Submitter:
         self._policy = Policy.model_validate(policy or session.plan.policy.wire())
         self._census = census or CensusView(None, PackageJudge(session.client, session.package, {}))
         self._sleep = sleep
+        # monotonic time a package look-up that found the package started: refusals of
+        # creates sent before it are the devices' own (`_check_package`)
+        self._package_seen = float("-inf")
+        self._package_lock = asyncio.Lock()
 
     # ---- the run -----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -335,9 +352,11 @@ class Submitter:
     async def _submit(self, chunk: Chunk) -> None:
         attempt: int | None = None
         bisecting = is_bisection_part(chunk.chunk_id)
+        sent = time.monotonic()
 
         def journal_intent() -> None:
-            nonlocal attempt
+            nonlocal attempt, sent
+            sent = time.monotonic()
             clock = self.session.client.clock
             on_platform = clock.now() if clock.measured else None
             if attempt is None:
@@ -371,7 +390,7 @@ class Submitter:
             if attempt is None:
                 await self._never_sent(chunk, error)
             else:
-                await self._failed(chunk, attempt, error)
+                await self._failed(chunk, attempt, error, sent)
             return
         assert attempt is not None
         self.session.journal.record_created(
@@ -414,7 +433,9 @@ class Submitter:
             await self._sleep(RETRY_PAUSE)
         self._enqueue(chunk)
 
-    async def _failed(self, chunk: Chunk, attempt: int, error: PlatformCallError) -> None:
+    async def _failed(
+        self, chunk: Chunk, attempt: int, error: PlatformCallError, sent: float
+    ) -> None:
         status = error.status if isinstance(error, PlatformError) else None
         code = error.code if isinstance(error, PlatformError) else type(error).__name__
         detail = str(error)
@@ -445,6 +466,10 @@ class Submitter:
                 "; fix the cause, then `rollout resume` sends it again"
             )
         if device_level:
+            if code in PACKAGE_CODES and (
+                len(chunk.members) == 1 or not is_bisection_part(chunk.chunk_id)
+            ):
+                await self._check_package(chunk, code, sent)  # the refused chunk stays pending
             # the bisection's own work, bounded by max_bisect_share: not a failure streak
             assert isinstance(error, PlatformError)
             self._release(chunk.chunk_id, refused_there=False)
@@ -469,6 +494,31 @@ class Submitter:
             await self.session.client.wait_until_reachable()
             if not error.may_have_taken_effect:
                 self._enqueue(chunk)
+
+    async def _check_package(self, chunk: Chunk, code: str, sent: float) -> None:
+        """Before bisecting a chunk refused with `code` (or quarantining its one target): is
+        the package still on the platform? One `GET /category/{fileId}` (§3.2), unless a
+        look-up that found it started after this create was sent. Raises RunAborted when the
+        package is gone (404/123002): nothing is quarantined, the chunk stays to send."""
+        async with self._package_lock:
+            if sent < self._package_seen:
+                return
+            started = time.monotonic()
+            package = self.session.package
+            try:
+                await self.session.client.get_package(package.file_id)
+            except BadRequest as exc:
+                if exc.code != "123002":
+                    raise
+                raise RunAborted(
+                    f"the package {package.file_id} (version {package.version}) is no longer "
+                    f"on the platform (GET /category/{package.file_id}: {exc.code}; deleted "
+                    f"during the run?), so every create is refused ({code} for chunk "
+                    f"{chunk.chunk_id}); nothing was quarantined. Upload the package again, "
+                    "point the plan's [firmware] at it, then `rollout run PLAN --new-run` "
+                    "(devices already in a task are adopted, not sent)"
+                ) from None
+            self._package_seen = started
 
     def _count_failure(self, code: str | None, detail: str) -> None:
         if code == self._last_failure:
@@ -560,11 +610,13 @@ class Submitter:
             self._enqueue(adoption.remainder)
 
     async def find_existing(self, chunk: Chunk) -> list[str]:
-        """operationIds of tasks on the platform that are exactly this chunk with our package
-        (oldest first)."""
+        """operationIds of tasks on the platform that are exactly this chunk with our package,
+        newest first — by createTime, then by the list's creation order (§3.7): the chunk's
+        devices have their outcome in the newest, which is adopted; the others are
+        duplicates."""
         members = set(chunk.members)
         first_intent = self.session.journal.first_intent(self.session.run_id, chunk.chunk_id)
-        matches: list[tuple[str, str]] = []
+        matches: list[tuple[str, int, str]] = []
         page_no = 0
         while True:
             if chunk.kind == "devices":
@@ -586,11 +638,11 @@ class Submitter:
                 )
             for task in page.items:
                 if await self._matches(task, chunk.kind, members, first_intent):
-                    matches.append((task.create_time, task.operation_id))
+                    matches.append((task.create_time or "", len(matches), task.operation_id))
             if not page.items or (page_no + 1) * (page.page_size or 1) >= page.total:
                 break
             page_no += 1
-        return [operation_id for _, operation_id in sorted(matches)]
+        return [operation_id for _, _, operation_id in sorted(matches, reverse=True)]
 
     async def _matches(
         self,

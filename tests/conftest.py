@@ -61,7 +61,8 @@ class RawPlatform:
             params=params,
             headers=self.headers() if headers is None else headers,
         ) as reply:
-            body = await reply.json() if reply.status != 204 else None
+            empty = reply.status == 204 or reply.content_length == 0  # e.g. §3.3's 200
+            body = None if empty else await reply.json()
             return reply.status, body, reply
 
     async def admin(self, path: str, json: Any = None) -> Any:

@@ -15,7 +15,7 @@ from orchestrator.errors import InputError, RunHalted
 from orchestrator.journal import ADDED_COLUMNS, Approval, approve_wave
 from orchestrator.plan import load_plan
 from orchestrator.report import collect
-from orchestrator.simulator import FaultConfig, SimulatorConfig, SimulatorServer
+from orchestrator.simulator import SimulatorConfig, SimulatorServer
 from orchestrator.status import read_status
 
 from .conftest import SECRET
@@ -62,20 +62,21 @@ def test_approval_covers_only_its_verdict_or_better(
 
 async def test_approved_gate_halts_again_on_a_worse_verdict(tmp_path: Path) -> None:
     """A manual gate approved while it passed halts again when, by the resume, the canary
-    fails its max_failed (devices that succeeded but report the old version); approving that
-    verdict lets the run go on. `rollout approve` refuses a wave that is unknown or does not
-    wait (exit 2, naming the waves) and says what it approved."""
-    config = SimulatorConfig(
-        tls=False,
-        devices=6000,
-        seed=9,
-        speed=300,  # the canary's 20 % → 100 % takes ~5 s: the gate passes well before
-        rate_limit=(5000, 1.0),
-        failure_rate=0.0,
-        faults=FaultConfig(rollback_rate=0.3),
-    )
+    fails its max_failed (meters that never came online time out after the platform's 4 h);
+    approving that verdict lets the run go on. `rollout approve` refuses a wave that is
+    unknown or does not wait (exit 2, naming the waves) and says what it approved."""
+    speed = 2000  # the canary's upgrades end within ~1.1 s, its silent meters' at ~7.2 s
+    config = SimulatorConfig(tls=False, devices=24000, seed=9, speed=speed, rate_limit=(5000, 1.0))
     async with SimulatorServer(config) as sim:
-        devices = devices_of(sim, "WM-200", 400)
+        meters = [
+            d
+            for d in sim.fleet.devices.values()
+            if d.model.model == "WM-200" and d.version != "2.1.0"  # none already current
+        ]
+        silent = [d.device_id for d in meters if d.never_online][:36]
+        online = [d.device_id for d in meters if not d.never_online][:364]
+        devices = [d for pair in zip(online, silent, strict=False) for d in pair]
+        devices += online[len(silent) :]  # the canary: 36 silent meters among its 256
         monitor = "follow = true\npoll_interval = 0.1\nmax_poll_interval = 0.2"
         plan = write_plan(tmp_path, sim, devices, monitor=monitor, waves=MANUAL_GATE)
         journal = tmp_path / "j.sqlite"
@@ -104,8 +105,8 @@ async def test_approved_gate_halts_again_on_a_worse_verdict(tmp_path: Path) -> N
         )
 
         canary = sim.platform.tasks[0]  # looked at by the gate: its devices' fates are known
-        # by the resume, every device of the canary finished (300 simulated s a real second)
-        await asyncio.sleep(max(0.0, canary.final_time - sim.platform.now()) / 300 + 0.2)
+        # by the resume, every device of the canary finished (its silent meters timed out)
+        await asyncio.sleep(max(0.0, canary.final_time - sim.platform.now()) / speed + 0.2)
         assert canary.status_at(sim.platform.now()) in ("success", "failed")
         with pytest.raises(RunHalted, match="failed its gate"):
             await execute(load_plan(plan), RunOptions(journal=journal, resume_only=True))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+import sqlite3
 import uuid
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from orchestrator.engine import RunOptions, execute
@@ -15,9 +18,9 @@ from orchestrator.planner import CHUNK_SIZE, bisection_bound
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
 from orchestrator.status import read_status
 
-from .conftest import SECRET
+from .conftest import SECRET, UPGRADE, RawPlatform
 from .enginehelpers import SECRET_ENV, device_sets, write_plan
-from .simhelpers import devices_of
+from .simhelpers import devices_of, newest_package
 
 
 @pytest.fixture(autouse=True)
@@ -71,6 +74,8 @@ async def test_ten_thousand_devices_with_seven_percent_bad(tmp_path: Path) -> No
     bound = _bound(fleet, set(unknown) | set(wrong_model))
     assert chunks < creates <= chunks + bound
     assert status["status"] == "submitted"
+    # the package is looked up once per refused chunk and quarantined target at most
+    assert sim.platform.stats.calls["getPackage"] - 1 <= chunks + len(quarantined)
 
 
 async def test_bad_devices_bisect_without_tripping_identical_failures(tmp_path: Path) -> None:
@@ -131,3 +136,37 @@ async def test_one_bad_target_costs_between_nine_and_sixteen_creates(
         creates = sim.platform.stats.calls["createTask"]
         assert len(device_sets(sim.platform.truth())) == 255
     assert creates - 1 == extra <= bisection_bound(256, 1)
+
+
+async def test_package_deleted_mid_run_stops_the_run_and_quarantines_nothing(
+    tmp_path: Path,
+) -> None:
+    """A package deleted during the run (every create then refused 123002) stops the run at
+    the first refusal with one line naming the fix: nothing quarantined, nothing bisected."""
+    config = SimulatorConfig(tls=False, devices=6000, seed=5, rate_limit=(10, 1.0))
+    async with SimulatorServer(config) as sim, aiohttp.ClientSession() as http:
+        fleet = devices_of(sim, "WM-200", 1400)  # 6 chunks, ~0.1 s apart
+        plan = write_plan(tmp_path, sim, fleet, execution="concurrency = 1")
+        file_id = newest_package(sim).file_id
+        platform = RawPlatform(sim, http, None)
+
+        async def delete_after_two_creates() -> None:
+            while sim.platform.stats.tasks_created < 2:  # noqa: ASYNC110 - the simulator's count
+                await asyncio.sleep(0.01)
+            await platform.login()
+            status, _, _ = await platform.call("DELETE", f"{UPGRADE}/category/{file_id}")
+            assert status == 200
+
+        deleting = asyncio.create_task(delete_after_two_creates())
+        journal = tmp_path / "j.sqlite"
+        with pytest.raises(RunAborted, match=r"package \w+ .* is no longer on the platform"):
+            await execute(load_plan(plan), RunOptions(journal=journal))
+        await deleting
+        created = sim.platform.stats.tasks_created
+    assert 2 <= created < 6
+    with sqlite3.connect(journal) as db:
+        refused = db.execute("SELECT COUNT(*) FROM attempts WHERE outcome='refused'").fetchone()
+        split = db.execute("SELECT COUNT(*) FROM chunks WHERE state='split'").fetchone()
+    assert (refused[0], split[0]) == (1, 0)  # the first refusal stopped it: no bisection
+    status = read_status(journal, "test-plan")
+    assert status["quarantined"] == [] and status["status"] == "aborted"

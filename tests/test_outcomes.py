@@ -3,6 +3,7 @@ by the version the device reports, against the simulator in fast simulated time.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -15,6 +16,7 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.engine import RunOptions, execute
+from orchestrator.errors import RunHalted, RunWaiting
 from orchestrator.northbound import Status
 from orchestrator.outcomes import Outcome, classify
 from orchestrator.plan import load_plan
@@ -247,3 +249,79 @@ async def test_success_counts_only_with_the_package_version(tmp_path: Path) -> N
     assert all(
         row.upgraded and row.version == "2.1.0" for d, row in rows.items() if d not in mismatched
     )
+
+
+ROLLBACK_CANARY = """
+[[waves]]
+name = "canary"
+count = 256
+[waves.gate]
+min_finished = 0.5
+max_failed = 0.1
+min_sample = 50
+[[waves]]
+name = "rest"
+"""
+
+
+async def test_gate_never_passes_on_successes_not_version_checked(tmp_path: Path) -> None:
+    """A canary whose tasks still run does not pass on counted successes: their versions are
+    read first, so 30 % rolled back devices fail the gate before the canary's task is final."""
+    config = SimulatorConfig(
+        tls=False,
+        devices=4000,
+        seed=9,
+        speed=300,  # the canary's devices finish over ~5 s: the gate judges a running task
+        rate_limit=(5000, 1.0),
+        failure_rate=0.0,
+        faults=FaultConfig(rollback_rate=0.3),
+    )
+    async with SimulatorServer(config) as sim:
+        plan = write_plan(
+            tmp_path,
+            sim,
+            devices_of(sim, "WM-200", 400),
+            monitor="follow = true\npoll_interval = 0.1\nmax_poll_interval = 0.2",
+            waves=ROLLBACK_CANARY,
+        )
+        journal = tmp_path / "j.sqlite"
+        with pytest.raises(RunHalted, match="canary' failed its gate"):
+            await execute(load_plan(plan), RunOptions(journal=journal))
+        assert sim.platform.stats.tasks_created == 1  # nothing of the next wave
+    with sqlite3.connect(journal) as db:
+        final, fetched = db.execute("SELECT final, details_fetched FROM tasks").fetchone()
+        finished, failed = db.execute(
+            "SELECT gate_finished, gate_failed FROM waves WHERE name='canary'"
+        ).fetchone()
+    assert (final, fetched) == (0, 0)  # judged on success pages read while it ran
+    assert read_status(journal, "test-plan")["waves"][0]["gate"] == "failed"
+    assert finished >= 50 and failed > 0.1 * finished
+
+
+async def test_status_counts_no_success_as_upgraded_before_its_version_is_read(
+    tmp_path: Path,
+) -> None:
+    """While a canary's task runs and its gate waits, successes the task counts are not
+    upgraded in `status` (their versions are unread): upgraded only once the task is read."""
+    config = SimulatorConfig(
+        tls=False, devices=4000, seed=9, speed=300, rate_limit=(5000, 1.0), failure_rate=0.0
+    )
+    waves = ROLLBACK_CANARY.replace("min_finished = 0.5", "min_finished = 0.95")
+    async with SimulatorServer(config) as sim:
+        plan = write_plan(
+            tmp_path,
+            sim,
+            devices_of(sim, "WM-200", 400),
+            monitor="follow = true\npoll_interval = 0.1\nmax_poll_interval = 0.2",
+            waves=waves,
+        )
+        journal = tmp_path / "j.sqlite"
+        with pytest.raises(RunWaiting):  # creates the canary's task
+            await execute(load_plan(plan), RunOptions(journal=journal, step=True))
+        await asyncio.sleep(2.5)  # 750 simulated s: the first meters have upgraded
+        with pytest.raises(RunWaiting, match="gate waits"):
+            await execute(load_plan(plan), RunOptions(journal=journal, step=True))
+    with sqlite3.connect(journal) as db:
+        counted, final = db.execute("SELECT succeeded, final FROM tasks").fetchone()
+    assert counted > 0 and not final
+    assert read_status(journal, "test-plan")["waves"][0]["succeeded"] == 0

@@ -185,6 +185,76 @@ async def test_new_run_after_a_retry_pass_reports_no_duplicates(tmp_path: Path) 
     assert status["duplicates"] == 0 and status["status"] == "completed"
 
 
+async def test_new_run_after_a_retry_pass_takes_each_devices_newest_task(tmp_path: Path) -> None:
+    """A --new-run after a retry pass adopts each device's newest task of the package: its
+    outcome is the pass's, and `retry` of the new run sends only what failed there again."""
+    async with _sim(failure_rate=0.3) as sim:
+        devices = devices_of(sim, "WM-200", 600)
+        plan = write_plan(tmp_path, sim, devices, monitor=FAST_MONITOR, settle=0)
+        journal = tmp_path / "j.sqlite"
+        await execute(load_plan(plan), RunOptions(journal=journal))
+        await retry(load_plan(plan), RetryOptions(journal=journal))
+        newest = {d: statuses[-1] for d, statuses in _final_status(sim).items()}
+        retried = {d for d, statuses in _final_status(sim).items() if len(statuses) == 2}
+        assert any(newest[d] == "success" for d in retried)  # upgraded by the pass
+        await execute(load_plan(plan), RunOptions(journal=journal, new_run=True))
+        rows = {row.device_id: row for row in collect(journal, "test-plan").devices()}
+        assert {d for d, row in rows.items() if row.upgraded} == {
+            d for d in devices if newest[d] == "success"
+        }
+        before = device_sets(sim.platform.truth())
+        result = await retry(load_plan(plan), RetryOptions(journal=journal))
+        again = {d for d, n in device_sets(sim.platform.truth()).items() if n > before.get(d, 0)}
+    assert result.targets == len(again)
+    assert again == {d for d in devices if newest[d] == "fail"}
+
+
+STRICT_CANARY = """
+[[waves]]
+name = "canary"
+count = 256
+[waves.gate]
+min_finished = 0.9
+max_failed = 0.1
+min_sample = 50
+[[waves]]
+name = "rest"
+"""
+
+
+async def test_new_run_after_a_retry_pass_judges_its_gates_on_the_newest_tasks(
+    tmp_path: Path,
+) -> None:
+    """After retry passes upgraded most of the canary's failed meters, a --new-run's canary
+    gate (and `status`) counts each device once, by its newest task: it passes where the
+    first task's failures alone would fail it, and nothing is sent."""
+    async with _sim(failure_rate=0.25) as sim:
+        devices = devices_of(sim, "WM-200", 600)
+        plan = write_plan(tmp_path, sim, devices, monitor=FAST_MONITOR, settle=0)
+        journal = tmp_path / "j.sqlite"
+        await execute(load_plan(plan), RunOptions(journal=journal))
+        await retry(load_plan(plan), RetryOptions(journal=journal))
+        await retry(load_plan(plan), RetryOptions(journal=journal))
+        newest = {d: statuses[-1] for d, statuses in _final_status(sim).items()}
+        canary_failed = sum(newest[d] == "fail" for d in devices[:256])
+        assert (
+            canary_failed
+            < 0.1 * 256
+            < sum(_final_status(sim)[d][0] == "fail" for d in devices[:256])
+        )
+        plan.write_text(plan.read_text() + STRICT_CANARY)
+        creates = sim.platform.stats.calls["createTask"]
+        await execute(load_plan(plan), RunOptions(journal=journal, new_run=True))
+        assert sim.platform.stats.calls["createTask"] == creates
+    with sqlite3.connect(journal) as db:
+        gate, finished, failed = db.execute(
+            "SELECT gate_state, gate_finished, gate_failed FROM waves WHERE run_id=2 AND wave=0"
+        ).fetchone()
+    assert (gate, finished, failed) == ("passed", 256, canary_failed)
+    canary = read_status(journal, "test-plan")["waves"][0]  # status counts as the gate does
+    assert (canary["succeeded"], canary["failed"]) == (256 - canary_failed, canary_failed)
+
+
 async def test_retry_waits_for_a_finished_run_and_is_judged_by_the_last_gate(
     tmp_path: Path,
 ) -> None:

@@ -179,11 +179,12 @@ async def test_every_model_has_two_firmware_packages(raw: RawPlatform) -> None:
     assert per_model and min(per_model.values()) >= 2
 
 
-async def test_delete_package_answers_204_then_404(raw: RawPlatform) -> None:
-    """Deleting a package answers 204 without body; the package is then gone."""
+async def test_delete_package_answers_200_then_404(raw: RawPlatform) -> None:
+    """Deleting a package answers 200 without body (platform-api.md §3.3); it is then gone."""
     await raw.login()
     file_id = newest_package(raw.server, "GM-10").file_id
-    assert (await raw.call("DELETE", f"{CATEGORY}/{file_id}"))[0] == 204
+    status, _, reply = await raw.call("DELETE", f"{CATEGORY}/{file_id}")
+    assert (status, reply.content_length) == (200, 0)
     status, body, _ = await raw.call("GET", f"{CATEGORY}/{file_id}")
     assert (status, body["error_code"]) == (404, "123002")
 

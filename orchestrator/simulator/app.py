@@ -196,8 +196,9 @@ async def get_package(request: web.Request) -> web.Response:
 
 
 async def delete_package(request: web.Request) -> web.Response:
+    """§3.3: 200 OK with no body (the reference's words; not 204)."""
     _platform(request).delete_package(request.match_info["file_id"])
-    return web.Response(status=204)
+    return web.Response(status=200)
 
 
 # ---- tasks -------------------------------------------------------------------------------------
