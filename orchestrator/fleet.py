@@ -220,10 +220,10 @@ def _lines(handle: IO[str], newline: str, source: str) -> Iterator[str]:
 
 def _cr_lines(handle: IO[str], source: str) -> Iterator[str]:
     for number, line in enumerate(handle, start=1):
-        if "\n" in line:
+        if "\n" in line:  # a CRLF's LF starts the next piece: the CR's line is named
             raise InputError(
                 source,
-                f"line {number}",
+                f"line {max(number - line.startswith(chr(10)), 1)}",
                 "a line feed in a file whose lines end with a carriage return: save the "
                 "file with one kind of line ending",
             )
