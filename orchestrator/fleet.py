@@ -117,7 +117,11 @@ class Fleet:
 
     def without(self, left_out: Collection[str]) -> Fleet:
         """The same fleet file without some targets (its fingerprint stays the file's)."""
-        keep = bytes(member not in left_out for member in self.members)
+        return self.kept(bytes(member not in left_out for member in self.members))
+
+    def kept(self, keep: Sequence[int]) -> Fleet:
+        """The targets whose `keep` flag (one per target, in order) is true, with their
+        cells; the fingerprint stays the file's."""
         return Fleet(
             self.kind,
             list(compress(self.members, keep)),

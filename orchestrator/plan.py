@@ -512,12 +512,11 @@ class LoadedPlan:
         column, target = plan.fleet.version_column, plan.firmware.version
         if column is not None and target is not None:
             versions = fleet.attributes[column]
-            if target in versions.values:  # compared by code: one C-speed pass
+            if target in versions.values:  # compared by code, in C-speed passes
                 code = versions.values.index(target)
                 current = compress(fleet.members, map(code.__eq__, versions.codes))
                 self.already_current = [(member, target) for member in current]
-            if self.already_current:
-                fleet = fleet.without({member for member, _ in self.already_current})
+                fleet = fleet.kept(bytes(map(code.__ne__, versions.codes)))
             if not fleet.members:
                 raise InputError(
                     str(path),
