@@ -344,11 +344,13 @@ def _check_unique(ids: list[str], numbers: array[int], source: str) -> None:
             first[device_id] = index
     if not _both_cases(ids):
         return  # IDs that differ only in case need an upper- and a lower-case letter
-    folded: dict[str, int] = {}
+    folded: set[str] = set()  # a lower-case ID is its own key: no second string for it
     for index, device_id in enumerate(ids):
         key = device_id.lower()
-        earlier = folded.setdefault(key if key != device_id else device_id, index)
-        if earlier != index:
+        if key not in folded:
+            folded.add(key if key != device_id else device_id)
+        else:
+            earlier = next(i for i, other in enumerate(ids) if other.lower() == key)
             raise InputError(
                 source,
                 f"line {numbers[index]}",
