@@ -145,7 +145,12 @@ def _journal_child(plan: Path) -> None:
     finally:
         journal.close()
     plan.with_suffix(".journal.sqlite").unlink()
-    print(json.dumps({"targets": len(loaded.fleet.members), "chunks": chunk_count(loaded.waves)}))
+    shown = {
+        "targets": len(loaded.fleet.members),
+        "left_out_already_current": len(loaded.already_current),
+        "chunks": chunk_count(loaded.waves),
+    }
+    print(json.dumps(shown))
 
 
 def _resident() -> int:
@@ -184,11 +189,12 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
+    if args.child:  # this file run again as a fresh process: one measured step
         kind, path, *columns = args.child
-        (_journal_child if kind == "journal" else _fleet_child)(
-            Path(path), *([columns] if kind == "fleet" else [])
-        )
+        if kind == "journal":
+            _journal_child(Path(path))
+        else:
+            _fleet_child(Path(path), columns)
         return 0
     me = [sys.executable, str(Path(__file__).resolve())]
     missed = 0
@@ -207,6 +213,10 @@ def main() -> int:
                 ("plan + journal", [*me, "--child", "journal"]),
             ):
                 runs = [_child([*command, str(directory / plan)]) for _ in range(args.runs)]
+                for run in runs:  # every device accounted for: the child did the whole work
+                    shown = json.loads(run.output)
+                    if shown["targets"] + shown["left_out_already_current"] != args.devices:
+                        raise SystemExit(f"{label}, {fleet}: {shown['targets']} targets?")
                 seconds = [run.seconds for run in runs]
                 peaks = [run.peak_mb for run in runs]
                 ok = min(seconds) <= GOAL_SECONDS and max(peaks) <= GOAL_PEAK_MB
