@@ -25,7 +25,8 @@ import unicodedata
 from array import array
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import chain, compress
+from itertools import chain, compress, islice, repeat
+from operator import itemgetter
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, overload
 
@@ -40,6 +41,7 @@ DELIMITERS = (",", ";", "\t")
 SNIFF_LINES = 20
 HEAD_BYTES = 1 << 16  # the encoding and the line ending are decided on the file's start
 READ_BYTES = 1 << 20
+READ_ROWS = 4096  # CSV rows taken through the fast passes together
 CHECK_BLOCK = 4096  # IDs checked together (one C-speed pass each), then one by one if needed
 # what is trimmed around an ID: ASCII blanks and line ends only — a no-break or other odd
 # space around an ID is refused like one inside it (it is a different ID to the platform)
@@ -152,10 +154,10 @@ def read_fleet_file(path: Path, columns: Sequence[str] = ()) -> Fleet:
     source = str(path)
     digest, head = _scan(path, source)
     encoding = _encoding(head, source)
-    newline = _newline(head, encoding)
+    where = _Where(path, encoding, _newline(head, encoding))
     try:
-        with path.open(encoding=encoding, newline=newline) as handle:
-            ids, numbers, attributes = _read(handle, newline, source, columns)
+        with path.open(encoding=encoding, newline=where.newline) as handle:
+            ids, attributes = _read(handle, where, columns)
     except UnicodeDecodeError:
         if encoding == "utf-8-sig":
             raise InputError(
@@ -168,9 +170,59 @@ def read_fleet_file(path: Path, columns: Sequence[str] = ()) -> Fleet:
         raise InputError(source, "", f"cannot read the fleet file: {exc.strerror}") from None
     if not ids:
         raise InputError(source, ID_COLUMN, "the fleet file lists no device")
-    _check_ids(ids, numbers, source)
-    _check_unique(ids, numbers, source)
+    _check_ids(ids, where)
+    _check_unique(ids, where)
     return Fleet("devices", ids, digest, source, attributes)
+
+
+@dataclass
+class _Where:
+    """How the file is read, and the line of each ID — worked out only for a refusal, by
+    reading the file again, so that a million IDs need no line number each."""
+
+    path: Path
+    encoding: str
+    newline: str  # "\n", or "\r" for a file whose lines end with CR alone
+    delimiter: str | None = None  # None: one ID a line
+    column: int = 0  # the deviceId column of a CSV
+    numbers: array[int] | None = None
+
+    @property
+    def source(self) -> str:
+        return str(self.path)
+
+    def line(self, index: int) -> int:
+        """The line of the ID at `index` (0 for the first)."""
+        if self.numbers is None:
+            self.numbers = self._numbers()
+        return self.numbers[index] if index < len(self.numbers) else 0
+
+    def refuse(self, index: int, problem: str) -> InputError:
+        """The refusal of the ID at `index`, naming its line."""
+        return InputError(self.source, f"line {self.line(index)}", problem)
+
+    def _numbers(self) -> array[int]:
+        """The line of each ID (a row that is not blank), as `_read` takes them."""
+        numbers = array("I")
+        with self.path.open(encoding=self.encoding, newline=self.newline) as handle:
+            lines = _lines(handle, self.newline, self.source)
+            if self.delimiter is None:
+                numbers.extend(n for n, line in enumerate(lines, start=1) if line.strip(TRIM))
+                return numbers
+            reader = csv.reader(lines, delimiter=self.delimiter)
+            for row in reader:  # the header
+                if any(cell.strip() for cell in row):
+                    break
+            column = self.column
+            try:
+                for row in reader:
+                    if (column < len(row) and row[column].strip(TRIM)) or any(
+                        cell.strip() for cell in row
+                    ):
+                        numbers.append(reader.line_num)
+            except csv.Error:
+                pass  # past the rows read the first time
+        return numbers
 
 
 def _scan(path: Path, source: str) -> tuple[str, bytes]:
@@ -235,10 +287,11 @@ def _cr_lines(handle: IO[str], source: str) -> Iterator[str]:
 
 
 def _read(
-    handle: IO[str], newline: str, source: str, columns: Sequence[str]
-) -> tuple[list[str], array[int], dict[str, Column]]:
-    """IDs, their line numbers and the asked columns, from the open file."""
-    lines = _lines(handle, newline, source)
+    handle: IO[str], where: _Where, columns: Sequence[str]
+) -> tuple[list[str], dict[str, Column]]:
+    """The IDs and the asked columns, from the open file."""
+    source = where.source
+    lines = _lines(handle, where.newline, source)
     head: list[str] = []
     first: str | None = None
     for line in lines:
@@ -255,17 +308,11 @@ def _read(
     stream = chain(head, lines)
     delimiter = _delimiter(head, first)
     if delimiter is not None or _is_id_header(first):
-        return _csv_ids(stream, source, columns, delimiter or ",")
+        where.delimiter = delimiter or ","
+        return _csv_ids(stream, where, columns)
     if columns:
         raise InputError(source, columns[0], "a column named by the plan needs a CSV fleet file")
-    ids: list[str] = []
-    numbers = array("I")
-    for number, line in enumerate(stream, start=1):
-        value = line.strip(TRIM)
-        if value:
-            ids.append(value)
-            numbers.append(number)
-    return ids, numbers, {}
+    return list(filter(None, map(str.strip, stream, repeat(TRIM)))), {}
 
 
 def _delimiter(lines: list[str], first: str) -> str | None:
@@ -309,7 +356,7 @@ def _id_problem(device_id: str) -> str | None:
     return None
 
 
-def _check_ids(ids: list[str], numbers: array[int], source: str) -> None:
+def _check_ids(ids: list[str], where: _Where) -> None:
     """Each ID against `_id_problem`, a block at a time: a block passes in a few C-speed
     passes, and only a block that may hold a fault is looked at ID by ID."""
     for start in range(0, len(ids), CHECK_BLOCK):
@@ -326,21 +373,17 @@ def _check_ids(ids: list[str], numbers: array[int], source: str) -> None:
         for offset, device_id in enumerate(block):
             problem = _id_problem(device_id)
             if problem is not None:
-                raise InputError(source, f"line {numbers[start + offset]}", problem)
+                raise where.refuse(start + offset, problem)
 
 
-def _check_unique(ids: list[str], numbers: array[int], source: str) -> None:
+def _check_unique(ids: list[str], where: _Where) -> None:
     """No ID twice, nor twice in two letter cases (see `read_fleet_file`)."""
     if len(set(ids)) != len(ids):
         first: dict[str, int] = {}
         for index, device_id in enumerate(ids):
             if device_id in first:
-                raise InputError(
-                    source,
-                    f"line {numbers[index]}",
-                    f"device {device_id} is listed twice (lines {numbers[first[device_id]]} "
-                    f"and {numbers[index]})",
-                )
+                lines = f"lines {where.line(first[device_id])} and {where.line(index)}"
+                raise where.refuse(index, f"device {device_id} is listed twice ({lines})")
             first[device_id] = index
     if not _both_cases(ids):
         return  # IDs that differ only in case need an upper- and a lower-case letter
@@ -349,15 +392,14 @@ def _check_unique(ids: list[str], numbers: array[int], source: str) -> None:
         key = device_id.lower()
         if key not in folded:
             folded.add(key if key != device_id else device_id)
-        else:
-            earlier = next(i for i, other in enumerate(ids) if other.lower() == key)
-            raise InputError(
-                source,
-                f"line {numbers[index]}",
-                f"device {device_id} is listed twice, in two letter cases (lines "
-                f"{numbers[earlier]} and {numbers[index]}: {ids[earlier]}): device IDs "
-                "are UUIDs, the same in either case — keep one",
-            )
+            continue
+        earlier = next(i for i, other in enumerate(ids) if other.lower() == key)
+        lines = f"lines {where.line(earlier)} and {where.line(index)}"
+        raise where.refuse(
+            index,
+            f"device {device_id} is listed twice, in two letter cases ({lines}: "
+            f"{ids[earlier]}): device IDs are UUIDs, the same in either case — keep one",
+        )
 
 
 def _both_cases(ids: list[str]) -> bool:
@@ -387,11 +429,12 @@ def _narrow(codes: array[int], distinct: int) -> array[int]:
 
 
 def _csv_ids(
-    lines: Iterator[str], source: str, columns: Sequence[str], delimiter: str
-) -> tuple[list[str], array[int], dict[str, Column]]:
-    reader = csv.reader(lines, delimiter=delimiter)
+    lines: Iterator[str], where: _Where, columns: Sequence[str]
+) -> tuple[list[str], dict[str, Column]]:
+    assert where.delimiter is not None
+    reader = csv.reader(lines, delimiter=where.delimiter)
     try:
-        return _csv_rows(reader, source, columns, delimiter)
+        return _CsvRead(reader, where, columns).ids_and_columns()
     except csv.Error as exc:  # a line CSV cannot read: bad input naming it, not a traceback
         cause = (
             "a carriage return inside a field"
@@ -399,69 +442,94 @@ def _csv_ids(
             else "a field CSV cannot read (an unclosed quote?)"
         )
         raise InputError(
-            source,
+            where.source,
             f"line {max(reader.line_num, 1)}",
             f"not readable as CSV: {cause}; save the file with one kind of line ending",
         ) from None
 
 
-def _csv_rows(
-    reader: _Reader, source: str, columns: Sequence[str], delimiter: str
-) -> tuple[list[str], array[int], dict[str, Column]]:
-    header: list[str] = []
-    for header in reader:
-        if any(cell.strip() for cell in header):
-            break
-    names = [name.strip() for name in header]
-    normal = [_normal(name) for name in names]
-    if _normal(ID_COLUMN) not in normal:
-        shown = "tab" if delimiter == "\t" else repr(delimiter)
-        raise InputError(
-            source,
-            f"line {reader.line_num}",
-            f"a CSV fleet file needs a {ID_COLUMN} column in its header "
-            f"(read with {shown} between fields: {', '.join(names)[:80]})",
-        )
-    column = normal.index(_normal(ID_COLUMN))
-    for wanted in columns:
-        if wanted not in names:
-            raise InputError(source, "header", f"no column {wanted!r} (the plan names it)")
-    width = len(header)
-    # per column: its index, its codes, raw cell → code, and trimmed value → code
-    kept: list[tuple[int, array[int], dict[str, int], dict[str, int]]] = [
-        (names.index(name), array("I"), {}, {}) for name in columns
-    ]
-    ids: list[str] = []
-    numbers = array("I")
-    add_id, add_number = ids.append, numbers.append
-    for row in reader:
-        try:
-            value = row[column].strip(TRIM)
-        except IndexError:
-            value = ""
-        if not value:
-            if not any(cell.strip() for cell in row):
-                continue  # a blank line, or only separators
-            raise InputError(source, f"line {reader.line_num}", f"the {ID_COLUMN} cell is empty")
-        if len(row) > width and any(cell.strip() for cell in row[width:]):
-            raise InputError(
-                source,
-                f"line {reader.line_num}",
-                f"{len(row)} fields where the header has {width}: a separator inside a "
-                "field must be quoted",
-            )
-        add_id(value)
-        add_number(reader.line_num)
-        for index, codes, raw, table in kept:
+class _CsvRead:
+    """The rows of a CSV fleet file, a batch of rows at a time: a batch of plain rows goes
+    through C-speed passes (`map`, `itemgetter`), and only a batch holding a blank, short or
+    long row or a column value not seen before is read row by row."""
+
+    def __init__(self, reader: _Reader, where: _Where, columns: Sequence[str]) -> None:
+        self.reader = reader
+        self.where = where
+        self.columns = columns
+        self.ids: list[str] = []
+        self.width = 0
+        # per kept column: its index, its codes, raw cell → code, trimmed value → code
+        self.kept: list[tuple[int, array[int], dict[str, int], dict[str, int]]] = []
+
+    def ids_and_columns(self) -> tuple[list[str], dict[str, Column]]:
+        self._header()
+        ids, kept = self.ids, self.kept
+        pick = itemgetter(self.where.column)
+        while batch := list(islice(self.reader, READ_ROWS)):
             try:
-                codes.append(raw[row[index]])
-            except (KeyError, IndexError):
+                values = list(map(str.strip, map(pick, batch), repeat(TRIM)))
+                if not all(values) or max(map(len, batch)) > self.width:
+                    raise LookupError  # a blank row, or more fields than the header
+                coded = [
+                    list(map(raw.__getitem__, map(itemgetter(i), batch))) for i, _, raw, _ in kept
+                ]
+            except LookupError:  # also a short row (IndexError), a new value (KeyError)
+                self._rows(batch)
+                continue
+            ids.extend(values)
+            for (_, codes, _, _), new in zip(kept, coded, strict=True):
+                codes.extend(new)
+        attributes = {
+            name: Column(_narrow(codes, len(table)), list(table))
+            for name, (_, codes, _, table) in zip(self.columns, kept, strict=True)
+        }
+        return ids, attributes
+
+    def _header(self) -> None:
+        header: list[str] = []
+        for header in self.reader:
+            if any(cell.strip() for cell in header):
+                break
+        names = [name.strip() for name in header]
+        normal = [_normal(name) for name in names]
+        if _normal(ID_COLUMN) not in normal:
+            delimiter = self.where.delimiter
+            shown = "tab" if delimiter == "\t" else repr(delimiter)
+            raise InputError(
+                self.where.source,
+                f"line {self.reader.line_num}",
+                f"a CSV fleet file needs a {ID_COLUMN} column in its header "
+                f"(read with {shown} between fields: {', '.join(names)[:80]})",
+            )
+        self.where.column = normal.index(_normal(ID_COLUMN))
+        for wanted in self.columns:
+            if wanted not in names:
+                raise InputError(
+                    self.where.source, "header", f"no column {wanted!r} (the plan names it)"
+                )
+        self.width = len(header)
+        self.kept = [(names.index(name), array("I"), {}, {}) for name in self.columns]
+
+    def _rows(self, batch: list[list[str]]) -> None:
+        """A batch row by row: blank rows skipped, faults refused, new values coded."""
+        column, width, ids = self.where.column, self.width, self.ids
+        for row in batch:
+            value = row[column].strip(TRIM) if column < len(row) else ""
+            if not value:
+                if not any(cell.strip() for cell in row):
+                    continue  # a blank line, or only separators
+                raise self.where.refuse(len(ids), f"the {ID_COLUMN} cell is empty")
+            if len(row) > width and any(cell.strip() for cell in row[width:]):
+                raise self.where.refuse(
+                    len(ids),
+                    f"{len(row)} fields where the header has {width}: a separator inside a "
+                    "field must be quoted",
+                )
+            ids.append(value)
+            for index, codes, raw, table in self.kept:
                 cell = row[index] if index < len(row) else ""
-                code = table.setdefault(cell.strip(), len(table))
-                raw[cell] = code
+                code = raw.get(cell)
+                if code is None:
+                    code = raw[cell] = table.setdefault(cell.strip(), len(table))
                 codes.append(code)
-    attributes = {
-        name: Column(_narrow(codes, len(table)), list(table))
-        for name, (_, codes, _, table) in zip(columns, kept, strict=True)
-    }
-    return ids, numbers, attributes
