@@ -14,7 +14,7 @@ import math
 import random
 import re
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import compress
 from typing import TYPE_CHECKING
@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # the plan module loads fleets into waves with this one
 CHUNK_SIZE = 256
 DEFAULT_WAVE = "all"
 BISECTION_PART = re.compile(r"\.[01]$")
+FEW_STRATA = 16  # up to this many values, a stratified pick passes over the pool once a value
 
 
 @dataclass(frozen=True)
@@ -66,13 +67,21 @@ def _pick(wave: WaveSection, pool: Sequence[int], size: int, fleet: Fleet) -> Se
         return sorted(rng.sample(range(len(pool)), size))
     assert wave.stratify_by is not None
     column = fleet.attributes[wave.stratify_by]
-    # each device's code, in pool order (one C-speed gather); then each stratum's positions
-    codes = column.codes if len(pool) == len(column) else [column.codes[i] for i in pool]
+    # each pool device's code, in pool order (one C-speed gather), then each stratum's positions
+    codes = column.codes
+    if len(pool) != len(codes):
+        codes = array(codes.typecode, map(codes.__getitem__, pool))
     strata: dict[str, Sequence[int]] = {}
-    for code, value in enumerate(column.values):
-        positions = array("l", compress(range(len(pool)), map(code.__eq__, codes)))
-        if positions:
-            strata[value] = positions
+    if len(column.values) <= FEW_STRATA:  # a C-speed pass a stratum
+        for code, value in enumerate(column.values):
+            positions = array("l", compress(range(len(pool)), _in_stratum(codes, code)))
+            if positions:
+                strata[value] = positions
+    else:  # one pass in all
+        by_code: dict[int, list[int]] = {}
+        for position, code in enumerate(codes):
+            by_code.setdefault(code, []).append(position)
+        strata = {column.values[code]: positions for code, positions in by_code.items()}
     # proportional allocation, largest remainder first, so no stratum fills the wave alone
     exact = {key: size * len(items) / len(pool) for key, items in strata.items()}
     quota = {key: int(value) for key, value in exact.items()}
@@ -83,6 +92,14 @@ def _pick(wave: WaveSection, pool: Sequence[int], size: int, fleet: Fleet) -> Se
     for key in sorted(strata):
         chosen.extend(rng.sample(strata[key], quota[key]))
     return sorted(chosen)
+
+
+def _in_stratum(codes: array[int], code: int) -> Iterable[int]:
+    """Per cell of `codes`, whether it is `code` (truthy), in C-speed passes: one
+    `bytes.translate` for one-byte codes."""
+    if codes.typecode == "B":
+        return codes.tobytes().translate(bytes(code) + b"\x01" + bytes(255 - code))
+    return map(code.__eq__, codes)
 
 
 def assign_waves(plan: Plan, fleet: Fleet, source: str) -> list[Wave]:
