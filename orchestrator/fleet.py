@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import gc
 import hashlib
 import re
 import unicodedata
@@ -155,6 +156,8 @@ def read_fleet_file(path: Path, columns: Sequence[str] = ()) -> Fleet:
     digest, head = _scan(path, source)
     encoding = _encoding(head, source)
     where = _Where(path, encoding, _newline(head, encoding))
+    collecting = gc.isenabled()
+    gc.disable()  # millions of short-lived row lists and no cycle: 0.2 s of 1.7 at 10⁶ rows
     try:
         with path.open(encoding=encoding, newline=where.newline) as handle:
             ids, attributes = _read(handle, where, columns)
@@ -168,6 +171,9 @@ def read_fleet_file(path: Path, columns: Sequence[str] = ()) -> Fleet:
         ) from None
     except OSError as exc:
         raise InputError(source, "", f"cannot read the fleet file: {exc.strerror}") from None
+    finally:
+        if collecting:
+            gc.enable()
     if not ids:
         raise InputError(source, ID_COLUMN, "the fleet file lists no device")
     _check_ids(ids, where)
