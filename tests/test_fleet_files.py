@@ -153,6 +153,11 @@ REFUSED_BY_PLAN: list[tuple[str, bytes, str]] = [
         "line 3: 5 fields where the header has 3: a separator inside a field must be quoted",
     ),
     (
+        "after-a-quoted-field-over-two-lines",
+        f'deviceId,note\n{A},"two\nlines"\n{B}\u200b,x\n'.encode(),
+        "line 4: device ID",
+    ),
+    (
         "exact-duplicate-names-both-lines",
         f"deviceId\n{A}\n{B}\n\n{A}\n".encode(),
         f"line 5: device {A} is listed twice (lines 2 and 5)",
@@ -210,6 +215,23 @@ def test_the_compact_columns_round_trip(tmp_path: Path) -> None:
     assert column[2] == "east" and column[3:5] == ["north", ""]
     assert column.codes.typecode == "B" and sorted(column.values) == ["", "east", "north", "south"]
     assert list(fleet.attributes["model"]) == [f"WM-{i % 7}" for i in range(len(groups))]
+
+
+def test_thousands_of_rows_read_alike_in_batches(tmp_path: Path) -> None:
+    """Past the first batch of rows, a blank line, a short row and a value first seen late
+    read as on their own: every ID and cell in order."""
+    cells = [("north", "1.0") if i % 3 else ("south", "2.0") for i in range(30_000)]
+    cells[25_000] = ("far-east", "9.9")
+    lines = [f"dev-{i:05d},{version},{group}" for i, (group, version) in enumerate(cells)]
+    lines[10_000] += "\n"  # a blank line after it
+    lines[14_000] = "dev-14000"  # no version, no group
+    cells[14_000] = ("", "")
+    path = tmp_path / "fleet.csv"
+    path.write_text("deviceId,version,group\n" + "\n".join(lines) + "\n")
+    fleet = read_fleet_file(path, ["group", "version"])
+    assert fleet.members == [f"dev-{i:05d}" for i in range(30_000)]
+    assert list(fleet.attributes["group"]) == [group for group, _ in cells]
+    assert list(fleet.attributes["version"]) == [version for _, version in cells]
 
 
 def test_a_fleet_without_some_devices_keeps_its_columns_aligned(tmp_path: Path) -> None:
