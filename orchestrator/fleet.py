@@ -1,6 +1,6 @@
 """The fleet file: one device ID per line, or a CSV with a `deviceId` column.
 
-Read once, streaming, in the dialects operators produce: UTF-8 (with or without a BOM) or
+Read streaming, never whole, in the dialects operators produce: UTF-8 (with or without a BOM) or
 UTF-16 with its BOM (Excel's "Unicode text"); fields separated by `,`, `;` (Excel in many
 locales) or a tab, sniffed from the header; the `deviceId` header recognised in any of them
 and in any letter case; lines ending in LF, CRLF or CR alone (old Mac). Checked for the
