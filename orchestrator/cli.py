@@ -583,8 +583,7 @@ def plan_command(plan: Path, as_json: bool, offline: bool) -> None:
     import json
     from datetime import UTC, datetime
 
-    from .engine import journal_path
-    from .journal import has_run
+    from .journal import default_journal_path, has_run
     from .plan import load_plan
     from .planner import chunk_count
     from .preview import add_groups, preview, rows
@@ -603,7 +602,7 @@ def plan_command(plan: Path, as_json: bool, offline: bool) -> None:
             loaded.secret()
         groups, spent = anyio.run(preview_groups, loaded, _state_dir())
         add_groups(data, loaded, groups, spent)
-    path = journal_path(loaded, None)
+    path = default_journal_path(loaded.plan.name, loaded.base_dir)  # not the engine: offline
     known = read_status(path, loaded.plan.name) if has_run(path, loaded.plan.name) else None
     if as_json:
         if known is not None:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Iterator, Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import compress
 from typing import TYPE_CHECKING
 
 from .errors import InputError
@@ -26,6 +28,7 @@ if TYPE_CHECKING:  # the plan module loads fleets into waves with this one
 CHUNK_SIZE = 256
 DEFAULT_WAVE = "all"
 BISECTION_PART = re.compile(r"\.[01]$")
+FEW_STRATA = 16  # up to this many values, a stratified pick passes over the pool once a value
 
 
 @dataclass(frozen=True)
@@ -54,18 +57,31 @@ def _size(wave: WaveSection, total: int, remaining: int, last: bool) -> int:
     return wanted
 
 
-def _pick(wave: WaveSection, pool: list[int], size: int, fleet: Fleet) -> list[int]:
-    """Positions (into `pool`) of the targets this wave takes, in file order."""
+def _pick(wave: WaveSection, pool: Sequence[int], size: int, fleet: Fleet) -> Sequence[int]:
+    """Positions (into `pool`, fleet indexes) of the targets this wave takes, in file order:
+    a `range` when they are the pool's first."""
     if wave.selection == "ordered" or size >= len(pool):
-        return list(range(min(size, len(pool))))
+        return range(min(size, len(pool)))
     rng = random.Random(wave.seed)
     if wave.selection == "random":
         return sorted(rng.sample(range(len(pool)), size))
     assert wave.stratify_by is not None
-    values = fleet.attributes[wave.stratify_by]
-    strata: dict[str, list[int]] = {}
-    for position, member in enumerate(pool):
-        strata.setdefault(values[member], []).append(position)
+    column = fleet.attributes[wave.stratify_by]
+    # each pool device's code, in pool order (one C-speed gather), then each stratum's positions
+    codes = column.codes
+    if len(pool) != len(codes):
+        codes = array(codes.typecode, map(codes.__getitem__, pool))
+    strata: dict[str, Sequence[int]] = {}
+    if len(column.values) <= FEW_STRATA:  # a C-speed pass a stratum
+        for code, value in enumerate(column.values):
+            positions = array("l", compress(range(len(pool)), _in_stratum(codes, code)))
+            if positions:
+                strata[value] = positions
+    else:  # one pass in all
+        by_code: dict[int, list[int]] = {}
+        for position, code in enumerate(codes):
+            by_code.setdefault(code, []).append(position)
+        strata = {column.values[code]: positions for code, positions in by_code.items()}
     # proportional allocation, largest remainder first, so no stratum fills the wave alone
     exact = {key: size * len(items) / len(pool) for key, items in strata.items()}
     quota = {key: int(value) for key, value in exact.items()}
@@ -78,12 +94,23 @@ def _pick(wave: WaveSection, pool: list[int], size: int, fleet: Fleet) -> list[i
     return sorted(chosen)
 
 
+def _in_stratum(codes: array[int], code: int) -> Iterable[int]:
+    """Per cell of `codes`, whether it is `code` (truthy), in C-speed passes: one
+    `bytes.translate` for one-byte codes."""
+    if codes.typecode == "B":
+        return codes.tobytes().translate(bytes(code) + b"\x01" + bytes(255 - code))
+    return map(code.__eq__, codes)
+
+
 def assign_waves(plan: Plan, fleet: Fleet, source: str) -> list[Wave]:
-    """Split the fleet into the plan's waves (one wave "all" when the plan has none)."""
+    """Split the fleet into the plan's waves (one wave "all" when the plan has none).
+
+    The pool of fleet indexes not yet in a wave is a `range` or an `array` (8 bytes a
+    device), never a list of int objects."""
     if not plan.waves:
         return [Wave(0, DEFAULT_WAVE, fleet.members)]
     total = len(fleet.members)
-    pool = list(range(total))
+    pool: Sequence[int] = range(total)
     waves: list[Wave] = []
     for index, section in enumerate(plan.waves):
         last = index == len(plan.waves) - 1
@@ -94,9 +121,16 @@ def assign_waves(plan: Plan, fleet: Fleet, source: str) -> list[Wave]:
                 f"waves[{index}]",
                 f"wave {section.name!r} needs {size} targets, {len(pool)} remain",
             )
-        taken = set(_pick(section, pool, size, fleet))
-        members = [fleet.members[pool[p]] for p in sorted(taken)]
-        pool = [item for position, item in enumerate(pool) if position not in taken]
+        taken = _pick(section, pool, size, fleet)
+        if isinstance(taken, range):  # the first targets of the pool, in order
+            members = [fleet.members[item] for item in pool[: len(taken)]]
+            pool = pool[len(taken) :]
+        else:
+            members = [fleet.members[pool[p]] for p in taken]
+            keep = bytearray(b"\x01") * len(pool)
+            for position in taken:
+                keep[position] = 0
+            pool = array("l", compress(pool, keep))
         waves.append(Wave(index, section.name, members))
     return waves
 

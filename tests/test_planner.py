@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from orchestrator.errors import InputError
-from orchestrator.fleet import Fleet
+from orchestrator.fleet import Column, Fleet
 from orchestrator.plan import parse_plan
 from orchestrator.planner import assign_waves, bisect, plan_chunks
 
@@ -27,7 +27,7 @@ def _fleet(n: int, regions: tuple[str, ...] = ("north", "south", "east", "west")
     members = [f"dev-{i:05d}" for i in range(n)]
     # north holds 70 % of the fleet: an ordered canary would be all north
     groups = ["north" if i < n * 0.7 else regions[1 + i % (len(regions) - 1)] for i in range(n)]
-    return Fleet("devices", members, "sha", "f.csv", {"group": groups})
+    return Fleet("devices", members, "sha", "f.csv", {"group": Column.of(groups)})
 
 
 def test_same_plan_and_fleet_give_the_same_chunks() -> None:
