@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from orchestrator.engine import RunOptions, execute
+from orchestrator.loaded_plan import load_plan
 from orchestrator.logs import configure_logging
-from orchestrator.plan import load_plan
 from orchestrator.simulator.testing import get_json, simulator_process
 
 

@@ -27,8 +27,8 @@ import tempfile
 from pathlib import Path
 
 from orchestrator.engine import RunOptions, execute
+from orchestrator.loaded_plan import load_plan
 from orchestrator.logs import configure_logging
-from orchestrator.plan import load_plan
 from orchestrator.simulator import FaultConfig, SimulatorConfig, SimulatorServer
 
 CANARY = 2560

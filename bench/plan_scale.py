@@ -141,7 +141,7 @@ def _journal_child(plan: Path) -> None:
     """plan + journal, in this (fresh) process."""
     from orchestrator.engine import start_run
     from orchestrator.journal import Journal
-    from orchestrator.plan import load_plan
+    from orchestrator.loaded_plan import load_plan
     from orchestrator.planner import chunk_count
 
     loaded = load_plan(plan)

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from orchestrator.plan import LoadedPlan
+    from orchestrator.loaded_plan import LoadedPlan
 
 FORMATS = ("csv", "jsonl", "json", "html")
 JOURNALS = {"finished.sqlite": False, "mid.sqlite": True}  # file → mid-run
@@ -203,7 +203,7 @@ def _journal(path: Path, loaded: LoadedPlan, mid_run: bool) -> None:
 
 def _build(directory: Path, devices: int) -> None:
     """The fleet, the plan and both journals, in the process `--build` runs in."""
-    from orchestrator.plan import load_plan
+    from orchestrator.loaded_plan import load_plan
 
     _fleet(directory / "fleet.csv", devices)
     (directory / "plan.toml").write_text(PLAN.format(canary=min(1000, devices // 10)))

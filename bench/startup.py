@@ -28,7 +28,7 @@ def _journal(directory: Path) -> Path:
     """The demo plan and fleet in `directory`, with a journal holding one run (no call)."""
     from orchestrator.engine import journal_path, start_run
     from orchestrator.journal import Journal
-    from orchestrator.plan import load_plan
+    from orchestrator.loaded_plan import load_plan
 
     for name in ("demo.toml", "demo-fleet.csv"):
         shutil.copy(ROOT / "plans" / name, directory / name)

@@ -35,9 +35,9 @@ if TYPE_CHECKING:  # a command imports what it needs when it runs: `--help` star
     from rich.console import Console
 
     from .display import RunDisplay
+    from .loaded_plan import LoadedPlan
     from .northbound.hoststate import AppState
     from .northbound.ledger import BudgetView
-    from .plan import LoadedPlan
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -127,7 +127,7 @@ def exits_cleanly(command: Callable[P, R]) -> Callable[P, R]:
 def _load(plan: Path) -> LoadedPlan:
     """The plan without the start-time check: reading commands and `resume` must work once a
     custom start has passed (the submitter moves it forward on the platform's clock)."""
-    from .plan import load_plan
+    from .loaded_plan import load_plan
 
     return load_plan(plan)
 
@@ -584,7 +584,7 @@ def plan_command(plan: Path, as_json: bool, offline: bool) -> None:
     from datetime import UTC, datetime
 
     from .journal import default_journal_path, has_run
-    from .plan import load_plan
+    from .loaded_plan import load_plan
     from .planner import chunk_count
     from .preview import add_groups, preview, rows
     from .status import read_status

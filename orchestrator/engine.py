@@ -66,18 +66,12 @@ from .journal import (
     WaveCounts,
     default_journal_path,
 )
+from .loaded_plan import LoadedPlan
 from .monitor import Monitor, Sleep
 from .northbound import ClientConfig, NorthboundClient, Package, TLSConfig
 from .notify import notifying, webhook_urls
 from .observe import Notice, NoticeKind, Observer, run_view
-from .plan import (
-    PLATFORM_TIME_FORMAT,
-    GateSection,
-    LoadedPlan,
-    Plan,
-    WaveSection,
-    check_times,
-)
+from .plan import PLATFORM_TIME_FORMAT, GateSection, Plan, WaveSection, check_times
 from .planner import plan_chunks
 from .session import RunSession
 from .simulator import DEFAULT_SECRET, SimulatorConfig, SimulatorServer

@@ -34,7 +34,8 @@ from .observe import Notice, Observer, Observers
 if TYPE_CHECKING:
     import aiohttp
 
-    from .plan import LoadedPlan, NotifySection
+    from .loaded_plan import LoadedPlan
+    from .plan import NotifySection
 
 log = structlog.get_logger("orchestrator.notify")
 

@@ -54,10 +54,10 @@ from .journal import (
     PassRow,
     RunRow,
 )
+from .loaded_plan import LoadedPlan
 from .monitor import Sleep
 from .observe import Observer
 from .outcomes import Outcome
-from .plan import LoadedPlan
 from .session import RunSession
 from .submitter import CensusView, Progress, Submitter, resolve_package
 

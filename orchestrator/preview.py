@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .groups import ResolvedGroup
-    from .plan import GateSection, LoadedPlan, PolicySection, WaveSection
+    from .loaded_plan import LoadedPlan
+    from .plan import GateSection, PolicySection, WaveSection
 
 TASK_PAGE = 100
 BACKOFF = 1.5  # monitor.py

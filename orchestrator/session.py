@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .journal import Journal
+from .loaded_plan import LoadedPlan
 from .northbound import NorthboundClient, OperationType, Package
-from .plan import LoadedPlan, Operation, Plan
+from .plan import Operation, Plan
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,7 @@ from .errors import (
     Throttled,
 )
 from .journal import FAILED, INTENT, PENDING
+from .loaded_plan import LoadedPlan
 from .northbound import (
     CreateTaskRequest,
     ExecuteType,
@@ -91,7 +92,7 @@ from .northbound import (
     Task,
 )
 from .northbound.clock import parse_platform_time
-from .plan import PLATFORM_TIME_FORMAT, LoadedPlan, WindowSection
+from .plan import PLATFORM_TIME_FORMAT, WindowSection
 from .planner import Chunk, bisect, chunk_count, is_bisection_part
 from .session import RunSession, operation_type
 

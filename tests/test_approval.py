@@ -13,7 +13,7 @@ from orchestrator.cli import main
 from orchestrator.engine import RunOptions, execute
 from orchestrator.errors import InputError, RunHalted
 from orchestrator.journal import ADDED_COLUMNS, Approval, approve_wave
-from orchestrator.plan import load_plan
+from orchestrator.loaded_plan import load_plan
 from orchestrator.report import collect
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
 from orchestrator.status import read_status

@@ -13,7 +13,7 @@ import pytest
 
 from orchestrator.engine import RunOptions, execute
 from orchestrator.errors import RunAborted
-from orchestrator.plan import load_plan
+from orchestrator.loaded_plan import load_plan
 from orchestrator.planner import CHUNK_SIZE, bisection_bound
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
 from orchestrator.status import read_status

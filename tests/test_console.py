@@ -14,8 +14,8 @@ from rich.console import Console
 
 from orchestrator.display import RunDisplay
 from orchestrator.engine import RunOptions, execute
+from orchestrator.loaded_plan import load_plan
 from orchestrator.logs import configure_logging, use_consoles
-from orchestrator.plan import load_plan
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
 
 from .conftest import SECRET

@@ -12,7 +12,7 @@ import pytest
 from orchestrator.engine import RunOptions, execute, simulator_state_path
 from orchestrator.errors import InputError
 from orchestrator.journal import has_run
-from orchestrator.plan import load_plan
+from orchestrator.loaded_plan import load_plan
 from orchestrator.status import read_status
 
 PLANS = Path(__file__).resolve().parent.parent / "plans"

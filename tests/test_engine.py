@@ -12,7 +12,7 @@ import pytest
 from orchestrator.engine import RunOptions, execute
 from orchestrator.errors import JournalError, JournalMismatch, RunAborted
 from orchestrator.journal import Journal
-from orchestrator.plan import load_plan
+from orchestrator.loaded_plan import load_plan
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
 from orchestrator.status import read_status
 

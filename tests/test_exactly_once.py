@@ -25,7 +25,7 @@ from orchestrator.errors import (
     RunAborted,
 )
 from orchestrator.journal import Journal
-from orchestrator.plan import load_plan
+from orchestrator.loaded_plan import load_plan
 from orchestrator.planner import Chunk
 from orchestrator.report import collect, render_to_string
 from orchestrator.simulator import SimulatorConfig, SimulatorServer

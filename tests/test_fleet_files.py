@@ -247,7 +247,7 @@ def test_status_and_report_do_not_read_the_fleet_file(tmp_path: Path) -> None:
     from the journal."""
     from orchestrator.engine import journal_path, start_run
     from orchestrator.journal import Journal
-    from orchestrator.plan import load_plan
+    from orchestrator.loaded_plan import load_plan
 
     plan = _plan(tmp_path, f"deviceId\n{A}\n{B}\n{C}\n".encode())
     loaded = load_plan(plan)

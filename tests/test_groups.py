@@ -21,7 +21,7 @@ from orchestrator.cli import main
 from orchestrator.engine import RunOptions, execute
 from orchestrator.errors import DuplicatesFound, InputError, RunAborted, RunHalted
 from orchestrator.journal import approve_wave
-from orchestrator.plan import load_plan
+from orchestrator.loaded_plan import load_plan
 from orchestrator.report import collect
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
 from orchestrator.simulator.testing import simulator_process

@@ -10,8 +10,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.engine import RunOptions, execute
+from orchestrator.loaded_plan import load_plan
 from orchestrator.metrics import serve, textfile
-from orchestrator.plan import load_plan
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
 from orchestrator.status import read_status
 

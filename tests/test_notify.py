@@ -16,9 +16,10 @@ from rich.console import Console
 
 from orchestrator.engine import RunOptions, execute
 from orchestrator.errors import InputError, RunHalted
+from orchestrator.loaded_plan import load_plan
 from orchestrator.logs import configure_logging, use_consoles
 from orchestrator.observe import NoticeKind
-from orchestrator.plan import NOTICE_EVENTS, load_plan
+from orchestrator.plan import NOTICE_EVENTS
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
 
 from .conftest import SECRET

@@ -21,11 +21,11 @@ from orchestrator.errors import (
     PlatformUnreachable,
     TLSFailed,
 )
+from orchestrator.loaded_plan import load_plan
 from orchestrator.northbound import NorthboundClient, TLSConfig
 from orchestrator.northbound.client import _connect_error
 from orchestrator.northbound.outage import Outage
 from orchestrator.observe import Observer
-from orchestrator.plan import load_plan
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
 from orchestrator.status import read_status
 from orchestrator.submitter import Progress

@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from orchestrator.cli import main
 from orchestrator.engine import RunOptions, execute
 from orchestrator.errors import RunHalted, RunWaiting
+from orchestrator.loaded_plan import load_plan
 from orchestrator.northbound import Status
 from orchestrator.outcomes import Outcome, classify
-from orchestrator.plan import load_plan
 from orchestrator.report import collect, render_to_string
 from orchestrator.simulator import FaultConfig, SimulatorConfig, SimulatorServer
 from orchestrator.simulator.tasks import DETAIL_SAME_VERSION

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.plan import load_plan, parse_plan
+from orchestrator.loaded_plan import load_plan
+from orchestrator.plan import parse_plan
 
 PLANS = Path(__file__).parent.parent / "plans"
 

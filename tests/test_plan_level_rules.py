@@ -10,7 +10,7 @@ import pytest
 
 from orchestrator.engine import RunOptions, execute
 from orchestrator.errors import RunAborted
-from orchestrator.plan import load_plan
+from orchestrator.loaded_plan import load_plan
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
 
 from .conftest import SECRET

@@ -75,3 +75,48 @@ def test_report_modules_form_no_import_circle() -> None:
         assert "report" not in imported, f"{name} imports report.py"
         if name == "report_model.py":
             assert not imported, f"report_model.py imports {imported}"
+
+
+def _package_imports(root: Path) -> dict[str, set[str]]:
+    """module → the package's modules it imports (type-checking imports too), by reading the
+    source: `from .x import y`, `from . import x`, `from ..x import y`, `import orchestrator.x`."""
+
+    def name_of(path: Path) -> str:
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    modules = {name_of(path): path for path in root.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                found |= {target, *(f"{target}.{alias.name}" for alias in node.names)}
+            elif isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+        graph[name] = {module for module in found if module in modules and module != name}
+    return graph
+
+
+def test_the_package_has_no_import_circle() -> None:
+    """No module of orchestrator/ reaches itself through its imports (type-checking ones
+    included): data flows one way, plan → planner → journal → … → report."""
+    graph = _package_imports(Path(__file__).parent.parent / "orchestrator")
+    circles = []
+    for start in graph:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            module = todo.pop()
+            if module == start:
+                circles.append(start)
+                break
+            if module not in seen:
+                seen.add(module)
+                todo.extend(graph[module])
+    assert circles == []

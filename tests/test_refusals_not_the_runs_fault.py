@@ -11,8 +11,8 @@ import pytest
 
 from orchestrator.engine import RunOptions, execute
 from orchestrator.errors import Throttled
+from orchestrator.loaded_plan import load_plan
 from orchestrator.northbound import NorthboundClient
-from orchestrator.plan import load_plan
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
 
 from .conftest import SECRET, client_config

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.engine import RunOptions, execute
-from orchestrator.plan import load_plan
+from orchestrator.loaded_plan import load_plan
 from orchestrator.report import ReportData, collect, render_to_string, write_html
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
 

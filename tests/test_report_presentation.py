@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from orchestrator.engine import RunOptions, execute
-from orchestrator.plan import load_plan
+from orchestrator.loaded_plan import load_plan
 from orchestrator.report import collect, render_to_string
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
 

@@ -19,8 +19,8 @@ from orchestrator.cli import main
 from orchestrator.engine import RunOptions, execute
 from orchestrator.errors import RunAborted, RunHalted
 from orchestrator.journal import unfinished_pass
+from orchestrator.loaded_plan import load_plan
 from orchestrator.passes import RETRY_CHOICES, RetryOptions, retry
-from orchestrator.plan import load_plan
 from orchestrator.report import collect, render_to_string
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
 from orchestrator.status import read_status

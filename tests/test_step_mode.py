@@ -11,7 +11,7 @@ import pytest
 from orchestrator.engine import RunOptions, execute
 from orchestrator.errors import RunHalted, RunWaiting
 from orchestrator.journal import approve_wave
-from orchestrator.plan import load_plan
+from orchestrator.loaded_plan import load_plan
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
 from orchestrator.status import read_status
 

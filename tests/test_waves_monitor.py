@@ -15,7 +15,8 @@ from orchestrator.engine import RunOptions, execute
 from orchestrator.errors import RunHalted
 from orchestrator.gates import Verdict, evaluate
 from orchestrator.journal import WaveCounts, approve_wave
-from orchestrator.plan import GateSection, load_plan
+from orchestrator.loaded_plan import load_plan
+from orchestrator.plan import GateSection
 from orchestrator.report import collect, render_to_string
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
 from orchestrator.status import read_status

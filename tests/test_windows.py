@@ -18,7 +18,8 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.engine import RunOptions, execute
-from orchestrator.plan import WindowSection, load_plan
+from orchestrator.loaded_plan import load_plan
+from orchestrator.plan import WindowSection
 from orchestrator.simulator import SimulatorConfig, SimulatorServer, parse_platform_time
 
 from .conftest import SECRET
