@@ -301,3 +301,19 @@ async def test_budget_shows_who_used_the_app_in_the_last_window(
     assert "ended" in row and " 4 " in row
     data = (await asyncio.to_thread(_budget, "--json")).stdout
     assert '"calls_last_window": 4' in data and SECRET not in data
+
+
+async def test_a_damaged_ledger_is_rebuilt_with_a_warning_naming_it(
+    live_sim: SimulatorServer, private_host_state: Path
+) -> None:
+    """A ledger file replaced by garbage is disposable: rebuilt empty, with a warning naming
+    it, and the calls go on."""
+    state = AppState.open(private_host_state, live_sim.url, APP_ID)
+    state.ledger_file.write_bytes(b"not a database, " * 512)
+    with structlog.testing.capture_logs() as logs:
+        async with NorthboundClient(client_config(live_sim)) as client:
+            page = await client.list_packages()
+    assert page.total > 0
+    warnings = [entry for entry in logs if entry["log_level"] == "warning"]
+    assert [entry.get("file") for entry in warnings] == [str(state.ledger_file)]
+    assert state.ledger_file.read_bytes().startswith(b"SQLite format 3")

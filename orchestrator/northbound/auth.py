@@ -117,6 +117,7 @@ class TokenKeeper:
         async with self.cache.exclusive():
             if self._adopt(rejected):  # obtained by another process while we waited
                 return
+            self.cache.check_writable()  # before a login spends a call and others' tokens
             await self._renew(login=rejected is not None)
             assert self._token is not None
             self.cache.write(self._token, self._expires_at)

@@ -69,15 +69,42 @@ def private_file(path: Path) -> None:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Replace `path` atomically with `data` (mode 0600): a reader sees the old or the new."""
+    """Replace `path` atomically with `data` (mode 0600): a reader sees the old or the new.
+    On failure (OSError: a full disk, a file that may not be replaced) the temporary file is
+    removed — what it held (a token) is never left in a stray file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, FILE_MODE)
     try:
-        os.fchmod(fd, FILE_MODE)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, FILE_MODE)
+        try:
+            os.fchmod(fd, FILE_MODE)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class HostStateFailed(InputError):
+    """A file of the app's state on this host (the token cache, the pacing ledger) cannot be
+    used — a full disk, a file that may not be replaced: exit 2, one line naming the file and
+    what to do. Never a platform failure, never counted as one."""
+
+    def __init__(self, path: Path, what: str, error: BaseException) -> None:
+        self.path = path
+        reason = (
+            error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        ) or type(error).__name__
+        super().__init__(
+            str(path),
+            what,
+            f"cannot be written ({reason}); free space or fix the file, or choose another "
+            f"state directory with --state-dir or ${ENV_VAR}",
+        )
 
 
 @dataclass(frozen=True)
