@@ -16,7 +16,7 @@ import pytest
 import structlog
 
 from orchestrator.northbound import NorthboundClient, Priority
-from orchestrator.northbound.hoststate import AppState, default_state_root, state_root
+from orchestrator.northbound.hoststate import AppState, app_key, default_state_root, state_root
 from orchestrator.northbound.ledger import Granted, Outcome, PacingLedger, Wait
 from orchestrator.simulator import SimulatorServer
 
@@ -317,3 +317,37 @@ async def test_a_damaged_ledger_is_rebuilt_with_a_warning_naming_it(
     warnings = [entry for entry in logs if entry["log_level"] == "warning"]
     assert [entry.get("file") for entry in warnings] == [str(state.ledger_file)]
     assert state.ledger_file.read_bytes().startswith(b"SQLite format 3")
+
+
+def test_one_platform_written_several_ways_is_one_app() -> None:
+    """Scheme and host case, a trailing dot, an explicit default port and trailing slashes
+    give one app key; another port, path or app id another; names are not resolved."""
+    same = [
+        "https://iot.example.com:8743",
+        "HTTPS://IoT.Example.COM:8743/",
+        "https://iot.example.com.:8743//",
+    ]
+    default_port = [
+        "https://iot.example.com",
+        "https://iot.example.com:443/",
+        "HTTPS://IOT.example.com.",
+    ]
+    assert len({app_key(url, APP_ID) for url in same}) == 1
+    assert len({app_key(url, APP_ID) for url in default_port}) == 1
+    assert app_key(same[0], APP_ID) != app_key(default_port[0], APP_ID)
+    assert app_key(same[0], APP_ID) != app_key(same[0], "another-app")
+    assert app_key("http://localhost:8080", APP_ID) != app_key("http://127.0.0.1:8080", APP_ID)
+
+
+async def test_two_spellings_of_one_platform_share_one_token(live_sim: SimulatorServer) -> None:
+    """Two clients whose plans spell the platform's URL differently (scheme case, trailing
+    slash) share one state directory: one login between them."""
+    shouted = live_sim.url.replace("http://", "HTTP://") + "/"
+    async with (
+        NorthboundClient(client_config(live_sim)) as first,
+        NorthboundClient(client_config(live_sim, base_url=shouted)) as second,
+    ):
+        await first.list_packages()
+        await second.list_packages()
+    assert first.state.directory == second.state.directory
+    assert live_sim.platform.stats.calls["login"] == 1

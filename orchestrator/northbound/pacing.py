@@ -31,7 +31,7 @@ from enum import IntEnum
 
 import structlog
 
-from .hoststate import AppState, HostStateFailed
+from .hoststate import AppState, HostStateFailed, canonical_url
 from .ledger import Granted, Outcome, PacingLedger, Wait
 
 log = structlog.get_logger("orchestrator.pacing")
@@ -259,7 +259,7 @@ def shared_pacer(
     private to this process)."""
     pacers = _registry.setdefault(asyncio.get_running_loop(), {})
     where = str(state.directory) if state is not None else ""
-    key = (base_url.rstrip("/"), app_id, where)
+    key = (canonical_url(base_url), app_id, where)
     pacer = pacers.get(key)
     if pacer is None or (pacer.calls, pacer.seconds) != (calls, seconds):
         ledger = PacingLedger(state.ledger_file) if state is not None else None
