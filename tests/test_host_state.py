@@ -17,7 +17,7 @@ import structlog
 
 from orchestrator.northbound import NorthboundClient, Priority
 from orchestrator.northbound.hoststate import AppState, app_key, default_state_root, state_root
-from orchestrator.northbound.ledger import Granted, Outcome, PacingLedger, Wait
+from orchestrator.northbound.ledger import Granted, Outcome, PacingLedger, Wait, read_budget
 from orchestrator.simulator import SimulatorServer
 
 from .conftest import APP_ID, SECRET, client_config
@@ -280,7 +280,7 @@ def _budget(*args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "orchestrator", "budget", *args],
         capture_output=True,
         text=True,
-        env=dict(os.environ, COLUMNS="160"),
+        env=dict(os.environ, COLUMNS="60"),  # off a terminal: nothing is wrapped anyway
         check=False,
     )
 
@@ -288,7 +288,8 @@ def _budget(*args: str) -> subprocess.CompletedProcess[str]:
 async def test_budget_shows_who_used_the_app_in_the_last_window(
     live_sim: SimulatorServer,
 ) -> None:
-    """`rollout budget` lists each process of the app with its calls in the last window."""
+    """`rollout budget` lists each process of the app with its calls in the last window,
+    under a title on one line."""
     empty = await asyncio.to_thread(_budget)
     assert empty.returncode == 0 and "no process of this host" in empty.stdout
     async with NorthboundClient(client_config(live_sim, label="run meters")) as client:
@@ -296,7 +297,8 @@ async def test_budget_shows_who_used_the_app_in_the_last_window(
             await client.list_packages()  # a login and three calls
     shown = await asyncio.to_thread(_budget)
     assert shown.returncode == 0, shown.stderr
-    assert f"app {APP_ID} at {live_sim.url}" in shown.stdout
+    title = f"app {APP_ID} at {live_sim.url}: 1000 calls / 60 s, 4 slots taken now"
+    assert title in shown.stdout.splitlines()
     row = next(line for line in shown.stdout.splitlines() if "run meters" in line)
     assert "ended" in row and " 4 " in row
     data = (await asyncio.to_thread(_budget, "--json")).stdout
@@ -351,3 +353,17 @@ async def test_two_spellings_of_one_platform_share_one_token(live_sim: Simulator
         await second.list_packages()
     assert first.state.directory == second.state.directory
     assert live_sim.platform.stats.calls["login"] == 1
+
+
+def test_budget_forgets_processes_that_ended_a_window_ago(tmp_path: Path) -> None:
+    """A ledger whose processes all ended more than a window ago reads as nobody using the
+    budget (not as an empty table)."""
+    clock = Clock()
+    (ledger,) = _ledgers(tmp_path / "ledger.sqlite", clock, "run meters")
+    granted = _try(ledger)
+    assert isinstance(granted, Granted)
+    ledger.release(granted.slot, Outcome.REPLIED, 1, 0.5)
+    ledger.close()
+    assert read_budget(tmp_path / "ledger.sqlite", clock) is not None
+    clock.now += 1.0
+    assert read_budget(tmp_path / "ledger.sqlite", clock) is None

@@ -563,7 +563,8 @@ class BudgetView:
 
 def read_budget(path: Path, clock: Clock = time.monotonic) -> BudgetView | None:
     """Who shares the app's budget on this host now, and how much each used in the last
-    window (SECONDS of the most recent process). None when the ledger does not exist."""
+    window (SECONDS of the most recent process). None when the ledger does not exist, holds
+    nothing yet, or no process is running or made a call in the last window."""
     if not path.exists():
         return None
     db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000)
@@ -618,6 +619,8 @@ def read_budget(path: Path, clock: Clock = time.monotonic) -> BudgetView | None:
                     int(open_),
                 )
             )
+        if not use:  # only processes that ended or died a window ago or more
+            return None
         taken = db.execute("SELECT COUNT(*) FROM slots WHERE until > ?", (now,)).fetchone()[0]
         return BudgetView(
             calls,
