@@ -15,9 +15,12 @@ at the one boundary with aiohttp (`_exchange`):
   times with backoff (stamina); creates never are here, because they may have taken effect —
   the engine settles them.
 
-A throttle reply (1010009) certainly did not act, so any call — a create, a login, a
-refresh — waits for the pacer's cool-down and goes again; an invalid token (1010005) is
-replaced (from the host's cache, or by a new login) and the call goes again.
+A throttle reply (1010009) certainly did not act, so any call — a create, a look-up, a
+login, a refresh — waits for the pacer's cool-down and goes again; an invalid token (1010005)
+is replaced (from the host's cache, or by a new login) and the call goes again. Both are
+another client's doing (platform-api.md §1), waited out for up to `outage_budget` seconds in
+a row, then KeptRefusing. A call's token is taken once its pacing slot is granted, just
+before it leaves, so a token renewed by another process while it waited is never sent.
 """
 
 from __future__ import annotations
