@@ -1244,6 +1244,7 @@ def budget(plan: Path | None, as_json: bool) -> None:
 
 def _print_budget(app: AppState, view: BudgetView) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     title = (
         f"app {app.app_id} at {app.base_url}: {view.calls} calls / {view.seconds:g} s, "
@@ -1253,7 +1254,8 @@ def _print_budget(app: AppState, view: BudgetView) -> None:
         title += f", this host grants itself {view.share:.0%} (throttled lately)"
     if view.paused_for > 0:
         title += f", paused {view.paused_for:.1f} s"
-    table = Table(title=title)
+    out().print(Text(title, style="italic"), soft_wrap=True)  # one line, never wrapped
+    table = Table()
     for column in ("process", "pid", "state", f"calls in the last {view.seconds:g} s", "throttled"):
         table.add_column(column)
     for owner in view.owners:

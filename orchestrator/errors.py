@@ -21,6 +21,7 @@
         │   └── TLSFailed           certificate not trusted/expired/for another host, a TLS
         │                           handshake refused, TLS against plain HTTP or the reverse
         ├── PlatformUnreachable     transient faults outlasted `execution.outage_budget`
+        │   └── KeptRefusing        1010005/1010009 on every attempt of a call, as long
         └── PlatformError           an error reply: `.status`, `.code`, `.desc`
             ├── BadRequest          4xx refusals (plan or device level) — certainly not
             │   └── NotFound        404: 123002 device/package, 123009 task
@@ -149,6 +150,13 @@ class RequestTimedOut(TransportError):
     """No reply within the timeout: the request may have taken effect."""
 
     may_have_taken_effect = True
+
+
+class KeptRefusing(PlatformUnreachable):
+    """The platform refused every attempt of one call with 1010005 or 1010009 (another
+    client replacing the app's token or spending its budget) for longer than the outage
+    budget: waited out until then, never counted as identical failures; then the run stops
+    like an outage and `rollout resume` goes on."""
 
 
 class PlatformError(PlatformCallError):

@@ -147,12 +147,17 @@ async def test_insecure_switch_skips_verification_and_warns(tls_config: Simulato
 
 # ---- tokens ------------------------------------------------------------------------------------
 async def test_token_refreshed_before_expiry(live_sim: SimulatorServer) -> None:
-    """A token near its expiry is refreshed (refreshToken, not login) before it is refused."""
+    """A token is refreshed (refreshToken, not login) shortly before its expiry — not at half
+    its lifetime — and before it is refused."""
     live_sim.platform.tokens.ttl = 1.0
     async with NorthboundClient(client_config(live_sim, refresh_before=0.6)) as client:
         await client.list_packages()
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(0.5)  # half its lifetime left: not renewed yet
         await client.list_packages()
+        renewed_at_half = client.tokens.refreshes
+        await asyncio.sleep(0.45)  # under a tenth of its lifetime left: renewed
+        await client.list_packages()
+    assert renewed_at_half == 0
     assert (client.tokens.logins, client.tokens.refreshes) == (1, 1)
     assert live_sim.platform.stats.replies.get("1010005", 0) == 0
 

@@ -26,6 +26,7 @@ import trustme
 from click.testing import CliRunner
 
 from orchestrator.cli import main
+from orchestrator.northbound.hoststate import AppState
 from orchestrator.simulator import FaultConfig, SimulatorConfig, SimulatorServer
 
 from .conftest import SECRET
@@ -497,3 +498,106 @@ def test_paths_with_uri_characters_work_for_every_command(
     # a second journal: every device is adopted by the census; the gate still asks (exit 4)
     assert runner.invoke(main, ["run", str(plan), "--journal", str(journal)]).exit_code == 4
     assert runner.invoke(main, ["status", str(plan), "--journal", str(journal)]).exit_code == 0
+
+
+# ---- the host's state (token cache, pacing ledger) failing -------------------------------------
+def _app_dir(root: Path) -> Path:
+    (directory,) = (root / "apps").iterdir()
+    return directory
+
+
+def test_a_full_state_disk_at_the_start_is_bad_input_naming_the_ledger(
+    servers: Servers, tmp_path: Path
+) -> None:
+    """The state directory's disk is full from the start: exit 2, one line naming the pacing
+    ledger and --state-dir, nothing sent; `rollout budget` then says no process used it."""
+    with _tmpfs(tmp_path / "state", "size=256k") as state:
+        plan = Env(servers, tmp_path).plan()
+        runner = CliRunner()
+        AppState.open(state, servers.by_name["plain"].url, "demo-app")  # the app's directory
+        filler = _fill(state)
+        before = servers.calls()
+        result = runner.invoke(
+            main, ["--state-dir", str(state), "--log-level", "error", "run", str(plan)]
+        )
+        budget = runner.invoke(main, ["--state-dir", str(state), "budget"])
+        filler.unlink()
+    err = result.stderr.strip()
+    assert result.exit_code == 2, err
+    assert len(err.splitlines()) == 1
+    assert "ledger.sqlite: pacing ledger: cannot be written" in err and "--state-dir" in err
+    assert servers.calls() == before
+    assert budget.exit_code == 0, budget.stderr
+    assert "no process of this host has used an app's budget lately" in budget.stdout
+
+
+def test_a_state_disk_that_fills_mid_run_stops_it_naming_the_ledger(
+    servers: Servers, tmp_path: Path
+) -> None:
+    """The state directory's disk fills mid-run: exit 2 with a last line naming the pacing
+    ledger — never counted as identical platform failures, never blamed on the journal."""
+    sim = SimulatorServer(SimulatorConfig(tls=False, devices=12000, seed=12, rate_limit=(50, 1)))
+    servers.run(sim.start())
+    try:
+        with _tmpfs(tmp_path / "state", "size=2m") as state:
+            directory = tmp_path / "plan"
+            directory.mkdir()
+            ids = [d for d, dev in sim.fleet.devices.items() if dev.model.model == "WM-200"]
+            (directory / "fleet.txt").write_text("\n".join(ids[:2560]) + "\n")
+            plan = directory / "plan.toml"
+            plan.write_text(plan_text(sim).replace('rate_limit = "50/1"', 'rate_limit = "5/1"'))
+            journal = directory / ".rollout" / "test-plan.journal.sqlite"
+            env = dict(os.environ, **{SECRET_ENV: SECRET})
+            command = [sys.executable, "-m", "orchestrator", "--state-dir", str(state)]
+            proc = subprocess.Popen(
+                [*command, "--log-level", "error", "run", str(plan)],
+                env=env,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            deadline = time.monotonic() + 60
+            while _submitted_chunks(journal) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            filler = _fill(state)
+            _, err = proc.communicate(timeout=60)
+            filler.unlink()
+        assert proc.returncode == 2, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: ") and "ledger.sqlite: pacing ledger" in last, last
+        assert "identical failures" not in err and "journal" not in last
+        assert "Traceback" not in err
+    finally:
+        servers.run(sim.close())
+
+
+def test_a_token_file_that_cannot_be_replaced_stops_before_logging_in(
+    servers: Servers, tmp_path: Path
+) -> None:
+    """token.json made immutable (chattr +i): exit 2 naming it, before any login (no call
+    spent, no other process's token invalidated), and no temporary file holds a token."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for chattr +i")
+    state = tmp_path / "state"
+    plan = Env(servers, tmp_path).plan()
+    runner = CliRunner()
+    first = runner.invoke(
+        main, ["--state-dir", str(state), "--log-level", "error", "run", str(plan)]
+    )
+    assert first.exit_code == 0, first.stderr
+    token_file = _app_dir(state) / "token.json"
+    token_file.write_text("{}")  # no token: the next run must log in
+    if subprocess.run(["chattr", "+i", str(token_file)], check=False).returncode != 0:
+        pytest.skip("chattr +i is not supported here")
+    try:
+        before = servers.calls()
+        result = runner.invoke(
+            main, ["--state-dir", str(state), "--log-level", "error", "run", str(plan), "--new-run"]
+        )
+        after = servers.calls()
+    finally:
+        subprocess.run(["chattr", "-i", str(token_file)], check=False)
+    err = result.stderr.strip()
+    assert result.exit_code == 2, err
+    assert len(err.splitlines()) == 1 and "token.json: token cache: cannot be written" in err
+    assert after == before
+    assert [p.name for p in _app_dir(state).iterdir() if p.name.endswith(".tmp")] == []

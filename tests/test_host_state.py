@@ -16,8 +16,8 @@ import pytest
 import structlog
 
 from orchestrator.northbound import NorthboundClient, Priority
-from orchestrator.northbound.hoststate import AppState, default_state_root, state_root
-from orchestrator.northbound.ledger import Granted, Outcome, PacingLedger, Wait
+from orchestrator.northbound.hoststate import AppState, app_key, default_state_root, state_root
+from orchestrator.northbound.ledger import Granted, Outcome, PacingLedger, Wait, read_budget
 from orchestrator.simulator import SimulatorServer
 
 from .conftest import APP_ID, SECRET, client_config
@@ -280,7 +280,7 @@ def _budget(*args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "orchestrator", "budget", *args],
         capture_output=True,
         text=True,
-        env=dict(os.environ, COLUMNS="160"),
+        env=dict(os.environ, COLUMNS="60"),  # off a terminal: nothing is wrapped anyway
         check=False,
     )
 
@@ -288,7 +288,8 @@ def _budget(*args: str) -> subprocess.CompletedProcess[str]:
 async def test_budget_shows_who_used_the_app_in_the_last_window(
     live_sim: SimulatorServer,
 ) -> None:
-    """`rollout budget` lists each process of the app with its calls in the last window."""
+    """`rollout budget` lists each process of the app with its calls in the last window,
+    under a title on one line."""
     empty = await asyncio.to_thread(_budget)
     assert empty.returncode == 0 and "no process of this host" in empty.stdout
     async with NorthboundClient(client_config(live_sim, label="run meters")) as client:
@@ -296,8 +297,73 @@ async def test_budget_shows_who_used_the_app_in_the_last_window(
             await client.list_packages()  # a login and three calls
     shown = await asyncio.to_thread(_budget)
     assert shown.returncode == 0, shown.stderr
-    assert f"app {APP_ID} at {live_sim.url}" in shown.stdout
+    title = f"app {APP_ID} at {live_sim.url}: 1000 calls / 60 s, 4 slots taken now"
+    assert title in shown.stdout.splitlines()
     row = next(line for line in shown.stdout.splitlines() if "run meters" in line)
     assert "ended" in row and " 4 " in row
     data = (await asyncio.to_thread(_budget, "--json")).stdout
     assert '"calls_last_window": 4' in data and SECRET not in data
+
+
+async def test_a_damaged_ledger_is_rebuilt_with_a_warning_naming_it(
+    live_sim: SimulatorServer, private_host_state: Path
+) -> None:
+    """A ledger file replaced by garbage is disposable: rebuilt empty, with a warning naming
+    it, and the calls go on."""
+    state = AppState.open(private_host_state, live_sim.url, APP_ID)
+    state.ledger_file.write_bytes(b"not a database, " * 512)
+    with structlog.testing.capture_logs() as logs:
+        async with NorthboundClient(client_config(live_sim)) as client:
+            page = await client.list_packages()
+    assert page.total > 0
+    warnings = [entry for entry in logs if entry["log_level"] == "warning"]
+    assert [entry.get("file") for entry in warnings] == [str(state.ledger_file)]
+    assert state.ledger_file.read_bytes().startswith(b"SQLite format 3")
+
+
+def test_one_platform_written_several_ways_is_one_app() -> None:
+    """Scheme and host case, a trailing dot, an explicit default port and trailing slashes
+    give one app key; another port, path or app id another; names are not resolved."""
+    same = [
+        "https://iot.example.com:8743",
+        "HTTPS://IoT.Example.COM:8743/",
+        "https://iot.example.com.:8743//",
+    ]
+    default_port = [
+        "https://iot.example.com",
+        "https://iot.example.com:443/",
+        "HTTPS://IOT.example.com.",
+    ]
+    assert len({app_key(url, APP_ID) for url in same}) == 1
+    assert len({app_key(url, APP_ID) for url in default_port}) == 1
+    assert app_key(same[0], APP_ID) != app_key(default_port[0], APP_ID)
+    assert app_key(same[0], APP_ID) != app_key(same[0], "another-app")
+    assert app_key("http://localhost:8080", APP_ID) != app_key("http://127.0.0.1:8080", APP_ID)
+
+
+async def test_two_spellings_of_one_platform_share_one_token(live_sim: SimulatorServer) -> None:
+    """Two clients whose plans spell the platform's URL differently (scheme case, trailing
+    slash) share one state directory: one login between them."""
+    shouted = live_sim.url.replace("http://", "HTTP://") + "/"
+    async with (
+        NorthboundClient(client_config(live_sim)) as first,
+        NorthboundClient(client_config(live_sim, base_url=shouted)) as second,
+    ):
+        await first.list_packages()
+        await second.list_packages()
+    assert first.state.directory == second.state.directory
+    assert live_sim.platform.stats.calls["login"] == 1
+
+
+def test_budget_forgets_processes_that_ended_a_window_ago(tmp_path: Path) -> None:
+    """A ledger whose processes all ended more than a window ago reads as nobody using the
+    budget (not as an empty table)."""
+    clock = Clock()
+    (ledger,) = _ledgers(tmp_path / "ledger.sqlite", clock, "run meters")
+    granted = _try(ledger)
+    assert isinstance(granted, Granted)
+    ledger.release(granted.slot, Outcome.REPLIED, 1, 0.5)
+    ledger.close()
+    assert read_budget(tmp_path / "ledger.sqlite", clock) is not None
+    clock.now += 1.0
+    assert read_budget(tmp_path / "ledger.sqlite", clock) is None

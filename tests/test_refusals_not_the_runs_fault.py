@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.engine import RunOptions, execute
-from orchestrator.errors import Throttled
+from orchestrator.errors import KeptRefusing, Throttled
 from orchestrator.loaded_plan import load_plan
 from orchestrator.northbound import NorthboundClient
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
@@ -61,7 +61,7 @@ async def test_a_throttled_refresh_is_sent_again(live_sim: SimulatorServer) -> N
     live_sim.platform.tokens.ttl = 1.0
     async with NorthboundClient(client_config(live_sim, refresh_before=0.6)) as client:
         await client.list_packages()
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(0.95)  # renewed shortly before expiry: a tenth of 1 s before
         live_sim.platform.faults.update({"throttle_next_calls": 2, "only_api": "refreshToken"})
         try:
             page = await client.list_packages()
@@ -69,3 +69,39 @@ async def test_a_throttled_refresh_is_sent_again(live_sim: SimulatorServer) -> N
             pytest.fail("a throttled refresh failed the call")
     assert page.total > 0
     assert client.tokens.refreshes == 1 and client.pacer.throttled == 2
+
+
+@pytest.mark.parametrize(
+    ("fault", "code"), [("throttle_next_calls", "1010009"), ("revoke_next_tokens", "1010005")]
+)
+async def test_a_read_refused_25_times_in_a_row_is_waited_out(
+    tmp_path: Path, fault: str, code: str
+) -> None:
+    """The census's task list refused 25 times in a row (1010009, or 1010005) is waited out
+    like a create: the run completes, every device once."""
+    config = SimulatorConfig(tls=False, devices=4000, seed=4, rate_limit=(1000, 1.0))
+    async with SimulatorServer(config) as server:
+        server.platform.faults.update({fault: 25, "only_api": "listTasks"})
+        devices = devices_of(server, "WM-200", 256)
+        plan = write_plan(tmp_path, server, devices, execution="stop_after_identical_failures = 2")
+        result = await execute(load_plan(plan), RunOptions(journal=tmp_path / "j.sqlite"))
+        truth = server.platform.truth()
+        stats = server.platform.stats
+    assert result.counts["targets_submitted"] == 256
+    assert set(device_sets(truth).values()) == {1}
+    assert stats.replies[code] == 25
+
+
+async def test_refusals_are_waited_out_for_the_outage_budget_then_stop_the_call(
+    live_sim: SimulatorServer,
+) -> None:
+    """A read refused 1010009 on every attempt is given up after outage_budget seconds with
+    KeptRefusing, whose one line names the code and the budget."""
+    live_sim.platform.faults.update({"throttle_next_calls": 10**6, "only_api": "listTasks"})
+    async with NorthboundClient(client_config(live_sim, outage_budget=1.5)) as client:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(KeptRefusing) as raised:
+            await client.list_tasks()
+        took = asyncio.get_running_loop().time() - started
+    assert 1.5 <= took < 6
+    assert "1010009" in str(raised.value) and "execution.outage_budget = 1.5 s" in str(raised.value)

@@ -282,3 +282,34 @@ def test_another_client_spending_half_and_4_s_tokens(tmp_path: Path) -> None:
     assert status["status"] == "submitted" and status["stop_reason"] in (None, "")
     assert stats["storm_admitted"] > 0 and stats["calls"].get("refreshToken", 0) >= 1
     assert all(counts.get(device) == 1 for device in plan.targets)
+
+
+def test_three_runs_with_4_s_tokens_beside_another_client_send_each_create_once(
+    tmp_path: Path,
+) -> None:
+    """Three runs in three processes, tokens living 4 s, another client spending half the
+    budget: every run completes, each chunk's create is admitted once (no create is spent on
+    a token replaced while it waited for its slot), one renewal per token lifetime over all
+    processes, and 1010005 stays rare."""
+    with _fleet(
+        tmp_path, "20/2", "--devices", "44000", "--seed", "12", "--speed", "36000",
+        "--storm-share", "0.5", "--token-ttl", "4",
+    ) as fleet:  # fmt: skip
+        runs = [
+            _plan(tmp_path / name, fleet, name, model, fleet.ids[model][: 10 * 256])
+            for name, model in (("water-a", "WM-200"), ("water-b", "WM-310"), ("gas", "GM-10"))
+        ]
+        started = time.monotonic()
+        codes = [_finish(proc, timeout=180) for proc in [_start("run", plan) for plan in runs]]
+        elapsed = time.monotonic() - started
+        stats = get_json(fleet.url + "/_sim/stats")
+        creates = [row for row in _arrivals(fleet) if row[2] == "createTask" and row[3]]
+        counts = _in_tasks(fleet)
+    assert codes == [0, 0, 0]
+    assert stats["storm_admitted"] > 0 and stats["calls"].get("refreshToken", 0) >= 1
+    assert len(creates) == stats["tasks_created"] == 30
+    renewals = stats["calls"]["login"] + stats["calls"]["refreshToken"]
+    assert renewals <= elapsed / 4 + 1, f"{renewals} logins and refreshes in {elapsed:.0f} s"
+    refusals = stats["replies"].get("1010005", 0)
+    assert refusals <= elapsed / 4 + 3, f"{refusals} calls refused 1010005 in {elapsed:.0f} s"
+    assert all(counts.get(device) == 1 for plan in runs for device in plan.targets)

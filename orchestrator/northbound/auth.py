@@ -24,6 +24,7 @@ log = structlog.get_logger("orchestrator.auth")
 
 Login = Callable[[], Awaitable[Token]]
 Refresh = Callable[[str], Awaitable[Token]]
+RENEW_SHARE = 0.1  # of a token's lifetime: renewed when less than this (or refresh_before) is left
 
 
 class TokenKeeper:
@@ -50,9 +51,11 @@ class TokenKeeper:
         self.adopted = 0  # tokens another process obtained, taken from the cache
 
     def _is_fresh(self, token: Token | None, expires_at: float) -> bool:
+        """Renewed shortly before it expires — `refresh_before` (5 min), or a tenth of a
+        short lifetime — so once per lifetime, for all processes of the host."""
         if token is None:
             return False
-        margin = min(self._refresh_before, token.expires_in / 2)
+        margin = min(self._refresh_before, token.expires_in * RENEW_SHARE)
         return self._clock() < expires_at - margin
 
     def _fresh(self) -> bool:
@@ -68,6 +71,14 @@ class TokenKeeper:
                     await self._obtain(rejected=None)
         assert self._token is not None
         return self._token.access_token
+
+    def current(self) -> str | None:
+        """The token to send now, without waiting: the host's newest one if another process
+        replaced it (a `stat` of the cache), None when it needs renewing (`access_token`).
+        Called once the call's pacing slot is granted, just before it leaves."""
+        if self.cache is not None and self.cache.changed():
+            self._adopt(rejected=None)
+        return self._token.access_token if self._fresh() and self._token is not None else None
 
     async def replace(self, rejected: str) -> str:
         """The platform refused `rejected` (1010005): take the host's newer token if there is
@@ -106,6 +117,7 @@ class TokenKeeper:
         async with self.cache.exclusive():
             if self._adopt(rejected):  # obtained by another process while we waited
                 return
+            self.cache.check_writable()  # before a login spends a call and others' tokens
             await self._renew(login=rejected is not None)
             assert self._token is not None
             self.cache.write(self._token, self._expires_at)

@@ -15,9 +15,12 @@ at the one boundary with aiohttp (`_exchange`):
   times with backoff (stamina); creates never are here, because they may have taken effect —
   the engine settles them.
 
-A throttle reply (1010009) certainly did not act, so any call — a create, a login, a
-refresh — waits for the pacer's cool-down and goes again; an invalid token (1010005) is
-replaced (from the host's cache, or by a new login) and the call goes again.
+A throttle reply (1010009) certainly did not act, so any call — a create, a look-up, a
+login, a refresh — waits for the pacer's cool-down and goes again; an invalid token (1010005)
+is replaced (from the host's cache, or by a new login) and the call goes again. Both are
+another client's doing (platform-api.md §1), waited out for up to `outage_budget` seconds in
+a row, then KeptRefusing. A call's token is taken once its pacing slot is granted, just
+before it leaves, so a token renewed by another process while it waited is never sent.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ from ..errors import (
     ConnectionLost,
     HostNotFound,
     InvalidToken,
+    KeptRefusing,
     PlatformCallError,
+    PlatformError,
     RequestTimedOut,
     ServerError,
     Throttled,
@@ -70,7 +75,7 @@ from .models import (
     Task,
     Token,
 )
-from .outage import Outage
+from .outage import Outage, describe_duration
 from .pacing import Pacer, Priority, shared_pacer
 from .tokencache import TokenCache
 
@@ -83,7 +88,6 @@ UPGRADE = "/iodm/northbound/v1.5.0"
 GROUPS = "/iocm/app/devgroup/v1.3.0/devGroups"
 GROUP_MEMBERS = "/iocm/app/dm/v1.2.0/devices/ids"
 MAX_PAGE_SIZE = 100
-MAX_THROTTLED_ATTEMPTS = 20  # attempts of one call refused by flow control or for its token
 BeforeSend = Callable[[], None]
 
 
@@ -185,15 +189,29 @@ class NorthboundClient:
         params: Mapping[str, str] | None = None,
         body: Any = None,
         form: Mapping[str, str] | None = None,
-        token: str | None = None,
+        sent_with: list[str] | None = None,
         before_send: BeforeSend | None = None,
     ) -> Any:
+        """One attempt: a pacing slot, then the request. With `sent_with` (a list) the call
+        carries the app's token, taken *after* the slot is granted — the token another
+        process may have renewed while this call waited is never sent — and the token sent
+        is appended to `sent_with` (to name the refused one on 1010005)."""
         if self._session is None:
             raise RuntimeError("use the client as `async with NorthboundClient(...)`")
         headers: dict[str, str] = {}
-        if token is not None:
-            headers = {"app_key": self.config.app_id, "Authorization": f"Bearer {token}"}
-        slot = await self.pacer.acquire(priority)
+        while True:
+            if sent_with is not None:
+                await self.tokens.access_token()  # a login or refresh takes its own slot first
+            slot = await self.pacer.acquire(priority)
+            if sent_with is None:
+                break
+            token = self.tokens.current()  # the host's newest token, checked just now
+            if token is not None:
+                sent_with.append(token)
+                headers = {"app_key": self.config.app_id, "Authorization": f"Bearer {token}"}
+                break
+            # the token went stale while this call waited: renew it before sending
+            self.pacer.release(slot, Outcome.UNSENT)
         outcome = Outcome.UNSENT
         try:
             if callable(body):  # built first: a body that cannot be built leaves no intent
@@ -334,31 +352,31 @@ class NorthboundClient:
     ) -> Any:
         """One logical call: token, waits out throttling, replaces a refused token.
 
-        A 1010005 reply did not act: the token is replaced — by the host's newer one if
-        another process already got it, else by a new login — and the call goes again (at
-        most MAX_THROTTLED_ATTEMPTS attempts in all). `before_send` runs each time an attempt
-        has its pacing slot and is about to leave — the engine journals its intent there (the
-        first time) and the send time of the attempt that really leaves (after a throttled or
-        re-authenticated one, which certainly did not act), so a process killed while waiting
-        for a slot leaves nothing to reconcile and the settle time counts from the last send.
+        A 1010009 reply did not act: the call goes again after the pacer's cool-down. A
+        1010005 reply did not act either: the token is replaced — by the host's newer one if
+        another process already got it, else by a new login — and the call goes again. Both
+        are the doing of another client, never the run's: they are waited out for as long as
+        `execution.outage_budget` allows (then KeptRefusing, exit 1), reads and creates
+        alike. `before_send` runs each time an attempt has its pacing slot and is about to
+        leave — the engine journals its intent there (the first time) and the send time of
+        the attempt that really leaves (after a throttled or re-authenticated one, which
+        certainly did not act), so a process killed while waiting for a slot leaves nothing
+        to reconcile and the settle time counts from the last send.
         """
-        token = await self.tokens.access_token()
-        for attempt in range(1, MAX_THROTTLED_ATTEMPTS + 1):
+        refusals = _Refusals(self.outage)
+        while True:
+            sent_with: list[str] = []
             try:
                 return await self._send(
-                    method, path, priority, token=token, before_send=before_send, **kwargs
+                    method, path, priority, sent_with=sent_with, before_send=before_send, **kwargs
                 )
-            except InvalidToken:
-                if attempt == MAX_THROTTLED_ATTEMPTS:
-                    raise
-                token = await self.tokens.replace(token)
-            except Throttled:
-                if attempt == MAX_THROTTLED_ATTEMPTS:
-                    raise
-                # refused and not counted: safe to send again after the cool-down, with the
-                # host's newest token (another process may have refreshed it meanwhile)
-                token = await self.tokens.access_token()
-        raise AssertionError("unreachable: the last attempt returns or raises")
+            except InvalidToken as error:
+                refusals.note(error)
+                await self.tokens.replace(sent_with[-1])
+            except Throttled as error:
+                # refused and not counted: safe to send again after the cool-down (the pacer
+                # holds the next slot back), with the host's newest token
+                refusals.note(error)
 
     async def ride_out(self, call: Callable[[], Awaitable[T]]) -> T:
         """`call()`, sent again after a pause while it meets transient faults (the platform
@@ -396,35 +414,36 @@ class NorthboundClient:
         raise AssertionError("unreachable: retry_context returns or raises")
 
     async def _login(self) -> Token:
+        """A throttled login (another client spending the budget) is waited out: the call
+        did not act and goes again after the cool-down, within `execution.outage_budget`."""
         form = {"appId": self.config.app_id, "secret": self.config.secret.get_secret_value()}
-        for _ in range(MAX_THROTTLED_ATTEMPTS):
+        refusals = _Refusals(self.outage)
+        while True:
             try:
                 reply = await self.ride_out(
                     lambda: self._send("POST", LOGIN_PATH, Priority.AUTH, form=form)
                 )
                 return Token.model_validate(reply)
-            except Throttled:
-                continue
-        raise Throttled(403, "1010009", "login throttled", method="POST", path=LOGIN_PATH)
+            except Throttled as error:
+                refusals.note(error)
 
     async def _refresh(self, refresh_token: str) -> Token:
-        """A throttled refresh (another client spending the budget) is waited out like a
-        login: the call did not act and goes again after the cool-down."""
+        """A throttled refresh is waited out like a login."""
         body = {
             "appId": self.config.app_id,
             "secret": self.config.secret.get_secret_value(),
             "refreshToken": refresh_token,
         }
-        for _ in range(MAX_THROTTLED_ATTEMPTS):
+        refusals = _Refusals(self.outage)
+        while True:
             try:
                 return Token.model_validate(
                     await self.ride_out(
                         lambda: self._send("POST", REFRESH_PATH, Priority.AUTH, body=body)
                     )
                 )
-            except Throttled:
-                continue
-        raise Throttled(403, "1010009", "refresh throttled", method="POST", path=REFRESH_PATH)
+            except Throttled as error:
+                refusals.note(error)
 
     async def login(self) -> None:
         """Make sure a valid token is held (logs in if needed)."""
@@ -598,6 +617,36 @@ class NorthboundClient:
             if not page.items or len(found) >= page.total:
                 return found
             page_no += 1
+
+
+class _Refusals:
+    """Refusals of one call that are not the run's fault (1010005, 1010009), in a row: waited
+    out for up to the outage budget (`execution.outage_budget`), then KeptRefusing."""
+
+    def __init__(self, outage: Outage) -> None:
+        self._outage = outage
+        self._since: float | None = None
+
+    def note(self, error: PlatformError) -> None:
+        now = self._outage.now()
+        if self._since is None:
+            self._since = now
+        refused_for = now - self._since
+        if refused_for >= self._outage.budget:
+            raise KeptRefusing(
+                f"refused {error.code} ({_REFUSAL.get(error.code, error.desc)}) on every "
+                f"attempt for {describe_duration(refused_for)}; nothing is lost: "
+                "`rollout resume` goes on later "
+                f"(execution.outage_budget = {self._outage.budget:g} s)",
+                method=error.method,
+                path=error.path,
+            )
+
+
+_REFUSAL = {
+    "1010009": "another client spends the app's budget",
+    "1010005": "another client replaces the app's token",
+}
 
 
 def _api_name(method: str, path: str) -> str:

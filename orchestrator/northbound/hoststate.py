@@ -11,7 +11,8 @@ older ones — and one flow-control budget per app over all APIs). What they sha
 
 The state root is `--state-dir`, else `$ROLLOUT_STATE_DIR`, else the user's state directory
 (platformdirs: `~/.local/state/rollout` on Linux). The key is a hash of the platform's base
-URL and the app id, so two platforms, or two apps of one platform, never share anything.
+URL (one spelling: `canonical_url`) and the app id, so two platforms, or two apps of one
+platform, never share anything, and one platform written two ways shares everything.
 Nothing here ever holds the app's secret.
 """
 
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
+from yarl import URL
 
 from ..errors import InputError
 
@@ -48,9 +50,31 @@ def state_root(override: Path | None = None) -> Path:
     return override.expanduser() if override is not None else default_state_root()
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def canonical_url(base_url: str) -> str:
+    """The platform's base URL in one spelling, so that one platform is one application on
+    the host however the plans write it: scheme and host in lower case, the host without a
+    trailing dot, the default port (80, 443) left out, no trailing `/`, no user info, query
+    or fragment (yarl parses it). Names are not resolved: `localhost` and `127.0.0.1` (or
+    two names of one host) stay two spellings, so two keys."""
+    try:
+        url = URL(base_url.strip())
+        scheme = url.scheme.lower()
+        host = (url.host or "").rstrip(".").lower()
+        if not scheme or not host:
+            return base_url.rstrip("/")
+        port = url.port if url.port != DEFAULT_PORTS.get(scheme) else None
+        return str(URL.build(scheme=scheme, host=host, port=port, path=url.path.rstrip("/")))
+    except ValueError:
+        return base_url.rstrip("/")
+
+
 def app_key(base_url: str, app_id: str) -> str:
-    """The directory name of an application: 20 hex digits of sha256(base URL, app id)."""
-    text = f"{base_url.rstrip('/')}\n{app_id}"
+    """The directory name of an application: 20 hex digits of sha256(canonical base URL,
+    app id)."""
+    text = f"{canonical_url(base_url)}\n{app_id}"
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -69,15 +93,42 @@ def private_file(path: Path) -> None:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Replace `path` atomically with `data` (mode 0600): a reader sees the old or the new."""
+    """Replace `path` atomically with `data` (mode 0600): a reader sees the old or the new.
+    On failure (OSError: a full disk, a file that may not be replaced) the temporary file is
+    removed — what it held (a token) is never left in a stray file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, FILE_MODE)
     try:
-        os.fchmod(fd, FILE_MODE)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, FILE_MODE)
+        try:
+            os.fchmod(fd, FILE_MODE)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class HostStateFailed(InputError):
+    """A file of the app's state on this host (the token cache, the pacing ledger) cannot be
+    used — a full disk, a file that may not be replaced: exit 2, one line naming the file and
+    what to do. Never a platform failure, never counted as one."""
+
+    def __init__(self, path: Path, what: str, error: BaseException) -> None:
+        self.path = path
+        reason = (
+            error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        ) or type(error).__name__
+        super().__init__(
+            str(path),
+            what,
+            f"cannot be written ({reason}); free space or fix the file, or choose another "
+            f"state directory with --state-dir or ${ENV_VAR}",
+        )
 
 
 @dataclass(frozen=True)
@@ -103,7 +154,7 @@ class AppState:
     @classmethod
     def locate(cls, root: Path, base_url: str, app_id: str) -> AppState:
         """Where the app's state is (nothing is created)."""
-        base = base_url.rstrip("/")
+        base = canonical_url(base_url)
         return cls(root / "apps" / app_key(base, app_id), base, app_id)
 
     @classmethod

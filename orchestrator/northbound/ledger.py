@@ -57,7 +57,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from .hoststate import boot_id, private_file, process_alive, process_start
+import structlog
+
+from .hoststate import HostStateFailed, boot_id, private_file, process_alive, process_start
+
+log = structlog.get_logger("orchestrator.pacing")
 
 Clock = Callable[[], float]
 
@@ -70,6 +74,7 @@ SHRINK = 0.75  # the share kept after a throttle
 BURST_SHARE = 0.05  # of CALLS: grants that may go out at once after a quiet spell
 PRUNE_EVERY = 64
 BUSY_TIMEOUT_MS = 10_000
+WAL_FILES = ("-wal", "-shm")
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -164,15 +169,49 @@ class PacingLedger:
         self.grace = grace
         self.pid = os.getpid()
         self.owner = f"{self.pid}:{secrets.token_hex(4)}"
+        self._alive: dict[str, tuple[float, bool]] = {}
+        self._grants = 0
+        self.closed = False
+        self._opening = True
         if path is None:
             self._db = sqlite3.connect(":memory:", isolation_level=None)
-        else:
+            self._prepare()
+            return
+        try:
+            self._open(path)
+        except sqlite3.DatabaseError as exc:
+            if "not a database" not in str(exc):
+                raise HostStateFailed(path, "pacing ledger", exc) from None
+            # the ledger is disposable (its slots are a window old at most): start afresh
+            log.warning("the pacing ledger was damaged; rebuilt empty", file=str(path))
+            self._db.close()
+            try:
+                for stale in (path, *(path.with_name(path.name + end) for end in WAL_FILES)):
+                    stale.unlink(missing_ok=True)
+            except OSError as error:
+                raise HostStateFailed(path, "pacing ledger", error) from None
+            self._open(path)
+        self._opening = False
+
+    def _open(self, path: Path) -> None:
+        """Open (creating) the ledger file; HostStateFailed names it when it cannot be."""
+        try:
             private_file(path)
-            self._db = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        except OSError as exc:
+            raise HostStateFailed(path, "pacing ledger", exc) from None
+        self._db = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             self._db.execute("PRAGMA journal_mode = WAL")
             # the ledger need not survive a power cut: after a reboot its slots are void
             self._db.execute("PRAGMA synchronous = OFF")
+        except sqlite3.DatabaseError as exc:
+            if "not a database" in str(exc):
+                raise  # rebuilt by the caller
+            raise HostStateFailed(path, "pacing ledger", exc) from None
+        self._prepare()
+
+    def _prepare(self) -> None:
         with self._write() as db:
             if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                 # another version's ledger: its slots are a window old at most, start afresh
@@ -183,20 +222,25 @@ class PacingLedger:
                 if statement.strip():
                     db.execute(statement)
             self._check_boot()
-        self._alive: dict[str, tuple[float, bool]] = {}
-        self._grants = 0
-        self.closed = False
 
     # ---- plumbing -----------------------------------------------------------------------------
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+        """One transaction. A ledger file that fails (a full disk, a damaged file) raises
+        HostStateFailed naming it (exit 2) — a fault of this host, not of the platform."""
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.DatabaseError as exc:
+            if self.path is None or (self._opening and "not a database" in str(exc)):
+                raise  # in memory: a bug; damaged while opening: rebuilt by __init__
+            raise HostStateFailed(self.path, "pacing ledger", exc) from None
 
     def _check_boot(self) -> None:
         boot = boot_id()
@@ -235,14 +279,21 @@ class PacingLedger:
             db.execute("DELETE FROM waiters WHERE owner = ?", (self.owner,))
 
     def close(self) -> None:
-        """Leave the ledger: no more waiting; the slots taken stay taken until their time."""
+        """Leave the ledger: no more waiting; the slots taken stay taken until their time.
+        A ledger that cannot be written any more is closed all the same."""
         if self.closed:
             return
-        with self._write() as db:
-            db.execute("DELETE FROM waiters WHERE owner = ?", (self.owner,))
-            db.execute("UPDATE owners SET ended_at = ? WHERE owner = ?", (self.now(), self.owner))
-        self._db.close()
-        self.closed = True
+        try:
+            with self._write() as db:
+                db.execute("DELETE FROM waiters WHERE owner = ?", (self.owner,))
+                db.execute(
+                    "UPDATE owners SET ended_at = ? WHERE owner = ?", (self.now(), self.owner)
+                )
+        except HostStateFailed as exc:
+            log.warning("could not mark this process as ended in the pacing ledger", error=exc.rule)
+        finally:
+            self._db.close()
+            self.closed = True
 
     # ---- slots --------------------------------------------------------------------------------
     def try_reserve(
@@ -512,11 +563,14 @@ class BudgetView:
 
 def read_budget(path: Path, clock: Clock = time.monotonic) -> BudgetView | None:
     """Who shares the app's budget on this host now, and how much each used in the last
-    window (SECONDS of the most recent process). None when the ledger does not exist."""
+    window (SECONDS of the most recent process). None when the ledger does not exist, holds
+    nothing yet, or no process is running or made a call in the last window."""
     if not path.exists():
         return None
     db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000)
     try:
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'budget'").fetchone() is None:
+            return None  # created, never written (e.g. a full disk): nothing recorded
         now = clock()
         budget = db.execute(
             "SELECT boot, share, paused_until, throttled FROM budget WHERE id = 1"
@@ -565,6 +619,8 @@ def read_budget(path: Path, clock: Clock = time.monotonic) -> BudgetView | None:
                     int(open_),
                 )
             )
+        if not use:  # only processes that ended or died a window ago or more
+            return None
         taken = db.execute("SELECT COUNT(*) FROM slots WHERE until > ?", (now,)).fetchone()[0]
         return BudgetView(
             calls,

@@ -75,6 +75,10 @@ class Outage:
     def active(self) -> bool:
         return self.since is not None
 
+    def now(self) -> float:
+        """The outage's monotonic clock, in seconds."""
+        return self._monotonic()
+
     def down_for(self) -> float:
         return 0.0 if self.since is None else self._monotonic() - self.since
 

@@ -31,8 +31,7 @@ from enum import IntEnum
 
 import structlog
 
-from ..errors import PlatformCallError
-from .hoststate import AppState
+from .hoststate import AppState, HostStateFailed, canonical_url
 from .ledger import Granted, Outcome, PacingLedger, Wait
 
 log = structlog.get_logger("orchestrator.pacing")
@@ -55,10 +54,6 @@ class Slot:
 
     id: int
     priority: Priority
-
-
-class PacingFailed(PlatformCallError):
-    """The host's pacing ledger could not be used (e.g. its file is locked for too long)."""
 
 
 class Pacer:
@@ -125,8 +120,8 @@ class Pacer:
         (freed at once when it never left). A throttle pauses every process of the app."""
         try:
             throttle = self.ledger.release(slot.id, outcome, self.calls, self.seconds)
-        except sqlite3.Error as exc:  # the slot then stays taken until its worst-case time
-            log.warning("could not release a pacing slot", error=str(exc))
+        except HostStateFailed as exc:  # the slot then stays taken until its worst-case time
+            log.warning("could not release a pacing slot", error=exc.rule)
             return
         if throttle is not None:
             self.throttled += 1
@@ -197,8 +192,8 @@ class Pacer:
                     decision = self.ledger.try_reserve(
                         priority, then, self.calls, self.hold, self.request_timeout, free_since
                     )
-                except sqlite3.Error as exc:
-                    self._fail_all(PacingFailed(f"the host's pacing ledger failed: {exc}"))
+                except HostStateFailed as exc:  # this host's fault: the command stops (exit 2)
+                    self._fail_all(exc)
                     return
                 if isinstance(decision, Granted):
                     _, _, future = heapq.heappop(self._waiters)
@@ -215,7 +210,7 @@ class Pacer:
         finally:
             self._waiting_as = None
             if not self.ledger.closed:
-                with contextlib.suppress(sqlite3.Error):
+                with contextlib.suppress(HostStateFailed, sqlite3.Error):
                     self.ledger.withdraw()
 
     def _await_decision(self, decision: Wait, priority: int) -> None:
@@ -264,7 +259,7 @@ def shared_pacer(
     private to this process)."""
     pacers = _registry.setdefault(asyncio.get_running_loop(), {})
     where = str(state.directory) if state is not None else ""
-    key = (base_url.rstrip("/"), app_id, where)
+    key = (canonical_url(base_url), app_id, where)
     pacer = pacers.get(key)
     if pacer is None or (pacer.calls, pacer.seconds) != (calls, seconds):
         ledger = PacingLedger(state.ledger_file) if state is not None else None

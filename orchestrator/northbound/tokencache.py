@@ -22,7 +22,7 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from .hoststate import FILE_MODE, AppState, write_private
+from .hoststate import FILE_MODE, AppState, HostStateFailed, write_private
 from .models import Token
 
 LOCK_POLL = 0.02  # seconds between attempts at a lock another process holds
@@ -64,9 +64,29 @@ class TokenCache:
             return None
 
     def write(self, token: Token, expires_at: float) -> None:
-        """Replace the cached token (call inside `exclusive()`)."""
+        """Replace the cached token (call inside `exclusive()`). HostStateFailed (exit 2)
+        names the file when it cannot be replaced; no copy of the token is left behind."""
         body = {"token": token.model_dump(by_alias=True), "expires_at": expires_at}
-        write_private(self.state.token_file, json.dumps(body).encode())
+        self._replace(json.dumps(body).encode())
+
+    def check_writable(self) -> None:
+        """Replace the file with what it holds now (an empty object when there is none), so
+        that a file that cannot be replaced stops the command (HostStateFailed) *before* a
+        login spends a call and invalidates the other processes' token. Call inside
+        `exclusive()`."""
+        try:
+            current = self.state.token_file.read_bytes()
+        except FileNotFoundError:
+            current = b"{}"  # reads as no token
+        except OSError as exc:
+            raise HostStateFailed(self.state.token_file, "token cache", exc) from None
+        self._replace(current)
+
+    def _replace(self, data: bytes) -> None:
+        try:
+            write_private(self.state.token_file, data)
+        except OSError as exc:
+            raise HostStateFailed(self.state.token_file, "token cache", exc) from None
         self._signature = self._stat()
 
     @contextlib.asynccontextmanager
@@ -74,7 +94,10 @@ class TokenCache:
         """Hold the app's token lock (one login or refresh at a time on this host). Waiting
         polls a non-blocking `flock`, so a cancelled waiter leaves no lock behind; the kernel
         drops the lock of a process that dies holding it."""
-        fd = os.open(self.state.lock_file, os.O_CREAT | os.O_RDWR, FILE_MODE)
+        try:
+            fd = os.open(self.state.lock_file, os.O_CREAT | os.O_RDWR, FILE_MODE)
+        except OSError as exc:
+            raise HostStateFailed(self.state.lock_file, "token lock", exc) from None
         try:
             while True:
                 try:
