@@ -71,6 +71,7 @@ from .plan import (
 from .planner import plan_chunks
 from .session import RunSession
 from .simulator import DEFAULT_SECRET, SimulatorConfig, SimulatorServer
+from .simulator.fleet import FleetTooLarge
 from .simulator.state import StateError
 from .submitter import CensusView, Progress, Submitter, resolve_package
 
@@ -170,6 +171,7 @@ async def platform_client(
                     app_id=platform.app_id,
                     devices=sim.devices,
                     seed=sim.seed,
+                    models=sim.models,
                     speed=sim.speed,
                     rate_limit=platform.rate,
                     state_file=state_file,
@@ -182,6 +184,8 @@ async def platform_client(
                 f"the embedded platform saved there does not fit the plan ({exc}); delete the "
                 "file to start it afresh",
             ) from None
+        except FleetTooLarge as exc:
+            raise InputError(str(loaded.path), "platform.simulator.devices", str(exc)) from None
         with tempfile.TemporaryDirectory(prefix="rollout-state-") as private:
             async with server:
                 log.info(
