@@ -283,8 +283,8 @@ def group_id(rng: random.Random) -> str:
 # (deviceId string, index entry, group membership, six array slots) at rest, and its Device
 # object and SubtaskLife once a task of it has been observed. The largest fleet a simulator
 # accepts is the memory available at start divided by their sum (`max_devices`).
-BYTES_AT_REST = 220
-BYTES_IN_A_TASK = 700
+BYTES_AT_REST = 240
+BYTES_IN_A_TASK = 850
 
 
 class FleetTooLarge(ValueError):

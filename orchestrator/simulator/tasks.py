@@ -32,7 +32,7 @@ TASK_STATUSES = ("wait", "processing", "failed", "success", "stop")
 SUBTASK_STATUSES = ("wait", "processing", "fail", "success", "stop")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SubtaskLife:
     """One device's path through a task: status changes at the given simulated times."""
 
