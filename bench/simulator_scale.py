@@ -172,8 +172,9 @@ def main() -> int:
     def judge(label: str, seconds: float, peak: float, extra: str = "") -> None:
         ok = seconds <= START_GOAL_S and peak <= RSS_GOAL_MB
         print(
-            f"{label:<28} {n} devices of {MODEL}: start {seconds:5.2f} s (goal ≤ {START_GOAL_S:g} s)"
-            f", peak RSS {peak:4.0f} MB (goal ≤ {RSS_GOAL_MB:.0f} MB){extra}  "
+            f"{label:<28} {n} devices of {MODEL}: start {seconds:5.2f} s "
+            f"(goal ≤ {START_GOAL_S:g} s), peak RSS {peak:4.0f} MB "
+            f"(goal ≤ {RSS_GOAL_MB:.0f} MB){extra}  "
             f"{'ok' if ok else 'MISSED'}",
             flush=True,
         )
