@@ -133,6 +133,7 @@ class Devices(Mapping[str, Device]):
 
     def __init__(self, models: tuple[DeviceModel, ...]) -> None:
         self.models = models
+        self._keys = [(m.device_type, m.model, m.manufacturer) for m in models]
         self.ids: list[str] = []
         self._index: dict[str, int] = {}
         self._model = bytearray()  # index into `models`
@@ -191,11 +192,15 @@ class Devices(Mapping[str, Device]):
     def model_key(self, device_id: str) -> tuple[str, str, str] | None:
         """(deviceType, model, manufacturerName) of a device, None for an unknown ID."""
         index = self._index.get(device_id)
-        if index is None:
-            return None
-        device = self._made.get(index)
-        model = device.model if device is not None else self.models[self._model[index]]
-        return model.device_type, model.model, model.manufacturer
+        return None if index is None else self._keys[self._model[index]]
+
+    def model_keys(self, device_ids: Iterable[str]) -> set[tuple[str, str, str] | None]:
+        """The model keys of these devices (None among them: an unknown ID); the create path."""
+        index, kinds, keys = self._index, self._model, self._keys
+        return {
+            None if (i := index.get(device_id)) is None else keys[kinds[i]]
+            for device_id in device_ids
+        }
 
     def rows(self) -> Iterator[tuple[str, str, str, str, str, str]]:
         """Each device as created (FLEET_CSV_COLUMNS), without making Device objects."""

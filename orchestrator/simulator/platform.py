@@ -144,7 +144,7 @@ class Platform:
             raise PlatformReject("120015", "The package type does not match the operation.")
         package_key = (package.device_type, package.model, package.manufacturer)
         if request.devices is not None:
-            keys = set(map(self.fleet.devices.model_key, request.devices))
+            keys = self.fleet.devices.model_keys(request.devices)
             if None in keys:
                 raise PlatformReject("123002", "Some devices were not found.")
             if keys != {package_key}:
