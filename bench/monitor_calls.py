@@ -20,10 +20,13 @@ the price of not knowing the future. (A gate about to decide also reads the fail
 of its wave's running tasks, and — when its verdict hinges on successes not yet checked —
 their succeeded subtasks; this benchmark has no waves.)
 
-Setup: fleets of 10 000 and 100 000 WM-200 meters with a 2 % upgrade failure rate (no
-offline or already-upgraded meters), simulated time at 300× (the meters wake every 30
-simulated minutes = 6 s, so a task ends within about 40 simulated minutes ≈ 8 s of its
-creation). The rollout runs as `rollout run` does — submission with the limit lifted, then
+Setup: the first 10 000 and 100 000 WM-200 meters of the simulator's default fleet, as
+generated — none filtered out: each model's own failure rate (3 % for WM-200), 1 % of the
+meters never online (a task run "now" gives up on them after 4 simulated hours) and 2 %
+already on the package's version (their subtask fails at once, "same version") — simulated
+time at 300× (the meters wake every 30 simulated minutes = 6 s; a task holding a
+never-online meter ends 4 h = 48 s after its creation, the others within about 40 minutes
+≈ 8 s). The rollout runs as `rollout run` does — submission with the limit lifted, then
 the monitor following the tasks to the end with `poll_interval` set to the meters' wake
 cycle (6 s, the setting docs/plan-file.md recommends). Counted: the monitor's calls (task
 lists, subtask pages, single-task queries), from the journal.
@@ -63,7 +66,6 @@ async def measure(size: int, directory: Path) -> tuple[int, int, int]:
         seed=5,
         rate_limit=(1_000_000, 1.0),
         speed=300,
-        failure_rate=0.02,
     )
     async with SimulatorServer(config) as sim:
         ids = [d.device_id for d in sim.fleet.devices.values() if d.model.model == "WM-200"]
@@ -133,13 +135,15 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             spent, bound, tasks = asyncio.run(measure(size, Path(tmp)))
         per_k = 1000 / size
+        ok = spent <= GOAL * bound
         print(
-            f"{size} devices, {tasks} tasks, 2 % failures: monitor {spent} calls "
+            f"{size} devices, {tasks} tasks, default fleet: monitor {spent} calls "
             f"({spent * per_k:.2f} per 1 000 devices), lower bound {bound} "
             f"({bound * per_k:.2f} per 1 000): {spent / bound:.3f} x the bound "
-            f"(goal <= {GOAL} x)"
+            f"(goal <= {GOAL} x)  {'ok' if ok else 'MISSED'}",
+            flush=True,
         )
-        missed = missed or spent > GOAL * bound
+        missed = missed or not ok
     if missed:
         raise SystemExit(1)
 

@@ -6,7 +6,8 @@ connections for a fixed time. The rate is counted by the simulator itself (`task
 `/_sim/stats` before and after, over the wall time of the load), so it does not depend on the
 load generator's own bookkeeping. The load comes from `wrk` when it is installed (a C load
 generator leaves the second core to the server) and from an aiohttp client otherwise; the
-output names which one.
+output names which one. Goal ≥ 2 000 creates/s with no reply but 200; exits 1 otherwise
+(with the aiohttp load the load generator takes about half the CPU: expect a miss).
 
     python bench/simulator_throughput.py [--seconds 10]
 """
@@ -19,6 +20,7 @@ import csv
 import json
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.parse
@@ -31,6 +33,7 @@ from orchestrator.simulator.testing import simulator_process
 
 UPGRADE = "/iodm/northbound/v1.5.0"
 CONNECTIONS = 32
+GOAL = 2000
 
 
 def _get(url: str, headers: dict[str, str] | None = None) -> dict[str, object]:
@@ -107,7 +110,7 @@ async def _aiohttp_load(url: str, token: str, bodies: list[bytes], seconds: floa
         await asyncio.gather(*(worker(i) for i in range(CONNECTIONS)))
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--load", choices=["auto", "wrk", "aiohttp"], default="auto")
@@ -133,12 +136,15 @@ def main() -> None:
         after = _get(f"{url}/_sim/stats")
     created = int(str(after["tasks_created"])) - int(str(before["tasks_created"]))
     refused = {k: v for k, v in dict(after["replies"]).items() if k != "200"}  # type: ignore[call-overload]
+    rate = created / elapsed
+    ok = rate >= GOAL and not refused
     print(
-        f"simulator: {created / elapsed:.0f} creates/s (256 devices each; {created} tasks in "
-        f"{elapsed:.1f} s; load: {load}, {CONNECTIONS} connections; non-200 replies: "
-        f"{refused or 'none'})"
+        f"simulator: {rate:.0f} creates/s (goal ≥ {GOAL}/s, every reply 200) (256 devices "
+        f"each; {created} tasks in {elapsed:.1f} s; load: {load}, {CONNECTIONS} connections; "
+        f"non-200 replies: {refused or 'none'})  {'ok' if ok else 'MISSED'}"
     )
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

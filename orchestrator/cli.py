@@ -264,6 +264,14 @@ def _state_dir() -> Path | None:
 @click.option("--devices", default=2000, show_default=True, type=click.IntRange(0))
 @click.option("--seed", default=1, show_default=True, type=int)
 @click.option(
+    "--model",
+    "models",
+    multiple=True,
+    type=click.Choice(["WM-200", "WM-310", "GM-10", "TR-1"]),
+    help="Only devices of this model (repeat for several; default: all four). "
+    "--devices 1000000 --model WM-200 is a million meters of one model.",
+)
+@click.option(
     "--write-fleet",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the fleet as CSV (deviceId,deviceType,model,manufacturerName,"
@@ -422,6 +430,7 @@ def simulator(
     secret: str,
     devices: int,
     seed: int,
+    models: tuple[str, ...],
     write_fleet: Path | None,
     rate_limit: tuple[int, float],
     speed: float,
@@ -466,6 +475,7 @@ def simulator(
     import anyio
 
     from .simulator import FaultConfig, SimulatorConfig, SimulatorServer, write_fleet_csv
+    from .simulator.fleet import FleetTooLarge
     from .simulator.state import StateError
 
     _start_logging()
@@ -481,6 +491,7 @@ def simulator(
         secret=secret,
         devices=devices,
         seed=seed,
+        models=models or None,
         rate_limit=rate_limit,
         token_ttl=token_ttl,
         speed=speed,
@@ -515,6 +526,8 @@ def simulator(
             server = SimulatorServer(config)
         except StateError as exc:
             raise InputError(str(state_file), "--state", str(exc)) from None
+        except FleetTooLarge as exc:
+            raise InputError("rollout simulator", "--devices", str(exc)) from None
         try:
             await server.start()
         except OSError as exc:

@@ -75,6 +75,7 @@ from .plan import PLATFORM_TIME_FORMAT, GateSection, Plan, WaveSection, check_ti
 from .planner import plan_chunks
 from .session import RunSession
 from .simulator import DEFAULT_SECRET, SimulatorConfig, SimulatorServer
+from .simulator.fleet import FleetTooLarge
 from .simulator.state import StateError
 from .submitter import CensusView, Progress, Submitter, resolve_package
 
@@ -174,6 +175,7 @@ async def platform_client(
                     app_id=platform.app_id,
                     devices=sim.devices,
                     seed=sim.seed,
+                    models=sim.models,
                     speed=sim.speed,
                     rate_limit=platform.rate,
                     state_file=state_file,
@@ -186,6 +188,8 @@ async def platform_client(
                 f"the embedded platform saved there does not fit the plan ({exc}); delete the "
                 "file to start it afresh",
             ) from None
+        except FleetTooLarge as exc:
+            raise InputError(str(loaded.path), "platform.simulator.devices", str(exc)) from None
         with tempfile.TemporaryDirectory(prefix="rollout-state-") as private:
             async with server:
                 log.info(

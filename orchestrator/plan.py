@@ -50,9 +50,12 @@ class Operation(StrEnum):
 class SimulatorSection(_Section):
     """Settings of the embedded simulator (only with `url = "simulator"`)."""
 
-    devices: int = Field(default=24000, ge=1, le=2_000_000)
+    devices: int = Field(default=24000, ge=1)  # the cap is the simulator's: available memory
     seed: int = 1
     speed: float = Field(default=60.0, gt=0)
+    models: tuple[Literal["WM-200", "WM-310", "GM-10", "TR-1"], ...] | None = Field(
+        default=None, min_length=1
+    )  # only devices of these models (docs/simulator.md); None: all four
 
 
 class PlatformSection(_Section):

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import os
 import random
 import uuid
-from collections.abc import Iterable
+from array import array
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,8 +87,10 @@ NEVER_ONLINE_SHARE = 0.01
 ALREADY_UPGRADED_SHARE = 0.02
 
 
-@dataclass
+@dataclass(slots=True)
 class Device:
+    """One device as the platform sees it; made from the fleet's columns on first look."""
+
     device_id: str
     model: DeviceModel
     version: str  # as at fleet creation; later changes live in `version_changes`
@@ -116,6 +120,101 @@ class Device:
         interval = self.model.wake_interval
         cycle_start = t - ((t - self.wake_phase) % interval)
         return cycle_start + interval
+
+
+class Devices(Mapping[str, Device]):
+    """The fleet's devices by deviceId, held as columns: about 200 bytes a device at rest.
+
+    A `Device` object is made the first time anyone looks a device up and kept from then on
+    (its version changes live in it), so a 1 000 000-device fleet costs its columns plus the
+    devices its tasks touched. Iterating `values()` makes every device: use `rows()` (the CSV
+    export) or `model_key()` for fleet-wide work.
+    """
+
+    def __init__(self, models: tuple[DeviceModel, ...]) -> None:
+        self.models = models
+        self._keys = [(m.device_type, m.model, m.manufacturer) for m in models]
+        self.ids: list[str] = []
+        self._index: dict[str, int] = {}
+        self._model = bytearray()  # index into `models`
+        self._upgraded = bytearray()  # 1: created on the model's newest version
+        self._region = bytearray()  # index into REGIONS
+        self._never_online = bytearray()
+        self._wake_phase = array("d")
+        self._seed = array("Q")
+        self._made: dict[int, Device] = {}
+
+    def add(
+        self,
+        device_id: str,
+        model: int,
+        upgraded: bool,
+        region: int,
+        wake_phase: float,
+        never_online: bool,
+        behaviour_seed: int,
+    ) -> None:
+        self._index[device_id] = len(self.ids)
+        self.ids.append(device_id)
+        self._model.append(model)
+        self._upgraded.append(upgraded)
+        self._region.append(region)
+        self._never_online.append(never_online)
+        self._wake_phase.append(wake_phase)
+        self._seed.append(behaviour_seed)
+
+    def __getitem__(self, device_id: str) -> Device:
+        index = self._index[device_id]
+        device = self._made.get(index)
+        if device is None:
+            model = self.models[self._model[index]]
+            device = Device(
+                device_id=device_id,
+                model=model,
+                version=model.versions[-1] if self._upgraded[index] else model.versions[0],
+                group=REGIONS[self._region[index]],
+                wake_phase=self._wake_phase[index],
+                never_online=bool(self._never_online[index]),
+                behaviour_seed=self._seed[index],
+            )
+            self._made[index] = device
+        return device
+
+    def __contains__(self, device_id: object) -> bool:
+        return device_id in self._index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def model_key(self, device_id: str) -> tuple[str, str, str] | None:
+        """(deviceType, model, manufacturerName) of a device, None for an unknown ID."""
+        index = self._index.get(device_id)
+        return None if index is None else self._keys[self._model[index]]
+
+    def model_keys(self, device_ids: Iterable[str]) -> set[tuple[str, str, str] | None]:
+        """The model keys of these devices (None among them: an unknown ID); the create path."""
+        index, kinds, keys = self._index, self._model, self._keys
+        return {
+            None if (i := index.get(device_id)) is None else keys[kinds[i]]
+            for device_id in device_ids
+        }
+
+    def rows(self) -> Iterator[tuple[str, str, str, str, str, str]]:
+        """Each device as created (FLEET_CSV_COLUMNS), without making Device objects."""
+        models, upgraded, region = self.models, self._upgraded, self._region
+        for index, (device_id, model_index) in enumerate(zip(self.ids, self._model, strict=True)):
+            model = models[model_index]
+            yield (
+                device_id,
+                model.device_type,
+                model.model,
+                model.manufacturer,
+                model.versions[-1] if upgraded[index] else model.versions[0],
+                REGIONS[region[index]],
+            )
 
 
 @dataclass(frozen=True)
@@ -170,7 +269,7 @@ class Group:
 
 @dataclass
 class Fleet:
-    devices: dict[str, Device]
+    devices: Devices
     packages: dict[str, Package]
     groups: dict[str, Group]  # by name
 
@@ -184,6 +283,52 @@ def group_id(rng: random.Random) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
+# What a device costs the simulator, measured with bench/simulator_scale.py (1 000 000 devices
+# of one model, then every device in a task whose subtasks were looked at): its columns
+# (deviceId string, index entry, group membership, six array slots) at rest, and its Device
+# object and SubtaskLife once a task of it has been observed. The largest fleet a simulator
+# accepts is the memory available at start divided by their sum (`max_devices`).
+BYTES_AT_REST = 240
+BYTES_IN_A_TASK = 850
+
+
+class FleetTooLarge(ValueError):
+    """More devices than this machine's available memory can hold (`max_devices`)."""
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel could give this process now (Linux MemAvailable), None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def max_devices(available: int | None = None) -> int | None:
+    """The most devices that fit in `available` bytes (default: `available_memory()`) with
+    every device in an observed task; None when the memory cannot be known."""
+    if available is None:
+        available = available_memory()
+    if available is None:
+        return None
+    return available // (BYTES_AT_REST + BYTES_IN_A_TASK)
+
+
+def model_named(name: str) -> DeviceModel:
+    """The device model of that name (`WM-200`, ...). Raises KeyError for another name."""
+    for model in MODELS:
+        if model.model == name:
+            return model
+    raise KeyError(name)
+
+
 def generate_fleet(
     device_count: int,
     seed: int,
@@ -192,20 +337,30 @@ def generate_fleet(
     failure_probability: float | None = None,
     never_online_share: float = NEVER_ONLINE_SHARE,
     already_upgraded_share: float = ALREADY_UPGRADED_SHARE,
+    models: tuple[str, ...] | None = None,
 ) -> Fleet:
-    """Build a deterministic fleet of `device_count` devices across every model and region.
+    """Build a deterministic fleet of `device_count` devices across `models` (names; None:
+    every model) and every region. Packages exist for every model, whatever `models` says.
 
     `failure_probability` replaces every model's own upgrade failure rate (benchmarks and
     tests that need a known failure share set it, with the other two shares at 0).
+    Raises FleetTooLarge when `device_count` is over `max_devices()`.
     """
+    cap = max_devices()
+    if cap is not None and device_count > cap:
+        each = BYTES_AT_REST + BYTES_IN_A_TASK
+        raise FleetTooLarge(
+            f"{device_count} devices need about {device_count * each >> 20} MB ({each} bytes "
+            f"a device); this machine has {cap * each >> 20} MB available, room for {cap}"
+        )
     rng = random.Random(seed)
-    models = MODELS
+    every_model = MODELS
     if failure_probability is not None:
-        models = tuple(
+        every_model = tuple(
             dataclasses.replace(m, failure_probability=failure_probability) for m in MODELS
         )
     packages: dict[str, Package] = {}
-    for model in models:
+    for model in every_model:
         for index, version in enumerate(model.versions):
             file_id = _hex24(rng)
             packages[file_id] = Package(
@@ -231,28 +386,42 @@ def generate_fleet(
             date="2026-03-01",
             upload_time="20260301T080000Z",
         )
+    chosen = every_model
+    if models is not None:
+        chosen = tuple(m for name in models for m in every_model if m.model == name)
+        if len(chosen) != len(models) or not chosen:
+            raise KeyError(f"unknown model among {models}")
 
-    devices: dict[str, Device] = {}
+    devices = Devices(chosen)
     groups: dict[str, Group] = {
         region: Group(group_id(rng), region, f"meters in the {region}", app_id, 0)
         for region in REGIONS
     }
+    members = [groups[region].device_ids for region in REGIONS]
+    # the loop below draws exactly what the one before the compact fleet drew, in the same
+    # order, so a seed gives the same fleet; the deviceId is uuid.UUID(int=..., version=4)
+    # spelled out (five times faster)
+    randrange, getrandbits, draw = rng.randrange, rng.getrandbits, rng.random
+    model_count, region_count = len(chosen), len(REGIONS)
+    wake = [m.wake_interval for m in chosen]
+    add = devices.add
     for _ in range(device_count):
-        model = models[rng.randrange(len(models))]
-        device_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
-        already_upgraded = rng.random() < already_upgraded_share
-        region = REGIONS[rng.randrange(len(REGIONS))]
-        devices[device_id] = Device(
-            device_id=device_id,
-            model=model,
-            version=model.versions[-1] if already_upgraded else model.versions[0],
-            group=region,
-            wake_phase=rng.random() * model.wake_interval,
-            never_online=rng.random() < never_online_share,
-            behaviour_seed=rng.getrandbits(32),
-        )
-        groups[region].device_ids.append(device_id)
+        kind = randrange(model_count)
+        bits = getrandbits(128) & UUID_CLEAR | UUID_V4
+        hexed = f"{bits:032x}"
+        device_id = f"{hexed[:8]}-{hexed[8:12]}-{hexed[12:16]}-{hexed[16:20]}-{hexed[20:]}"
+        upgraded = draw() < already_upgraded_share
+        region = randrange(region_count)
+        wake_phase = draw() * wake[kind]
+        never_online = draw() < never_online_share
+        add(device_id, kind, upgraded, region, wake_phase, never_online, getrandbits(32))
+        members[region].append(device_id)
     return Fleet(devices=devices, packages=packages, groups=groups)
+
+
+# uuid.UUID(version=4): variant bits 10 (RFC 4122) and version nibble 4
+UUID_CLEAR = ~((0xC000 << 48) | (0xF000 << 64))
+UUID_V4 = (0x8000 << 48) | (4 << 76)
 
 
 FLEET_CSV_COLUMNS = (
@@ -266,19 +435,14 @@ FLEET_CSV_COLUMNS = (
 
 
 def fleet_rows(fleet: Fleet) -> Iterable[tuple[str, ...]]:
-    for device in fleet.devices.values():
-        yield (
-            device.device_id,
-            device.model.device_type,
-            device.model.model,
-            device.model.manufacturer,
-            device.version,
-            device.group,
-        )
+    """Each device as created, in fleet order (FLEET_CSV_COLUMNS)."""
+    return fleet.devices.rows()
 
 
 def write_fleet_csv(fleet: Fleet, path: Path) -> None:
-    with path.open("w", newline="", encoding="utf-8") as handle:
+    """Stream the fleet to `path` as CSV, a buffer of rows at a time (nothing is built whole).
+    Raises OSError when it cannot be written."""
+    with path.open("w", newline="", encoding="utf-8", buffering=1 << 20) as handle:
         writer = csv.writer(handle)
         writer.writerow(FLEET_CSV_COLUMNS)
         writer.writerows(fleet_rows(fleet))

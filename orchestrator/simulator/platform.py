@@ -86,10 +86,6 @@ class Platform:
         self.tasks_by_id: dict[str, Task] = {}
         self._device_tasks: dict[str, list[int]] = {}
         self._device_tasks_upto = 0  # the deviceId index is built lazily, off the create path
-        self._model_key = {
-            device_id: (d.model.device_type, d.model.model, d.model.manufacturer)
-            for device_id, d in fleet.devices.items()
-        }
         self._materialized = 0
         # operationIds and group ids: drawn from the system's entropy, not the fleet's seed, so
         # a simulator started again (with or without --state) never repeats one; a restored
@@ -148,7 +144,7 @@ class Platform:
             raise PlatformReject("120015", "The package type does not match the operation.")
         package_key = (package.device_type, package.model, package.manufacturer)
         if request.devices is not None:
-            keys = set(map(self._model_key.get, request.devices))
+            keys = self.fleet.devices.model_keys(request.devices)
             if None in keys:
                 raise PlatformReject("123002", "Some devices were not found.")
             if keys != {package_key}:
@@ -164,7 +160,7 @@ class Platform:
         seen: set[str] = set()
         for name in request.groups:
             for device_id in self.fleet.groups[name].device_ids:
-                matches = self._model_key.get(device_id) == package_key
+                matches = self.fleet.devices.model_key(device_id) == package_key
                 if matches and device_id not in seen:
                     seen.add(device_id)
                     resolved.append(device_id)

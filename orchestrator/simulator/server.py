@@ -37,8 +37,9 @@ class SimulatorConfig:
     client_ca: Path | None = None
     app_id: str = DEFAULT_APP_ID
     secret: str = DEFAULT_SECRET
-    devices: int = 2000
+    devices: int = 2000  # at most fleet.max_devices(): what the available memory holds
     seed: int = 1
+    models: tuple[str, ...] | None = None  # model names (WM-200, ...); None: every model
     rate_limit: tuple[int, float] = (100, 60.0)
     token_ttl: float = 3600.0
     speed: float = 1.0
@@ -60,7 +61,7 @@ class SimulatorServer:
     ) -> None:
         self.config = config or SimulatorConfig()
         cfg = self.config
-        self._fleet_key = fleet_key(cfg.devices, cfg.seed, cfg.app_id, cfg.failure_rate)
+        self._fleet_key = fleet_key(cfg.devices, cfg.seed, cfg.app_id, cfg.failure_rate, cfg.models)
         saved = read_state(cfg.state_file, self._fleet_key) if cfg.state_file else None
         if clock is None:
             start = simulated_now(saved, cfg.speed) if saved is not None else None
@@ -74,8 +75,9 @@ class SimulatorServer:
                 failure_probability=cfg.failure_rate,
                 never_online_share=0.0,
                 already_upgraded_share=0.0,
+                models=cfg.models,
             )
-        self.fleet = fleet or generate_fleet(cfg.devices, cfg.seed, cfg.app_id)
+        self.fleet = fleet or generate_fleet(cfg.devices, cfg.seed, cfg.app_id, models=cfg.models)
         self.platform = Platform(
             self.fleet,
             self.clock,

@@ -36,9 +36,24 @@ class StateError(ValueError):
     """The state file cannot be used: unreadable, not a state file, or another fleet's."""
 
 
-def fleet_key(devices: int, seed: int, app_id: str, failure_rate: float | None) -> dict[str, Any]:
-    """What makes the generated fleet: a state file only fits a simulator with the same."""
-    return {"devices": devices, "seed": seed, "app_id": app_id, "failure_rate": failure_rate}
+def fleet_key(
+    devices: int,
+    seed: int,
+    app_id: str,
+    failure_rate: float | None,
+    models: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    """What makes the generated fleet: a state file only fits a simulator with the same.
+    `models` is in the key only when set, so files saved before `--model` still fit."""
+    key: dict[str, Any] = {
+        "devices": devices,
+        "seed": seed,
+        "app_id": app_id,
+        "failure_rate": failure_rate,
+    }
+    if models is not None:
+        key["models"] = list(models)
+    return key
 
 
 def read_state(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -59,8 +74,9 @@ def read_state(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
         saved = data.get("fleet") or {}
         raise StateError(
             f"saved by a simulator of {saved.get('devices')} devices, seed {saved.get('seed')}, "
-            f"app {saved.get('app_id')!r}, failure rate {saved.get('failure_rate')}: start it "
-            "with the same --devices, --seed, --app-id and --failure-rate, or use another file"
+            f"app {saved.get('app_id')!r}, failure rate {saved.get('failure_rate')}, models "
+            f"{saved.get('models') or 'all'}: start it with the same --devices, --seed, "
+            "--app-id, --failure-rate and --model, or use another file"
         )
     return data
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,7 @@ TASK_STATUSES = ("wait", "processing", "failed", "success", "stop")
 SUBTASK_STATUSES = ("wait", "processing", "fail", "success", "stop")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SubtaskLife:
     """One device's path through a task: status changes at the given simulated times."""
 
@@ -254,7 +255,7 @@ def plan_subtask(task: Task, device: Device, index: int, rollback_rate: float = 
     raise AssertionError("unreachable: the loop returns on its last attempt")
 
 
-def materialize(task: Task, devices: dict[str, Device], rollback_rate: float = 0.0) -> None:
+def materialize(task: Task, devices: Mapping[str, Device], rollback_rate: float = 0.0) -> None:
     if task.lives is not None:
         return
     lives = [
