@@ -47,9 +47,9 @@ import aiohttp
 from aiolimiter import AsyncLimiter
 
 from orchestrator.engine import RunOptions, execute
+from orchestrator.loaded_plan import load_plan
 from orchestrator.logs import configure_logging
 from orchestrator.northbound.client import LOGIN_PATH, UPGRADE
-from orchestrator.plan import load_plan
 from orchestrator.simulator.testing import get_json, simulator_process
 
 APP, SECRET = "demo-app", "demo-secret"
