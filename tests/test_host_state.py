@@ -4,11 +4,13 @@ rules across processes (dead owners, priorities, turns, a shared cool-down)."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import platformdirs
@@ -367,3 +369,26 @@ def test_budget_forgets_processes_that_ended_a_window_ago(tmp_path: Path) -> Non
     assert read_budget(tmp_path / "ledger.sqlite", clock) is not None
     clock.now += 1.0
     assert read_budget(tmp_path / "ledger.sqlite", clock) is None
+
+
+def _open_ledger_at(path: str, start: float) -> str:
+    while time.time() < start:
+        pass
+    try:
+        PacingLedger(Path(path)).close()
+    except Exception as exc:  # the report names what went wrong in the child
+        return repr(exc)
+    return "ok"
+
+
+def test_processes_opening_a_new_ledger_together_all_get_it(tmp_path: Path) -> None:
+    """Eight processes that open a new ledger at the same instant all open it (switching a new
+    file to WAL answers "locked" without SQLite's busy handler: tried again, not a failure)."""
+    failures = []
+    with multiprocessing.get_context("fork").Pool(8) as pool:
+        for trial in range(30):
+            path = str(tmp_path / f"ledger-{trial}.sqlite")
+            start = time.time() + 0.2
+            answers = pool.starmap(_open_ledger_at, [(path, start)] * 8)
+            failures += [answer for answer in answers if answer != "ok"]
+    assert failures == []

@@ -178,7 +178,7 @@ class PacingLedger:
             self._prepare()
             return
         try:
-            self._open(path)
+            self._open_racing(path)
         except sqlite3.DatabaseError as exc:
             if "not a database" not in str(exc):
                 raise HostStateFailed(path, "pacing ledger", exc) from None
@@ -193,7 +193,25 @@ class PacingLedger:
             self._open(path)
         self._opening = False
 
-    def _open(self, path: Path) -> None:
+    def _open_racing(self, path: Path) -> None:
+        """`_open`, again while another process opens the same new ledger: switching a fresh
+        file to WAL (or recovering its WAL) answers "database is locked" at once, without
+        SQLite's busy handler — several `rollout` processes started together meet it. Tried
+        again for up to the busy timeout, then it is the host's fault (HostStateFailed)."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        pause = 0.005
+        while True:
+            try:
+                self._open(path, racing=True)
+                return
+            except sqlite3.OperationalError as exc:
+                self._db.close()
+                if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                    raise HostStateFailed(path, "pacing ledger", exc) from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.2)
+
+    def _open(self, path: Path, *, racing: bool = False) -> None:
         """Open (creating) the ledger file; HostStateFailed names it when it cannot be."""
         try:
             private_file(path)
@@ -206,8 +224,8 @@ class PacingLedger:
             # the ledger need not survive a power cut: after a reboot its slots are void
             self._db.execute("PRAGMA synchronous = OFF")
         except sqlite3.DatabaseError as exc:
-            if "not a database" in str(exc):
-                raise  # rebuilt by the caller
+            if "not a database" in str(exc) or (racing and "locked" in str(exc)):
+                raise  # rebuilt, or tried again, by the caller
             raise HostStateFailed(path, "pacing ledger", exc) from None
         self._prepare()
 
