@@ -120,6 +120,15 @@ def exits_cleanly(command: Callable[P, R]) -> Callable[P, R]:
             label, code = next((lbl, c) for cls, lbl, c in ERROR_EXITS if isinstance(exc, cls))
             _say(label, _one_line(exc))
             sys.exit(code)
+        except ModuleNotFoundError as exc:
+            # a dependency the installed version lacks (the code was updated, not reinstalled):
+            # said with click alone, as the missing module may be the console's own
+            click.echo(
+                f"installation: the Python package {exc.name!r} is missing; reinstall: "
+                "pip install -e .  (in the project folder, with its virtual environment active)",
+                err=True,
+            )
+            sys.exit(EXIT_FAILED)
 
     return wrapper
 

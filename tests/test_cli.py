@@ -258,3 +258,22 @@ def test_status_and_plan_to_a_file_hold_their_tables_unwrapped(
     assert any("run 1 completed: 256 targets in tasks" in line for line in lines)
     metrics = _rollout("status", "--format", "prometheus", str(plan), cwd=tmp_path).stdout
     assert 'rollout_platform_calls_total{api="createTask",plan="cli"} 1.0' in metrics
+
+
+def test_a_missing_dependency_is_one_line_naming_it() -> None:
+    """A dependency missing from the environment (updated code, not reinstalled) ends in one
+    line naming the package and the reinstall command, exit 1, no traceback."""
+    program = (
+        "import sys; sys.modules['aiohttp'] = None\n"  # its import raises ModuleNotFoundError
+        "from orchestrator.cli import main\n"
+        "main(['simulator', '--no-tls', '--port', '0'])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "installation: the Python package 'aiohttp' is missing; reinstall: "
+        "pip install -e .  (in the project folder, with its virtual environment active)"
+    ]
