@@ -348,6 +348,22 @@ async def test_group_task_resolves_members(raw: RawPlatform) -> None:
     assert truth[-1]["devices"] == members and truth[-1]["deviceGroups"] == ["canary1"]
 
 
+async def test_sim_tasks_streams_every_task_as_one_json_object(raw: RawPlatform) -> None:
+    """`/_sim/tasks`, written in batches of tasks, is one valid JSON object holding exactly the
+    platform's truth — with no task, a full last batch (64) and one more (65)."""
+    await raw.login()
+    devices = devices_of(raw.server, count=65)
+    package = newest_package(raw.server).file_id
+    for created in range(66):
+        if created in (0, 64, 65):
+            assert (await raw.admin("/_sim/tasks"))["tasks"] == raw.server.platform.truth()
+            assert len(raw.server.platform.truth()) == created
+        if created < 65:
+            body = {"fileId": package, "targets": {"devices": [devices[created]]}}
+            status, reply, _ = await raw.call("POST", FW, json=body)
+            assert status == 200, reply
+
+
 async def test_group_name_reuse_errors_with_http_200(raw: RawPlatform) -> None:
     """A used group name answers HTTP 200 with error_code 100602, as the platform does."""
     await raw.login()

@@ -381,8 +381,22 @@ async def sim_arrivals(request: web.Request) -> web.Response:
     return json_reply({"now": platform.clock.monotonic(), "arrivals": rows})
 
 
-async def sim_tasks(request: web.Request) -> web.Response:
-    return json_reply({"tasks": _platform(request).truth()})
+async def sim_tasks(request: web.Request) -> web.StreamResponse:
+    """`{"tasks": [...]}`, every task created with its devices, written a batch of tasks at a
+    time so that 10⁶ devices in tasks never sit in memory as one JSON text."""
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await response.prepare(request)
+    opening, batch = b'{"tasks":[', []
+    for row in _platform(request).truth_rows():
+        batch.append(orjson.dumps(row))
+        if len(batch) == 64:
+            await response.write(opening + b",".join(batch))
+            opening, batch = b",", []
+    if batch or opening != b",":  # the last part batch, or no task at all
+        await response.write(opening + b",".join(batch))
+    await response.write(b"]}")
+    await response.write_eof()
+    return response
 
 
 async def sim_faults(request: web.Request) -> web.Response:

@@ -13,6 +13,7 @@ import math
 import random
 import re
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -456,7 +457,11 @@ class Platform:
 
     # ---- ground truth ---------------------------------------------------------------------
     def truth(self) -> list[dict[str, Any]]:
-        rows = []
+        """Every task created, in creation order, with its devices: the tests' oracle."""
+        return list(self.truth_rows())
+
+    def truth_rows(self) -> Iterator[dict[str, Any]]:
+        """`truth()` one task at a time (`/_sim/tasks` streams it: 10⁶ devices in tasks)."""
         for task in self.tasks:
             row: dict[str, Any] = {
                 "operationId": task.operation_id,
@@ -467,8 +472,7 @@ class Platform:
             }
             if "deviceGroups" in task.targets:
                 row["deviceGroups"] = task.targets["deviceGroups"]
-            rows.append(row)
-        return rows
+            yield row
 
 
 def _is_hex24(text: str) -> bool:
