@@ -265,7 +265,7 @@ def test_ctrl_c_while_the_end_waits_on_webhooks_stops_at_once_with_the_runs_code
     plan.write_text(
         f'name = "drain"\n[platform]\nurl = "simulator"\napp_id = "demo-app"\n'
         f'rate_limit = "1000/1"\nrequest_timeout = 2\n'
-        f'[platform.simulator]\ndevices = 600\nseed = 3\n'
+        f"[platform.simulator]\ndevices = 600\nseed = 3\n"
         f'[firmware]\nfile_id = "{newest_package(sim).file_id}"\n'
         f'[fleet]\ndevices_file = "fleet.txt"\n[policy]\nexecute_type = "now"\n'
         f"[execution]\nsettle = 0.2\n[monitor]\nfollow = false\n"
