@@ -66,6 +66,9 @@ class Stats:
         }
 
 
+FLIGHT_S = 5.0  # real seconds between a client's reading of the clock and its create's check
+
+
 class Platform:
     def __init__(
         self,
@@ -119,6 +122,17 @@ class Platform:
         """The platform's clock: simulated time plus the `clock_offset_s` fault (signed)."""
         return self.clock.now() + self.faults.config.clock_offset_s
 
+    def start_floor(self) -> float:
+        """The earliest custom `startTime` a create may carry (else 123033): the platform's
+        now — at `--speed` S > 1, as it stood FLIGHT_S real seconds ago. A client reads the
+        platform's clock, then sends; on a real platform the seconds in between are seconds,
+        at S they are S times more, and no lead a client could take on a real platform
+        would cover them. The speed is the devices' (docs/simulator.md): a start the client
+        computed from a reading at most FLIGHT_S real seconds old is accepted as a real
+        platform would accept it."""
+        speed = float(getattr(self.clock, "speed", 1.0))
+        return self.now() - max(0.0, speed - 1.0) * FLIGHT_S
+
     # ---- packages -------------------------------------------------------------------------
     def list_packages(self, query: dict[str, str]) -> list[dict[str, str]]:
         manufacturer = query.get("manufacturerName", query.get("manufactureName"))
@@ -148,7 +162,7 @@ class Platform:
     def check_create(self, operation: str, body: Any) -> CheckedCreate:
         """Every rule of a create, at the platform's time of arrival."""
         operate_type = OPERATE_TYPES[operation]
-        request = validate_create(body, self.now())
+        request = validate_create(body, self.start_floor())
         package = self.fleet.packages.get(request.file_id)
         if package is None:
             raise PlatformReject("123002", "fileId not found.")
