@@ -136,3 +136,25 @@ async def test_a_chunk_lost_twice_stops_the_run_with_one_line(
             load_plan(write_plan(tmp_path, sim, devices)), RunOptions(journal=tmp_path / "j")
         )
     assert sim.platform.faults.injected == {"forget": 2}
+
+
+async def test_a_resume_sends_again_what_the_platform_lost_while_the_run_was_stopped(
+    tmp_path: Path,
+) -> None:
+    """The platform comes back without a task of a stopped run: `resume`'s opening census
+    and a query by key prove it absent and that chunk alone is sent again."""
+    port = free_port()
+    state = tmp_path / "sim.json"
+    journal = tmp_path / "j.sqlite"
+    async with SimulatorServer(_config(port=port, state_file=state)) as first:
+        devices = devices_of(first, "WM-200", 600)
+        plan = write_plan(tmp_path, first, devices, monitor="follow = false")
+        await execute(load_plan(plan), RunOptions(journal=journal))
+    saved = json.loads(state.read_text())
+    lost = saved["platform"]["tasks"].pop(1)  # the platform came back without it
+    state.write_text(json.dumps(saved))
+    async with SimulatorServer(_config(port=port, state_file=state)) as second:
+        await execute(load_plan(plan), RunOptions(journal=journal, resume_only=True))
+        _each_once(second, devices)
+        assert len(second.platform.tasks) == 3
+        assert sorted(lost["device_ids"]) == sorted(second.platform.tasks[-1].device_ids)
