@@ -743,8 +743,11 @@ def _interruptible(work: Callable[[], Awaitable[R]], display: RunDisplay | None 
         loop = asyncio.get_running_loop()
 
         def on_signal(number: int) -> None:
+            from .notify import interrupt_drains
+
             signals_seen.append(number)
             scope.cancel()
+            interrupt_drains()  # the run's end waiting on webhooks stops waiting
 
         for number in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(number, on_signal, number)
@@ -761,9 +764,9 @@ def _interruptible(work: Callable[[], Awaitable[R]], display: RunDisplay | None 
     finally:
         if display is not None:
             display.stop()
-    if signals_seen or outcome is None:
+    if outcome is None:  # cancelled by a signal before the work got to its end
         raise KeyboardInterrupt
-    return outcome
+    return outcome  # a signal after the run's end (its webhooks' drain) leaves its result
 
 
 def _show_status(status: dict[str, Any]) -> None:

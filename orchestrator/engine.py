@@ -23,13 +23,21 @@ from typing import Any
 import structlog
 from pydantic import SecretStr
 
-from .census import Census, PackageJudge, UnknownTasks, plan_adoption, take_census
+from .census import (
+    Census,
+    PackageJudge,
+    UnknownTasks,
+    members_of,
+    plan_adoption,
+    take_census,
+)
 from .errors import (
     CensusUndecided,
     DuplicatesFound,
     InputError,
     JournalError,
     JournalMismatch,
+    NotFound,
     PlatformCallError,
     RunAborted,
     RunHalted,
@@ -68,7 +76,7 @@ from .journal import (
 )
 from .loaded_plan import LoadedPlan
 from .monitor import Monitor, Sleep
-from .northbound import ClientConfig, NorthboundClient, Package, TLSConfig
+from .northbound import ClientConfig, NorthboundClient, Package, Priority, TLSConfig
 from .notify import notifying, webhook_urls
 from .observe import Notice, NoticeKind, Observer, run_view
 from .plan import PLATFORM_TIME_FORMAT, GateSection, Plan, WaveSection, check_times
@@ -329,14 +337,26 @@ def start_run(journal: Journal, loaded: LoadedPlan) -> int:
 FOREIGN_ROUNDS = 3  # censuses in a row that may still see another process's fresh tasks
 
 
-async def _until_settled(session: RunSession, sent: float | None, sleep: Sleep) -> None:
-    """Wait until the platform has surely finished with a create sent at `sent` (platform
-    time where measured, else ours): `request_timeout + settle` after it."""
-    if sent is None:
-        return
+async def _until_settled(
+    session: RunSession, run_id: int | None, sleep: Sleep, *, unsettled_only: bool
+) -> None:
+    """Wait until the platform has surely finished with the newest create of `run_id` (None:
+    of any run of the journal; `unsettled_only`: of those without a clear reply):
+    `request_timeout + settle` after it was sent — on the platform's clock where this
+    process has measured it, else on ours (a step that has made no call yet must not
+    compare our clock with a platform time an earlier process recorded)."""
+    journal = session.journal
     horizon = session.plan.platform.request_timeout + session.plan.execution.settle
     clock = session.client.clock
-    wait = sent + horizon - (clock.now() if clock.measured else time.time())
+    if clock.measured:
+        sent = journal.latest_send(run_id, unsettled_only=unsettled_only)
+        now = clock.now()
+    else:
+        sent = journal.latest_send(run_id, unsettled_only=unsettled_only, local=True)
+        now = time.time()
+    if sent is None:
+        return
+    wait = sent + horizon - now
     if wait > 0:
         log.info("waiting for creates in flight to land", seconds=round(wait, 1))
         await sleep(wait)
@@ -360,7 +380,7 @@ async def open_census(
     by tasks whose package is unknown and the operator has not decided; JournalError when
     another process keeps creating tasks for these targets."""
     journal, run_id = session.journal, session.run_id
-    await _until_settled(session, journal.latest_send(None, unsettled_only=True), sleep)
+    await _until_settled(session, None, sleep, unsettled_only=True)
     judge = PackageJudge(
         session.client,
         session.package,
@@ -404,6 +424,14 @@ async def open_census(
             "another process keeps creating tasks for these targets (the newest a moment "
             "ago): stop it or let it finish, then run this plan again"
         )
+    if unheld_chunks(session, census):
+        # the platform shows none of their targets in a task: wait until every create of
+        # this run has surely landed, look again, and send again those it truly lost
+        await _until_settled(session, run_id, sleep, unsettled_only=False)
+        census = await take_census(
+            judge, session.operation, session.loaded.fleet.kind, targets, again=retried
+        )
+        await settle_lost(session, census)
     journal.record_census(run_id, "opening", census.summary())
     _record_duplicates(journal, run_id, census, options, notice)
     if census.other_package:
@@ -415,6 +443,65 @@ async def open_census(
     rows = [row for row in journal.chunks(run_id, [PENDING, INTENT]) if row.wave < plan_waves]
     adopt_found(journal, run_id, census, rows, options.unknown_tasks)
     return CensusView(census, judge, options.unknown_tasks)
+
+
+def unheld_chunks(session: RunSession, census: Census) -> list[ChunkRow]:
+    """The run's submitted chunks (its waves', not a retry pass's) none of whose targets the
+    census found in any task — the journal says they are in a task, the platform does not."""
+    journal, run_id = session.journal, session.run_id
+    plan_waves = len(session.loaded.waves)
+    return [
+        row
+        for row in journal.chunks(run_id, [SUBMITTED])
+        if row.wave < plan_waves
+        and row.operation_id is not None
+        and not any(census.operation_of(m) is not None or m in census.unknown for m in row.members)
+    ]
+
+
+async def settle_lost(session: RunSession, census: Census) -> list[ChunkRow]:
+    """Chunks the platform does not hold although the journal gave them an operationId —
+    it lost the task (its query answers 123009), or that operationId's task holds another
+    chunk's targets (a second claim: the platform gave one id to two creates) — go back to
+    pending, to be sent again; what was read of such a task stays with the chunk it holds.
+    Proof for each: the census (taken after every create has settled) holds none of its
+    targets, and a query by key finds no task holding them (one call per chunk, §3.5).
+    Raises RunAborted when the platform lost a chunk's task before (a chunk is sent again
+    once). Returns the chunks now pending."""
+    journal, run_id, client = session.journal, session.run_id, session.client
+    kind = session.loaded.fleet.kind
+    holders = {
+        row.operation_id: row.chunk_id
+        for row in journal.chunks(run_id, [SUBMITTED])
+        if row.operation_id is not None
+        and any(census.operation_of(m) == row.operation_id for m in row.members)
+    }
+    lost: list[ChunkRow] = []
+    for row in unheld_chunks(session, census):
+        assert row.operation_id is not None
+        try:
+            task = await client.get_task(row.operation_id, priority=Priority.SUBMIT)
+        except NotFound:
+            pass
+        else:
+            if set(members_of(task, kind)) & set(row.members):
+                continue  # the task holds them: not lost (the list is behind)
+        if journal.times_lost(run_id, row.chunk_id):
+            raise RunAborted(
+                f"the platform lost the task of chunk {row.chunk_id} again (operationId "
+                f"{row.operation_id}): its {len(row.members)} targets are in no task; nothing "
+                "more is sent for it — `rollout status` shows it"
+            )
+        journal.record_lost(run_id, row.chunk_id, row.operation_id, holders.get(row.operation_id))
+        log.warning(
+            "the platform holds no task for a chunk the journal had in one; it is sent again",
+            chunk=row.chunk_id,
+            operation=row.operation_id,
+            targets=len(row.members),
+            task_holds=holders.get(row.operation_id, "nothing"),
+        )
+        lost.append(row)
+    return lost
 
 
 def census_targets(journal: Journal, run_id: int, loaded: LoadedPlan) -> dict[str, str]:
@@ -532,25 +619,13 @@ class Rollout:
         for wave in self.session.loaded.waves:
             section = self.session.plan.waves[wave.index] if self.session.plan.waves else None
             if rows[wave.index].gate_state == "passed":
+                # its gate passed; chunks the platform lost (settle_lost) are sent again
+                await self._send_again([wave.index])
                 continue
             log.info("wave", wave=wave.name, targets=len(wave.members))
             if self.session.loaded.fleet.kind == "groups":
                 await self._recheck_groups(wave.index, wave.name)
-            creates = self.progress.creates
-            await Submitter(
-                self.session,
-                self.observer.progress,
-                wave=wave.index,
-                policy=wave_policy(self.session.loaded, section, self.session.client.clock.now()),
-                shared_progress=self.progress,
-                census=self.census,
-                sleep=self.monitor.sleep,
-                window=section.window if section is not None else None,
-            ).run()
-            self._fresh = self._fresh or self.progress.creates > creates
-            self.session.journal.add_calls(
-                self.session.run_id, self.session.client.take_call_counts()
-            )
+            await self._submit_wave(wave.index)
             if section is not None and wave.index < last:
                 await self._gate(wave.index, wave.name, section)
             elif wave.index == last:
@@ -567,6 +642,81 @@ class Rollout:
                 )
         elif follow:
             await self.monitor.follow(first_wait=self.session.plan.monitor.poll_interval)
+
+    async def _submit_wave(self, wave: int) -> None:
+        """Send the wave's pending chunks (and settle those in flight)."""
+        section = self.session.plan.waves[wave] if self.session.plan.waves else None
+        creates = self.progress.creates
+        await Submitter(
+            self.session,
+            self.observer.progress,
+            wave=wave,
+            policy=wave_policy(self.session.loaded, section, self.session.client.clock.now()),
+            shared_progress=self.progress,
+            census=self.census,
+            sleep=self.monitor.sleep,
+            window=section.window if section is not None else None,
+        ).run()
+        self._fresh = self._fresh or self.progress.creates > creates
+        self.session.journal.add_calls(self.session.run_id, self.session.client.take_call_counts())
+
+    async def _send_again(self, waves: list[int] | None = None) -> bool:
+        """Send the chunks of the run's waves (or of `waves`) that are back to pending or
+        in flight — after a gate passed, such chunks are only ones the platform lost.
+        Returns whether any was."""
+        journal, run_id = self.session.journal, self.session.run_id
+        plan_waves = len(self.session.loaded.waves)
+        todo = sorted(
+            {
+                row.wave
+                for row in journal.chunks(run_id, [PENDING, INTENT])
+                if row.wave < plan_waves and (waves is None or row.wave in waves)
+            }
+        )
+        for wave in todo:
+            await self._submit_wave(wave)
+        return bool(todo)
+
+    async def tasks_lost(self, operations: list[str]) -> None:
+        """The monitor's hook: the platform answers 123009 for tasks of ours. Once every
+        create has settled, a census and a query by key tell (`settle_lost`): a chunk whose
+        targets no task holds is sent again; one the list now shows was only late. Raises
+        RunAborted when a task is neither (one line)."""
+        journal, run_id = self.session.journal, self.session.run_id
+        await _until_settled(self.session, run_id, self.monitor.sleep, unsettled_only=False)
+        census = await self._run_census()
+        lost = {row.operation_id for row in await settle_lost(self.session, census)}
+        chunks = {row.operation_id: row for row in journal.chunks(run_id, [SUBMITTED])}
+        for operation_id in operations:
+            row = chunks.get(operation_id)
+            if operation_id in lost or row is None:
+                continue
+            if not any(census.operation_of(m) == operation_id for m in row.members):
+                raise RunAborted(
+                    f"the platform answers 123009 (no such task) for task {operation_id} of "
+                    f"chunk {row.chunk_id}, yet its targets are in a task: `rollout status` "
+                    "shows the chunk"
+                )
+        if lost:
+            await self._send_again()
+
+    async def _run_census(self) -> Census:
+        """A census of the run's targets now (retry passes' tasks sent theirs on purpose)."""
+        journal, run_id = self.session.journal, self.session.run_id
+        known = journal.known_operations()
+        if self.census is not None:
+            judge = self.census.judge
+            judge.known.update(known)
+        else:
+            judge = PackageJudge(self.session.client, self.session.package, known)
+        judge.created_windows = journal.created_windows()
+        return await take_census(
+            judge,
+            self.session.operation,
+            self.session.loaded.fleet.kind,
+            census_targets(journal, run_id, self.session.loaded),
+            again=journal.retry_operations(),
+        )
 
     async def _recheck_groups(self, wave: int, name: str) -> None:
         """Before a group wave's creates: read its groups' members again and halt (RunAborted,
@@ -694,9 +844,7 @@ class Rollout:
         journal, run_id = self.session.journal, self.session.run_id
         if retry_pass is None and not journal.needs_closing_census(run_id):
             return
-        await _until_settled(
-            self.session, journal.latest_send(run_id, unsettled_only=False), self.monitor.sleep
-        )
+        await _until_settled(self.session, run_id, self.monitor.sleep, unsettled_only=False)
         known = journal.known_operations()
         if self.census is not None:
             judge = self.census.judge
@@ -722,6 +870,11 @@ class Rollout:
             summary["devices_in_two_tasks"] = len(by_device)
         journal.record_census(run_id, "closing", summary)
         _record_duplicates(journal, run_id, census, self.options, self.notice, by_device)
+        if retry_pass is None and await settle_lost(self.session, census):
+            # the journal had them in tasks the platform does not hold: sent again (once),
+            # then this census again
+            await self._send_again()
+            await self.closing_census()
 
     async def _judge(self, wave: int, gate: GateSection) -> tuple[Verdict, str, WaveCounts]:
         """The gate's verdict on the journal's counts. Successes whose version is not checked
@@ -907,6 +1060,7 @@ async def execute(
             session = RunSession(loaded, journal, client, run_id, package)
             follow = loaded.plan.monitor.follow if options.follow is None else options.follow
             rollout = Rollout(session, watching, sleep, None, options)
+            rollout.monitor.on_lost = rollout.tasks_lost
             rollout.publish()
             try:
                 if stepping_on and not requeued:
@@ -1006,8 +1160,18 @@ def _approval_pending(journal: Journal, run_id: int) -> None:
 
 
 def _finish(journal: Journal, run_id: int, status: str) -> None:
-    """Exit 0 only when every target is in a task (sent or adopted) or quarantined, and no
-    target is in two tasks of this package."""
+    """Exit 0 only when every target is in a task (sent or adopted) or quarantined, no chunk
+    holds its task only by a second claim on another chunk's operationId, and no target is
+    in two tasks of this package."""
+    claims = journal.second_claims(run_id)
+    if claims:
+        reason = (
+            f"{claims} chunks are in a task only by the operationId of another chunk's task "
+            "(a second claim: the platform gave one id to two creates); `rollout resume` "
+            "settles them"
+        )
+        journal.set_status(run_id, ABORTED, reason)
+        raise RunAborted(reason)
     outstanding = journal.outstanding(run_id)
     if outstanding:
         reason = f"{outstanding} targets are still in no task; `rollout resume` sends them"

@@ -905,6 +905,59 @@ class Journal:
             self._set_chunk(db, run_id, chunk_id, PENDING)
             self._event(db, run_id, "reconciled-absent", {"chunk": chunk_id})
 
+    def record_lost(
+        self, run_id: int, chunk_id: str, operation_id: str, holder: str | None
+    ) -> None:
+        """The platform holds none of the chunk's targets in a task although the chunk has
+        `operation_id` (the platform lost the task, or gave that operationId to another
+        chunk's task): the chunk goes back to pending, to be sent again. What the journal
+        read of `operation_id` stays with `holder`, the chunk whose targets that task holds
+        (a second claim on it becomes its rightful claim), or is dropped (no chunk)."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "UPDATE chunks SET state=?, operation_id=NULL, adopted=?, updated_at=?"
+                " WHERE run_id=? AND chunk_id=?",
+                (PENDING, SENT, now, run_id, chunk_id),
+            )
+            if holder is not None:
+                db.execute(
+                    "UPDATE chunks SET adopted=? WHERE run_id=? AND chunk_id=? AND adopted=?",
+                    (RECONCILED, run_id, holder, SECOND_CLAIM),
+                )
+                db.execute(
+                    "UPDATE tasks SET chunk_id=?, wave=(SELECT wave FROM chunks WHERE run_id=?"
+                    " AND chunk_id=?) WHERE run_id=? AND operation_id=?",
+                    (holder, run_id, holder, run_id, operation_id),
+                )
+            else:
+                db.execute(
+                    "DELETE FROM tasks WHERE run_id=? AND operation_id=?", (run_id, operation_id)
+                )
+                db.execute(
+                    "DELETE FROM device_results WHERE run_id=? AND operation_id=?",
+                    (run_id, operation_id),
+                )
+            detail = {"chunk": chunk_id, "operationId": operation_id, "holder": holder}
+            self._event(db, run_id, "task-lost", detail)
+
+    def times_lost(self, run_id: int, chunk_id: str) -> int:
+        """How often the platform lost this chunk's task (`record_lost`)."""
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM events WHERE run_id=? AND kind='task-lost'"
+            " AND json_extract(detail, '$.chunk')=?",
+            (run_id, chunk_id),
+        ).fetchone()
+        return int(row[0])
+
+    def second_claims(self, run_id: int) -> int:
+        """Chunks in a task only by a second claim on another chunk's operationId."""
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM chunks WHERE run_id=? AND state=? AND adopted=?",
+            (run_id, SUBMITTED, SECOND_CLAIM),
+        ).fetchone()
+        return int(row[0])
+
     @staticmethod
     def _close_open_attempts(db: sqlite3.Connection, run_id: int, chunk_id: str) -> None:
         db.execute(
@@ -993,11 +1046,15 @@ class Journal:
         ).fetchone()
         return (float(row[0]), row[1]) if row else None
 
-    def latest_send(self, run_id: int | None, *, unsettled_only: bool) -> float | None:
-        """Platform time (our clock where it was not measured) of the newest create sent by
-        `run_id` (None: by any run of this journal); `unsettled_only`: only creates whose
-        outcome was not a clear reply. None when there is none."""
-        query = "SELECT MAX(COALESCE(sent_platform, sent_at)) FROM attempts WHERE 1"
+    def latest_send(
+        self, run_id: int | None, *, unsettled_only: bool, local: bool = False
+    ) -> float | None:
+        """Platform time (our clock where it was not measured; with `local`, always our
+        clock) of the newest create sent by `run_id` (None: by any run of this journal);
+        `unsettled_only`: only creates whose outcome was not a clear reply. None when there
+        is none."""
+        column = "sent_at" if local else "COALESCE(sent_platform, sent_at)"
+        query = f"SELECT MAX({column}) FROM attempts WHERE 1"
         params: list[Any] = []
         if run_id is not None:
             query += " AND run_id=?"

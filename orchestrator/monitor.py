@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from .errors import NotFound
 from .northbound import Priority, StaResult, Status
 from .plan import MonitorSection
 from .session import RunSession
@@ -72,6 +73,9 @@ class Monitor:
         self._last_seen: dict[str, StaResult] = {}
         self.polls = 0
         self.on_poll: Callable[[PollResult], None] | None = None  # e.g. the live display
+        # tasks of ours the platform answers 123009 for (not in its list either): the engine
+        # settles them (engine.settle_lost: late, or lost and sent again); None: an error
+        self.on_lost: Callable[[list[str]], Awaitable[None]] | None = None
 
     async def poll(self) -> PollResult:
         """One sweep over our unfinished tasks, then the details of newly finished ones."""
@@ -134,12 +138,23 @@ class Monitor:
         if missing:
             # not where the cursor said: read from the start next time, and ask for these now
             self._set_cursor(0)
+            unknown: list[str] = []
             for operation_id in sorted(missing):
-                task = await self.session.client.get_task(operation_id, priority=Priority.MONITOR)
+                try:
+                    task = await self.session.client.get_task(
+                        operation_id, priority=Priority.MONITOR
+                    )
+                except NotFound:
+                    if self.on_lost is None:
+                        raise
+                    unknown.append(operation_id)  # 123009: late, or lost by the platform
+                    continue
                 chunk_id, wave, _ = ours[operation_id]
                 self.session.journal.record_task(self.session.run_id, chunk_id, wave, task)
                 if task.status.final:
                     finished.append(operation_id)
+            if unknown and self.on_lost is not None:
+                await self.on_lost(unknown)
             return finished, True
         self._set_cursor(first_unfinished_page if first_unfinished_page is not None else page_no)
         return finished, changed

@@ -23,9 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from asyncio import FIRST_COMPLETED
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -170,20 +171,49 @@ async def notifying(loaded: LoadedPlan, observer: Observer | None) -> AsyncItera
         Webhook(index, section, url)
         for index, (section, url) in enumerate(zip(sections, webhook_urls(loaded), strict=True))
     ]
-    async with aiohttp.ClientSession() as session:
-        workers = [asyncio.create_task(hook.run(session)) for hook in hooks]
-        try:
-            yield Observers([o for o in (observer, Notifier(hooks)) if o is not None])
-        finally:
-            import anyio
+    session = aiohttp.ClientSession()
+    workers = [asyncio.create_task(hook.run(session)) for hook in hooks]
+    try:
+        yield Observers([o for o in (observer, Notifier(hooks)) if o is not None])
+    finally:
+        import anyio
 
-            # shielded: a run stopped by Ctrl-C still tells, within the same time limit
-            budget = max(section.give_up_after for section in sections)
-            with anyio.move_on_after(budget, shield=True):
-                await asyncio.gather(*(hook.queue.join() for hook in hooks))
-            for worker in workers:
-                worker.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-            left = sum(hook.queue.qsize() for hook in hooks)
-            if left:
-                log.warning("notifications dropped at the end of the run", notices=left)
+        # shielded, all of it: a run stopped by Ctrl-C still tells, within the same time
+        # limit, and a run that got to its end keeps its result; a Ctrl-C (or SIGTERM)
+        # during this wait (`interrupt_drains`) ends it at once
+        stop = asyncio.Event()
+        _DRAINS.add(stop)
+        try:
+            with anyio.CancelScope(shield=True):
+                budget = max(section.give_up_after for section in sections)
+                with anyio.move_on_after(budget):
+                    drained: asyncio.Task[Any] = asyncio.create_task(_joined(hooks))
+                    stopped: asyncio.Task[Any] = asyncio.create_task(stop.wait())
+                    try:
+                        await asyncio.wait([drained, stopped], return_when=FIRST_COMPLETED)
+                    finally:
+                        drained.cancel()
+                        stopped.cancel()
+                for worker in workers:
+                    worker.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+                await session.close()
+        finally:
+            _DRAINS.discard(stop)
+        left = sum(hook.queue.qsize() for hook in hooks)
+        if left:
+            log.warning("notifications dropped at the end of the run", notices=left)
+
+
+async def _joined(hooks: list[Webhook]) -> None:
+    await asyncio.gather(*(hook.queue.join() for hook in hooks))
+
+
+_DRAINS: set[asyncio.Event] = set()  # end-of-run waits for queued notices, now
+
+
+def interrupt_drains() -> None:
+    """Ctrl-C or SIGTERM: end every wait for queued notices that has begun (the CLI's
+    signal handler calls it; a signal before the wait began leaves the wait its limit)."""
+    for stop in _DRAINS:
+        stop.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import socket
 import time
@@ -23,8 +24,8 @@ from orchestrator.plan import NOTICE_EVENTS
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
 
 from .conftest import SECRET
-from .enginehelpers import SECRET_ENV, device_sets, write_plan
-from .simhelpers import devices_of
+from .enginehelpers import SECRET_ENV, device_sets, write_fleet, write_plan
+from .simhelpers import devices_of, newest_package
 
 HOOK_ENV = "ROLLOUT_TEST_WEBHOOK"
 HOOK_SECRET = "T000/B000/s3cr3t-hook-token"
@@ -232,3 +233,71 @@ async def test_a_platform_out_of_reach_is_told_as_an_outage(
     assert "out of reach" in receiver.bodies[0]["text"]
     assert "rollout resume" in receiver.bodies[0]["text"]
     assert "rollout resume" in receiver.bodies[1]["text"]
+
+
+def test_ctrl_c_while_the_end_waits_on_webhooks_stops_at_once_with_the_runs_code(
+    tmp_path: Path,
+) -> None:
+    """A run that got to its end waits on a webhook that answers late; Ctrl-C then stops the
+    wait at once and the command exits with the run's code (0), not 130."""
+    import http.server
+    import os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import threading
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            time.sleep(25)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    hook = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    hook.daemon_threads = True
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    sim = SimulatorServer(SimulatorConfig(devices=600, seed=3))  # not started: its fleet only
+    write_fleet(tmp_path / "fleet.txt", devices_of(sim, "WM-200", 50))
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        f'name = "drain"\n[platform]\nurl = "simulator"\napp_id = "demo-app"\n'
+        f'rate_limit = "1000/1"\nrequest_timeout = 2\n'
+        f"[platform.simulator]\ndevices = 600\nseed = 3\n"
+        f'[firmware]\nfile_id = "{newest_package(sim).file_id}"\n'
+        f'[fleet]\ndevices_file = "fleet.txt"\n[policy]\nexecute_type = "now"\n'
+        f"[execution]\nsettle = 0.2\n[monitor]\nfollow = false\n"
+        + _notify().replace("give_up_after = 3", "give_up_after = 20\ntimeout = 25")
+    )
+    env = dict(os.environ, ROLLOUT_STATE_DIR=str(tmp_path / "state"))
+    env[HOOK_ENV] = f"http://127.0.0.1:{hook.server_address[1]}/services/x"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "--log-level", "error", "run", str(plan)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    journal = tmp_path / ".rollout" / "drain.journal.sqlite"
+    deadline = time.monotonic() + 60
+    status = None
+    while status != "submitted" and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.1)
+        if journal.exists():
+            with contextlib.suppress(sqlite3.Error), sqlite3.connect(journal) as db:
+                row = db.execute("SELECT status FROM runs").fetchone()
+                status = row[0] if row else None
+    time.sleep(1.0)  # the run has ended; its end waits on the webhook
+    interrupted = time.monotonic()
+    run.send_signal(signal.SIGINT)
+    try:
+        _, err = run.communicate(timeout=40)
+    finally:
+        run.kill()
+        hook.shutdown()
+    assert time.monotonic() - interrupted < 5, err
+    assert run.returncode == 0, err
+    assert "interrupted" not in err

@@ -187,6 +187,23 @@ async def test_unknown_task_is_123009(raw: RawPlatform) -> None:
     assert_error_shape(status, body, reply, 404, "123009")
 
 
+async def test_a_forgotten_task_is_123009_and_its_id_may_come_again(raw: RawPlatform) -> None:
+    """`forget_next_tasks` answers a create and loses the task (query: 123009, absent from the
+    list); with `reuse_lost_ids` the next create is given that operationId again."""
+    await raw.login()
+    raw.server.platform.faults.update({"forget_next_tasks": 1, "reuse_lost_ids": True})
+    status, body, _ = await raw.call("POST", FW, json=create_body(raw.server, count=2))
+    assert status == 200
+    lost = body["operationId"]
+    status, reply_body, reply = await raw.call("GET", f"{UPGRADE}/operations/{lost}")
+    assert_error_shape(status, reply_body, reply, 404, "123009")
+    status, listed, _ = await raw.call("GET", f"{UPGRADE}/operations")
+    assert lost not in [task["operationId"] for task in listed["data"]]
+    status, body, _ = await raw.call("POST", FW, json=create_body(raw.server, count=2))
+    assert body["operationId"] == lost
+    assert raw.server.platform.query_task(lost)["operationId"] == lost
+
+
 async def test_unknown_package_is_123002(raw: RawPlatform) -> None:
     """Querying a package that does not exist answers 404 / 123002."""
     await raw.login()

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import anyio
 import pytest
 from click.testing import CliRunner
 
@@ -115,6 +116,47 @@ async def test_a_restarted_simulator_never_issues_an_operation_id_twice(tmp_path
                     token = (await reply.json())["accessToken"]
                 seen.append(await _create(session, fresh, token))
     assert len(set(seen)) == len(seen) == 7
+
+
+async def _login(session: aiohttp.ClientSession, server: SimulatorServer) -> str:
+    async with session.post(server.url + LOGIN, data={"appId": APP_ID, "secret": SECRET}) as reply:
+        return str((await reply.json())["accessToken"])
+
+
+async def test_a_task_answered_survives_a_process_that_dies_before_its_next_save(
+    tmp_path: Path,
+) -> None:
+    """A create is on disk before it is answered: a simulator killed at once (no close, no
+    autosave yet) comes back with the task and hands the next create a new operationId."""
+    state = tmp_path / "sim.json"
+    async with aiohttp.ClientSession() as session:
+        first = SimulatorServer(_config(state, state_every=3600.0))
+        await first.start()
+        try:
+            answered = await _create(session, first, await _login(session, first))
+            # what a SIGKILL leaves on disk: read it while the first one never saved again
+            async with SimulatorServer(_config(state, port=free_port())) as second:
+                assert answered in second.platform.tasks_by_id
+                following = await _create(session, second, await _login(session, second))
+        finally:
+            await first.close()
+    assert following != answered
+
+
+async def test_a_cancelled_close_still_saves_the_state(tmp_path: Path) -> None:
+    """Ctrl-C cancels an embedded simulator's close mid-way: the state is saved all the same."""
+    state = tmp_path / "sim.json"
+    server = SimulatorServer(_config(state, state_every=3600.0))
+    await server.start()
+    server.platform.create_group(
+        {"name": "pilot", "deviceIds": devices_of(server, count=2)}, APP_ID
+    )
+    server.platform.changes += 1
+    with anyio.CancelScope() as scope:  # as the command's task group is, on Ctrl-C
+        scope.cancel()
+        await server.close()
+    saved = json.loads(state.read_text())
+    assert "pilot" in [g["name"] for g in saved["platform"]["groups"]]
 
 
 @pytest.mark.parametrize(

@@ -198,6 +198,26 @@ async def test_wave_window_becomes_a_custom_policy(tmp_path: Path) -> None:
         await sim.close()
 
 
+async def test_a_wave_window_open_now_works_on_a_fast_simulated_clock(tmp_path: Path) -> None:
+    """At ×36000 (the platform's clock races ahead while a create is in flight) a wave whose
+    daily window is open now is created, not refused 123033."""
+    sim = await _sim(failure_rate=0.0)
+    try:
+        waves = (
+            '[[waves]]\nname = "day"\n[waves.window]\nstart = "00:00"\nend = "23:55"\n'
+            'timezone = "UTC"'
+        )
+        plan = write_plan(
+            tmp_path, sim, devices_of(sim, "WM-200", 300), monitor="follow = false", waves=waves
+        )
+        await execute(load_plan(plan), RunOptions(journal=tmp_path / "j.sqlite"))
+        assert len(sim.platform.tasks) == 2
+        assert {t.policy["executeType"] for t in sim.platform.tasks} == {"custom"}
+        assert "123033" not in sim.platform.stats.replies
+    finally:
+        await sim.close()
+
+
 async def test_monitor_uses_list_pages_and_reads_each_subtask_once(tmp_path: Path) -> None:
     """The monitor never queries tasks one by one; it reads every subtask of a finished task
     once, 100 a page: ⌈n/100⌉ calls for a task of n devices."""

@@ -22,6 +22,10 @@ Kinds:
 - the app's token revoked before each of the next N authenticated calls, as another
   client's login would (`revoke_next_tokens`): each of them draws 1010005;
   both only for calls of one API when `only_api` names it.
+- the next N tasks answered with an operationId and then lost, as a platform that lost state
+  would (`forget_next_tasks`): the list never shows them, a query answers 123009; with
+  `reuse_lost_ids` the next create is given the lost task's operationId again (a platform
+  whose id generator went back with its state).
 
 Decisions draw from one seeded generator, so a test that sets the same knobs and sends the
 same calls sees the same faults.
@@ -60,6 +64,8 @@ class FaultConfig:
     throttle_next_calls: int = 0  # refuse this many more calls with 1010009 (not counted)
     revoke_next_tokens: int = 0  # revoke the app's token before this many more calls
     only_api: str = ""  # the two knobs above act on calls of this API only; "": any
+    forget_next_tasks: int = 0  # answer this many more creates, then lose their tasks
+    reuse_lost_ids: bool = False  # a lost task's operationId goes to the next create
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,10 +97,15 @@ class FaultInjector:
             elif key == "seed":
                 if not isinstance(value, int):
                     raise ValueError("seed must be an integer")
-            elif key == "omit_extend_para":
+            elif key in ("omit_extend_para", "reuse_lost_ids"):
                 if not isinstance(value, bool):
-                    raise ValueError("omit_extend_para must be true or false")
-            elif key in ("reject_next_creates", "throttle_next_calls", "revoke_next_tokens"):
+                    raise ValueError(f"{key} must be true or false")
+            elif key in (
+                "reject_next_creates",
+                "throttle_next_calls",
+                "revoke_next_tokens",
+                "forget_next_tasks",
+            ):
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                     raise ValueError(f"{key} must be an integer >= 0")
             elif key == "only_api":
@@ -165,6 +176,14 @@ class FaultInjector:
         self.config.reject_next_creates -= 1
         self._count("reject")
         return self.config.reject_status
+
+    def take_forget(self) -> bool:
+        """Whether to lose the task this create has just committed; counts one down."""
+        if self.config.forget_next_tasks <= 0:
+            return False
+        self.config.forget_next_tasks -= 1
+        self._count("forget")
+        return True
 
     def take_throttle(self, api: str) -> bool:
         """Whether to refuse this call of `api` with 1010009 now; counts one down."""

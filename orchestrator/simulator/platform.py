@@ -13,7 +13,7 @@ import math
 import random
 import re
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +66,9 @@ class Stats:
         }
 
 
+FLIGHT_S = 5.0  # real seconds between a client's reading of the clock and its create's check
+
+
 class Platform:
     def __init__(
         self,
@@ -88,14 +91,21 @@ class Platform:
         self._device_tasks: dict[str, list[int]] = {}
         self._device_tasks_upto = 0  # the deviceId index is built lazily, off the create path
         self._materialized = 0
-        # operationIds and group ids: drawn from the system's entropy, not the fleet's seed, so
-        # a simulator started again (with or without --state) never repeats one; a restored
-        # state also carries the generator's state and every id issued (`new_id` skips them)
+        # operationIds and group ids: drawn from the system's entropy, not the fleet's seed,
+        # and never from a saved generator state: a state saved before an id was issued
+        # would issue that id again after a restart. `new_id` skips every id it knows.
         self._ids = random.Random()
         self.changes = 0  # bumped by every call and admin change (the state file saves on it)
+        # called with each task the moment it is committed, before the create is answered
+        # (SimulatorServer: the state file's create log) — an acknowledged task is never lost
+        self.on_commit: Callable[[Task], None] | None = None
+        self._reissue: list[str] = []  # `reuse_lost_ids`: forgotten ids handed out again
 
     def new_id(self) -> str:
-        """A 24-hex-digit id this platform has never issued (operationIds, group ids)."""
+        """A 24-hex-digit id this platform has never issued (operationIds, group ids) — unless
+        the `reuse_lost_ids` fault hands out again the id of a task `forget_next_tasks` lost."""
+        if self._reissue:
+            return self._reissue.pop(0)
         while True:
             candidate = f"{self._ids.getrandbits(96):024x}"
             taken = candidate in self.tasks_by_id or any(
@@ -107,6 +117,17 @@ class Platform:
     def now(self) -> float:
         """The platform's clock: simulated time plus the `clock_offset_s` fault (signed)."""
         return self.clock.now() + self.faults.config.clock_offset_s
+
+    def start_floor(self) -> float:
+        """The earliest custom `startTime` a create may carry (else 123033): the platform's
+        now — at `--speed` S > 1, as it stood FLIGHT_S real seconds ago. A client reads the
+        platform's clock, then sends; on a real platform the seconds in between are seconds,
+        at S they are S times more, and no lead a client could take on a real platform
+        would cover them. The speed is the devices' (docs/simulator.md): a start the client
+        computed from a reading at most FLIGHT_S real seconds old is accepted as a real
+        platform would accept it."""
+        speed = float(getattr(self.clock, "speed", 1.0))
+        return self.now() - max(0.0, speed - 1.0) * FLIGHT_S
 
     # ---- packages -------------------------------------------------------------------------
     def list_packages(self, query: dict[str, str]) -> list[dict[str, str]]:
@@ -137,7 +158,7 @@ class Platform:
     def check_create(self, operation: str, body: Any) -> CheckedCreate:
         """Every rule of a create, at the platform's time of arrival."""
         operate_type = OPERATE_TYPES[operation]
-        request = validate_create(body, self.now())
+        request = validate_create(body, self.start_floor())
         package = self.fleet.packages.get(request.file_id)
         if package is None:
             raise PlatformReject("123002", "fileId not found.")
@@ -184,9 +205,16 @@ class Platform:
             window=request.window,
             committed_at=self.clock.monotonic(),
         )
+        if self.faults.take_forget():
+            # answered, then lost: neither the list nor a query by key ever shows it
+            if self.faults.config.reuse_lost_ids:
+                self._reissue.append(operation_id)
+            return operation_id
         self.tasks.append(task)
         self.tasks_by_id[operation_id] = task
         self.stats.tasks_created += 1
+        if self.on_commit is not None:
+            self.on_commit(task)
         return operation_id
 
     def _tasks_of_device(self, device_id: str) -> list[int]:
@@ -370,21 +398,8 @@ class Platform:
     # ---- the state file (state.py) ---------------------------------------------------------
     def export_state(self) -> dict[str, Any]:
         """What a restart must keep, as JSON-ready data (state.py writes it)."""
-        version, internal, gauss = self._ids.getstate()
         return {
-            "tasks": [
-                {
-                    "operation_id": task.operation_id,
-                    "operate_type": task.operate_type,
-                    "file_id": task.package.file_id,
-                    "targets": task.targets,
-                    "policy": task.policy,
-                    "device_ids": task.device_ids,
-                    "create_time": task.create_time,
-                    "window": list(task.window) if task.window is not None else None,
-                }
-                for task in self.tasks
-            ],
+            "tasks": [task_row(task) for task in self.tasks],
             "groups": [
                 {
                     "group_id": g.group_id,
@@ -406,7 +421,6 @@ class Platform:
                 "tasks_created": self.stats.tasks_created,
             },
             "faults_injected": dict(self.faults.injected),
-            "ids": [version, list(internal), gauss],
         }
 
     def restore_state(self, saved: dict[str, Any], elapsed: float) -> None:
@@ -451,8 +465,7 @@ class Platform:
         self.stats.throttled = int(stats["throttled"])
         self.stats.tasks_created = int(stats["tasks_created"])
         self.faults.injected = {str(k): int(v) for k, v in saved["faults_injected"].items()}
-        version, internal, gauss = saved["ids"]
-        self._ids.setstate((int(version), tuple(int(x) for x in internal), gauss))
+        # a saved "ids" generator state (older files) is ignored: fresh entropy never repeats
         self._device_tasks, self._device_tasks_upto, self._materialized = {}, 0, 0
 
     # ---- ground truth ---------------------------------------------------------------------
@@ -473,6 +486,20 @@ class Platform:
             if "deviceGroups" in task.targets:
                 row["deviceGroups"] = task.targets["deviceGroups"]
             yield row
+
+
+def task_row(task: Task) -> dict[str, Any]:
+    """One task as the state file keeps it (JSON-ready; `restore_state` reads it back)."""
+    return {
+        "operation_id": task.operation_id,
+        "operate_type": task.operate_type,
+        "file_id": task.package.file_id,
+        "targets": task.targets,
+        "policy": task.policy,
+        "device_ids": task.device_ids,
+        "create_time": task.create_time,
+        "window": list(task.window) if task.window is not None else None,
+    }
 
 
 def _is_hex24(text: str) -> bool:

@@ -18,8 +18,16 @@ from .certs import server_context, write_self_signed
 from .clock import Clock, ScaledClock
 from .faults import FaultConfig, FaultInjector
 from .fleet import Fleet, generate_fleet
-from .platform import Platform
-from .state import elapsed_since, fleet_key, read_state, simulated_now, write_state
+from .platform import Platform, task_row
+from .state import (
+    append_create,
+    elapsed_since,
+    fleet_key,
+    read_state,
+    simulated_now,
+    write_state,
+)
+from .tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +145,14 @@ class SimulatorServer:
                 await self.close()
                 raise
             self._saving = True
+            self.platform.on_commit = self._log_create
             self._autosave = asyncio.get_running_loop().create_task(self._save_on_change())
+
+    def _log_create(self, task: Task) -> None:
+        """Before a create is answered: its task in the create log (state.py). A log that
+        cannot be written fails the create (HTTP 500 from the app): no answer, no loss."""
+        assert self.config.state_file is not None
+        append_create(self.config.state_file, task_row(task))
 
     def save_state(self) -> None:
         """Write the state file now (state.py). Raises OSError when it cannot be written."""
@@ -161,25 +176,31 @@ class SimulatorServer:
                     log.error("cannot save the state file %s: %s", exc.filename, exc.strerror)
 
     async def close(self) -> None:
-        if self._autosave is not None:
-            self._autosave.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._autosave
-            self._autosave = None
-        if self._runner is not None:
-            background = self._runner.app[BACKGROUND_KEY]
-            # pending late commits first: a handler waiting for one then ends at once instead
-            # of holding the graceful shutdown; again after, for any a last request started
-            await background.close()
-            await self._runner.cleanup()
-            await background.close()
-            self._runner = None
+        """Stop serving and save the state. The save runs even when the close is cancelled
+        (Ctrl-C cancels an embedded simulator's close along with the command)."""
+        try:
+            if self._autosave is not None:
+                self._autosave.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._autosave
+                self._autosave = None
+            if self._runner is not None:
+                background = self._runner.app[BACKGROUND_KEY]
+                # pending late commits first: a handler waiting for one then ends at once
+                # instead of holding the graceful shutdown; again after, for any a last
+                # request started
+                await background.close()
+                await self._runner.cleanup()
+                await background.close()
+                self._runner = None
+        finally:
+            self.platform.on_commit = None
             if self._saving:
-                self.save_state()  # after the last request: every commit is in it
                 self._saving = False
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+                self.save_state()  # after the last request: every commit is in it
+            if self._tmp is not None:
+                self._tmp.cleanup()
+                self._tmp = None
 
     async def __aenter__(self) -> SimulatorServer:
         await self.start()
