@@ -14,7 +14,7 @@ import pytest
 
 from orchestrator.engine import RunOptions, execute
 from orchestrator.errors import RunAborted, RunWaiting
-from orchestrator.plan import load_plan
+from orchestrator.loaded_plan import load_plan
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
 from orchestrator.simulator.testing import free_port
 
