@@ -653,6 +653,19 @@ class Rollout:
             Notice(kind, self.session.plan.name, self.session.run_id, text, dict(detail))
         )
 
+    def notice_once(self, kind: NoticeKind, text: str, **detail: object) -> None:
+        """A run-level notice sent once per state change: the journal keeps the gates' states
+        (and approvals) it was last sent for, so a halt that stands — a resume or step
+        that finds the same failed gate — is not told again."""
+        journal, run_id = self.session.journal, self.session.run_id
+        state = [[r.wave, r.gate_state, r.approved_at] for r in journal.waves(run_id)]
+        key = f"notice:{kind.value}"
+        if journal.recall(run_id, key) == state:
+            log.info("notice already sent for this state", notice=kind.value)
+            return
+        journal.remember(run_id, key, state)
+        self.notice(kind, text, **detail)
+
     def _outage_began(self, reason: str) -> None:
         """The client met the platform out of reach and pauses (execution.outage_budget)."""
         budget = self.session.plan.execution.outage_budget
@@ -861,6 +874,8 @@ async def execute(
         if stepping_on:
             assert existing is not None
             _approval_pending(journal, existing.run_id)
+        if options.step and existing is not None and continuing and existing.status == HALTED:
+            _halt_stands(journal, existing)
         async with (
             notifying(loaded, observer) as watching,
             platform_client(loaded, options.state_dir, "run", path) as client,
@@ -934,7 +949,7 @@ async def execute(
                 raise
             except RunHalted as exc:
                 _record_stop(journal, run_id, HALTED, str(exc))
-                rollout.notice(NoticeKind.RUN_HALTED, f"halted at a gate: {exc}")
+                rollout.notice_once(NoticeKind.RUN_HALTED, f"halted at a gate: {exc}")
                 raise
             except BaseException:
                 _record_stop(journal, run_id, INTERRUPTED, "interrupted; in-flight state recorded")
@@ -1001,6 +1016,24 @@ def _approval_pending(journal: Journal, run_id: int) -> None:
         if row.gate_state == "passed":
             continue
         if row.gate_state == "awaiting-approval" and journal.approval(run_id, row.wave) is None:
+            raise RunWaiting(
+                _approval_message(row.name, row.gate_reason or "passed"), waiting_for="approval"
+            )
+        return
+
+
+def _halt_stands(journal: Journal, run: RunRow) -> None:
+    """Step mode on a halted run: while a failed gate has no approval, or a gate awaiting
+    approval still awaits it, nothing a step could do changes that — no call, no notice
+    (it was sent when the run halted), the same halt (exit 4) or approval wait (75)."""
+    for row in journal.waves(run.run_id):
+        if row.gate_state == "passed":
+            continue
+        if journal.approval(run.run_id, row.wave) is not None:
+            return  # approved since: the step goes on
+        if row.gate_state == "failed":
+            raise RunHalted(run.stop_reason or f"wave {row.name!r} failed its gate")
+        if row.gate_state == "awaiting-approval":
             raise RunWaiting(
                 _approval_message(row.name, row.gate_reason or "passed"), waiting_for="approval"
             )

@@ -231,3 +231,34 @@ async def test_a_platform_out_of_reach_is_told_as_an_outage(
     assert "out of reach" in receiver.bodies[0]["text"]
     assert "rollout resume" in receiver.bodies[0]["text"]
     assert "rollout resume" in receiver.bodies[1]["text"]
+
+
+async def test_steps_on_a_halted_run_spend_no_call_and_tell_it_once(
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps on a run halted by a failed gate (not approved) make no call and send no
+    notice again: run-halted arrives once, each step exits as a halt."""
+    monkeypatch.setenv(HOOK_ENV, receiver.url)
+    sim = SimulatorServer(
+        SimulatorConfig(
+            tls=False, devices=3000, seed=9, rate_limit=(2000, 1.0), speed=36000, failure_rate=0.6
+        )
+    )
+    async with sim:
+        plan = write_plan(
+            tmp_path,
+            sim,
+            devices_of(sim, "WM-200", 600),
+            monitor=MONITOR + "\n" + _notify(),
+            waves=_waves("min_finished = 0.9\nmax_failed = 0.15\nmin_sample = 100"),
+        )
+        journal = tmp_path / "j.sqlite"
+        with pytest.raises(RunHalted, match="canary"):
+            await execute(load_plan(plan), RunOptions(journal=journal))
+        calls_before = sim.platform.stats.calls.copy()
+        for _ in range(3):
+            with pytest.raises(RunHalted, match=r"canary.*failed its gate"):
+                await execute(load_plan(plan), RunOptions(journal=journal, step=True))
+        assert sim.platform.stats.calls == calls_before  # not even a login
+    events = [body["event"] for body in receiver.bodies]
+    assert events.count("run-halted") == 1 and events.count("gate-failed") == 1, events
