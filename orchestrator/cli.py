@@ -899,6 +899,7 @@ def _retry_states(_ctx: click.Context, _param: click.Parameter, value: str) -> f
 )
 @follow_option
 @unknown_tasks_option
+@step_option
 @exits_cleanly
 def retry_command(
     plan: Path,
@@ -906,6 +907,7 @@ def retry_command(
     states: frozenset[str],
     follow: bool | None,
     unknown_tasks: str,
+    step: bool,
 ) -> None:
     """A retry pass: new tasks for the devices of PLAN's finished run whose latest outcome is
     one of --states — exactly once per pass, journaled, judged by the plan's last gate. An
@@ -923,6 +925,7 @@ def retry_command(
         follow=follow,
         unknown_tasks=UnknownTasks(unknown_tasks),
         state_dir=_state_dir(),
+        step=step,
     )
     display = RunDisplay(err(), len(loaded.fleet.members))
     result = _interruptible(lambda: retry(loaded, options, display), display)

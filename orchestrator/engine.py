@@ -331,6 +331,17 @@ def start_run(journal: Journal, loaded: LoadedPlan) -> int:
 FOREIGN_ROUNDS = 3  # censuses in a row that may still see another process's fresh tasks
 
 
+def _settled_at(session: RunSession, sent: float | None) -> float | None:
+    """When (epoch seconds, our clock) a create sent at `sent` has surely landed, or None
+    when it has already."""
+    if sent is None:
+        return None
+    horizon = session.plan.platform.request_timeout + session.plan.execution.settle
+    clock = session.client.clock
+    wait = sent + horizon - (clock.now() if clock.measured else time.time())
+    return time.time() + wait if wait > 0 else None
+
+
 async def _until_settled(session: RunSession, sent: float | None, sleep: Sleep) -> None:
     """Wait until the platform has surely finished with a create sent at `sent` (platform
     time where measured, else ours): `request_timeout + settle` after it."""
@@ -707,11 +718,20 @@ class Rollout:
         Tasks of retry passes sent their devices again on purpose: the run's census ignores
         them, and a pass's census looks only at its own."""
         journal, run_id = self.session.journal, self.session.run_id
-        if retry_pass is None and not journal.needs_closing_census(run_id):
-            return
-        await _until_settled(
-            self.session, journal.latest_send(run_id, unsettled_only=False), self.monitor.sleep
-        )
+        if not journal.needs_closing_census(run_id):
+            return  # no create sent since the last one (a step of a pass already took it)
+        sent = journal.latest_send(run_id, unsettled_only=False)
+        if self.step:
+            settled = _settled_at(self.session, sent)
+            if settled is not None:  # a step never sleeps: the next one takes the census
+                raise RunWaiting(
+                    "creates in flight land by "
+                    f"{datetime.fromtimestamp(settled, UTC).isoformat(timespec='seconds')}"
+                    " (request_timeout + settle); the next step takes the closing census",
+                    waiting_for="tasks",
+                    until=settled,
+                )
+        await _until_settled(self.session, sent, self.monitor.sleep)
         known = journal.known_operations()
         if self.census is not None:
             judge = self.census.judge
