@@ -112,10 +112,11 @@ def run_view(journal: Journal, plan: str, run_id: int) -> RunView:
                 targets=row.target_count,
                 in_tasks=counts.submitted,
                 devices=counts.devices,
-                # a final subtask: upgraded, failed, or found already on the version
-                finished=counts.finished + counts.already_current,
+                # a final subtask (the tasks' counters: success, fail, stop), read or not;
+                # upgraded and failed count only what was read (as status.py does)
+                finished=counts.succeeded + counts.failed,
                 upgraded=counts.upgraded,
-                failed=counts.real_failed,
+                failed=counts.failed_read,
                 already_current=counts.already_current,
                 gate=row.gate_state,
                 gate_reason=row.gate_reason or "",
