@@ -745,7 +745,8 @@ def _interruptible(work: Callable[[], Awaitable[R]], display: RunDisplay | None 
 
 
 def _show_status(status: dict[str, Any]) -> None:
-    """The closing summary: a table for people, one log event for pipelines."""
+    """The closing summary on stdout: a table for people, one JSON object with
+    `--log-format json` (logs stay on stderr in both modes)."""
     if (click.get_current_context().obj or {}).get("log_format") == "json":
         keys = (
             "plan",
@@ -757,14 +758,13 @@ def _show_status(status: dict[str, Any]) -> None:
             "targets_quarantined",
             "devices_succeeded",
             "devices_failed",
+            "devices_failed_unread",
             "devices_already_current",
             "calls",
         )
-        import structlog
+        import json
 
-        structlog.get_logger("orchestrator.cli").info(
-            "run summary", **{key: status[key] for key in keys}
-        )
+        click.echo(json.dumps({"summary": "run"} | {key: status[key] for key in keys}))
     else:
         _print_status(status)
 
@@ -1016,6 +1016,8 @@ def _print_status(status: dict[str, Any]) -> None:
     table.add_row("devices upgraded", str(status["devices_succeeded"]))
     table.add_row("  version verified", str(status["devices_version_verified"]))
     table.add_row("devices failed", str(status["devices_failed"]))
+    if status.get("devices_failed_unread"):
+        table.add_row("  failed, reason not read yet", str(status["devices_failed_unread"]))
     current, left_out = (
         status["devices_already_current"],
         status["devices_left_out_already_current"],
