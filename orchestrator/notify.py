@@ -15,7 +15,8 @@ by a background task, retried with backoff (stamina) on connection errors, timeo
 5xx; when the run ends, what is still queued gets at most `give_up_after` seconds, then is
 dropped with a warning. The URL comes from the environment (`url_env`) because chat webhook
 URLs carry their secret; it is never logged — a failed delivery names the webhook by its
-index and the error's type or HTTP status only.
+place among the plan's `[[notify]]` entries (1 for the first) and the error's type or HTTP
+status only.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ log = structlog.get_logger("orchestrator.notify")
 
 class _Retry(Exception):
     """Worth sending again: no reply (connection, timeout), 429 or 5xx. The text never holds
-    the URL."""
+    the URL. Logged here as a webhook's, not by the client's retry hook as a platform call's."""
+
+    logged_by_owner = True
 
 
 class _Refused(Exception):
@@ -83,7 +86,7 @@ class Webhook:
                 self.dropped += 1
                 log.warning(
                     "notification not delivered",
-                    webhook=self.index,
+                    webhook=self.index + 1,
                     notice=notice.kind.value,
                     error=str(exc) if isinstance(exc, _Retry | _Refused) else type(exc).__name__,
                 )
@@ -115,11 +118,24 @@ class Webhook:
                         status = reply.status
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     # aiohttp's texts may carry the URL, and with it the secret: the type only
-                    raise _Retry(type(exc).__name__) from None
+                    raise self._again(attempt.num, notice, type(exc).__name__) from None
                 if status == 429 or status >= 500:
-                    raise _Retry(f"HTTP {status}")
+                    raise self._again(attempt.num, notice, f"HTTP {status}")
                 if status >= 400:
                     raise _Refused(f"HTTP {status}")  # not worth a retry
+
+    def _again(self, attempt: int, notice: Notice, error: str) -> _Retry:
+        """A failed delivery attempt, logged as the webhook's (1-based, as in the plan's
+        order) — never as a platform call, never with the URL."""
+        if attempt < self.section.attempts:
+            log.info(
+                "webhook delivery failed; trying again",
+                webhook=self.index + 1,
+                notice=notice.kind.value,
+                attempt=attempt,
+                error=error,
+            )
+        return _Retry(error)
 
 
 class Notifier(Observer):

@@ -88,7 +88,8 @@ async def test_gate_and_run_notices_reach_the_webhook(
     tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A passed gate and the completed run each arrive once as JSON with a plain `text`; a
-    receiver that answers 503 at first gets them on a retry; the URL is never logged."""
+    receiver that answers 503 at first gets them on a retry, logged as webhook 1's (never as
+    a platform call's); the URL is never logged."""
     monkeypatch.setenv(HOOK_ENV, receiver.url)
     receiver.fail_first = 2
     console = Console(file=io.StringIO(), width=200, record=True)
@@ -112,7 +113,12 @@ async def test_gate_and_run_notices_reach_the_webhook(
     assert passed["text"].startswith("[rollout test-plan] wave 'canary' passed its gate")
     assert passed["detail"]["wave"] == "canary" and passed["run_id"] == 1
     assert "600 targets in tasks" in completed["text"]
-    assert HOOK_SECRET not in console.export_text()
+    logs = console.export_text()
+    assert HOOK_SECRET not in logs
+    retries = [line for line in logs.splitlines() if "HTTP 503" in line]
+    assert len(retries) == 2, retries
+    assert all("webhook delivery failed" in line and "webhook=1" in line for line in retries)
+    assert "call failed; trying again" not in logs
 
 
 async def test_a_receiver_that_is_down_never_stops_the_rollout(

@@ -738,7 +738,11 @@ async def _speaks_plain_http(host: str, port: int, seconds: float) -> bool:
 
 
 def _log_retry(details: stamina.instrumentation.RetryDetails) -> None:
-    """stamina's retries of a GET, in our words (its default line carries a repr)."""
+    """stamina's retries of a GET, in our words (its default line carries a repr). The
+    hook is stamina's, global: a retry whose error says its owner logs it (`logged_by_owner`,
+    a webhook's delivery: notify.py) is not told as a platform call's."""
+    if getattr(details.caused_by, "logged_by_owner", False):
+        return
     log.warning(
         "call failed; trying again",
         error=str(details.caused_by),
