@@ -1106,7 +1106,9 @@ def status(plan: Path, journal: Path | None, as_json: bool, fmt: str) -> None:
     path, name = _journal_of(plan, journal)
     if fmt == "prometheus":
         from .metrics import textfile
+        from .status import read_status
 
+        read_status(path, name)  # no journal, no run: exit 3 as for a table, not empty text
         click.echo(textfile(path, name), nl=False)
         return
     from .status import read_status

@@ -150,9 +150,33 @@ class Notifier(Observer):
                 hook.queue.put_nowait(notice)
 
 
+def url_problem(url: str) -> str | None:
+    """What is wrong with a webhook URL, in words that never quote it (it carries a secret),
+    or None: it must be set, http or https, with a host, a port in 1–65535 and no blank —
+    what aiohttp could not send to, or would send somewhere else, is refused before any
+    call instead of being retried."""
+    from yarl import URL
+
+    if not url:
+        return "is not set"
+    try:
+        parsed = URL(url)
+        port = parsed.port
+    except ValueError:
+        return "does not hold a valid URL"
+    if parsed.scheme not in ("http", "https"):
+        return "does not hold an http(s) URL"
+    if not parsed.host or any(c.isspace() for c in url):
+        return "does not hold a valid host name"
+    if port is None or not 0 < port < 65536:
+        return "does not hold a valid port"
+    return None
+
+
 def webhook_urls(loaded: LoadedPlan) -> list[str]:
     """The URL of each `[[notify]]` entry, from its environment variable. Raises InputError
-    (exit 2, before any call) when one is unset."""
+    (exit 2, before any call) when one is unset or not a URL a webhook can be sent to
+    (`url_problem`); the message names the variable, never its value."""
     import os
 
     from .errors import InputError
@@ -160,12 +184,12 @@ def webhook_urls(loaded: LoadedPlan) -> list[str]:
     urls = []
     for index, section in enumerate(loaded.plan.notify):
         url = os.environ.get(section.url_env, "")
-        if not url.startswith(("https://", "http://")):
-            rule = "is not set" if not url else "does not hold an http(s) URL"
+        problem = url_problem(url)
+        if problem is not None:
             raise InputError(
                 str(loaded.path),
                 f"notify.{index}.url_env",
-                f"environment variable {section.url_env} {rule}",
+                f"environment variable {section.url_env} {problem}",
             )
         urls.append(url)
     return urls

@@ -254,8 +254,38 @@ def test_status_and_plan_to_a_file_hold_their_tables_unwrapped(
     assert preview.returncode == 0 and preview.stderr == ""
     lines = preview.stdout.splitlines()
     monitor = next(line for line in lines if "calls to monitor" in line)
-    assert "reading the failures (one per task with any)" in monitor and len(monitor) > 80
+    # 256 devices in one task: every subtask read, 100 a page
+    assert "plus 3 reading every device's subtask once" in monitor and len(monitor) > 80
     assert any("2.1.0 for WM-200 (WaterMeter, Aqualis)" in line for line in lines)
     assert any("run 1 completed: 256 targets in tasks" in line for line in lines)
     metrics = _rollout("status", "--format", "prometheus", str(plan), cwd=tmp_path).stdout
     assert 'rollout_platform_calls_total{api="createTask",plan="cli"} 1.0' in metrics
+
+
+def test_plan_checks_webhook_urls_and_a_missing_journal_fails_every_status_format(
+    sim: tuple[str, list[str]], tmp_path: Path
+) -> None:
+    """`rollout plan` says a webhook variable's URL is unusable as `run` refuses it (never
+    quoting it); `status --format prometheus` without a journal exits 3 with one line, as
+    the table does, instead of printing nothing."""
+    url, ids = sim
+    notify = '[[notify]]\nurl_env = "ROLLOUT_CLI_HOOK"\n'
+    plan = _plan(tmp_path, url, ids[0:10], waves=notify)
+    hook = "ftp://example.com/s3cr3t"
+    env = dict(os.environ, **{SECRET_ENV: "demo-secret", "ROLLOUT_CLI_HOOK": hook})
+    preview = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "plan", str(plan)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert "$ROLLOUT_CLI_HOOK does not hold an http(s) URL" in preview.stdout
+    assert "s3cr3t" not in preview.stdout + preview.stderr
+    missing = str(tmp_path / "nowhere" / "x.sqlite")
+    for fmt in ("table", "prometheus"):
+        result = _rollout("status", str(plan), "--format", fmt, "--journal", missing, cwd=tmp_path)
+        assert result.returncode == 3, (fmt, result.stderr)
+        assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1

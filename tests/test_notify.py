@@ -268,3 +268,29 @@ async def test_steps_on_a_halted_run_spend_no_call_and_tell_it_once(
         assert sim.platform.stats.calls == calls_before  # not even a login
     events = [body["event"] for body in receiver.bodies]
     assert events.count("run-halted") == 1 and events.count("gate-failed") == 1, events
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://",
+        "http://[::1",
+        "http://127.0.0.1:99999/hook",
+        "http://exa mple.com/hook",
+        "ftp://example.com/hook",
+    ],
+)
+async def test_a_malformed_webhook_url_is_bad_input_before_any_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    """A webhook URL that could not be sent to is refused (exit 2) naming the variable, never
+    its value, before any call — not retried as a delivery."""
+    monkeypatch.setenv(HOOK_ENV, url)
+    async with _sim() as sim:
+        plan = write_plan(
+            tmp_path, sim, devices_of(sim, "WM-200", 10), monitor=MONITOR + "\n" + _notify()
+        )
+        with pytest.raises(InputError, match=rf"notify\.0\.url_env.*{HOOK_ENV} does not") as bad:
+            await execute(load_plan(plan), RunOptions(journal=tmp_path / "j.sqlite"))
+        assert url not in str(bad.value) and len(str(bad.value).splitlines()) == 1
+        assert sum(sim.platform.stats.calls.values()) == 0
