@@ -59,7 +59,9 @@ def gate_words(gate: GateSection) -> str:
         sample = f", judged from {gate.min_sample} finished" if gate.min_sample else ""
         parts.append(f"fails above {gate.max_failed:.0%} failed{sample}")
     if gate.soak:
-        parts.append(f"then soaks {gate.soak / 60:g} min")
+        from .observe import duration_words
+
+        parts.append(f"then soaks {duration_words(gate.soak)}")
     if gate.approval:
         parts.append("then waits for `rollout approve`")
     return "; ".join(parts)
