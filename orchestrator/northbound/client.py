@@ -120,7 +120,9 @@ class NorthboundClient:
         self.throttled: Counter[str] = Counter()  # 1010009 replies per API since the start
 
     def take_call_counts(self) -> dict[str, int]:
-        """Calls sent per API since the last time this was asked (for the journal)."""
+        """Calls sent per API since the last time this was asked (for the journal); calls
+        whose connection never opened (refused, no route, DNS) are not the platform's: they
+        count apart, as `unreachable`."""
         counts, self._calls_by_api = dict(self._calls_by_api), Counter()
         return counts
 
@@ -213,6 +215,13 @@ class NorthboundClient:
                 raise
         except (ConnectFailed, CannotConnect):
             outcome = Outcome.UNSENT  # the connection never opened: nothing arrived
+            # not a call the platform received: counted apart, as `unreachable`
+            api = _api_name(method, path)
+            self.calls -= 1
+            self._calls_by_api[api] -= 1
+            if not self._calls_by_api[api]:
+                del self._calls_by_api[api]
+            self._calls_by_api[UNREACHABLE] += 1
             raise
         finally:
             # the slot stays taken until SECONDS after this moment: the call arrived by now
@@ -735,6 +744,9 @@ async def _speaks_plain_http(host: str, port: int, seconds: float) -> bool:
     except (OSError, TimeoutError, UnicodeError):
         return False
     return head == b"HTTP/"
+
+
+UNREACHABLE = "unreachable"  # take_call_counts' key for calls whose connection never opened
 
 
 def _log_retry(details: stamina.instrumentation.RetryDetails) -> None:
