@@ -564,6 +564,7 @@ class Rollout:
             self.session.journal.add_calls(
                 self.session.run_id, self.session.client.take_call_counts()
             )
+            self.publish()  # the wave's targets are in tasks now, before any poll
             if section is not None and wave.index < last:
                 await self._gate(wave.index, wave.name, section)
             elif wave.index == last:
@@ -1010,7 +1011,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _completed_already(journal: Journal, run: RunRow) -> None:
     """A completed run is said so, from the journal alone; its duplicates still exit 5."""
-    log.info(
+    log.debug(  # the command says so once, in its own words (cli.py)
         "run already completed; nothing to do (--new-run starts another)",
         run=run.run_id,
         plan=run.plan_name,
