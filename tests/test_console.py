@@ -134,3 +134,17 @@ def test_a_soak_and_a_plans_durations_are_said_in_words(seconds: float, words: s
     )
     assert view.waiting_for == f"soak, {words} left"
     assert f"then soaks {words}" in gate_words(GateSection(soak=seconds))
+
+
+def test_the_bar_shows_no_rate_before_a_few_seconds_of_creates() -> None:
+    """The first create 0.1 s after the start is not "600 creates/min": the bar says it is
+    measuring until a few seconds of creates were seen."""
+    import time
+
+    from orchestrator.submitter import Progress
+
+    display = RunDisplay(Console(file=io.StringIO(), width=120), 6098)
+    display.progress(Progress(6098, 256, creates=1, started=time.monotonic() - 0.1))
+    assert display.bar.tasks[0].fields["rate"] == "rate: measuring"
+    display.progress(Progress(6098, 2560, creates=10, started=time.monotonic() - 60))
+    assert display.bar.tasks[0].fields["rate"] == "10 creates/min"
