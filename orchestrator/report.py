@@ -277,7 +277,10 @@ def collect(path: Path, plan_name: str, listed: int = DEFAULT_LISTED) -> ReportD
 
 
 def _task_outcomes(db: sqlite3.Connection, run_id: int) -> dict[str, tuple[int, int]]:
-    """operationId → (already current, version mismatch) devices, from the subtasks read."""
+    """operationId → (already current, version mismatch) devices, from the subtasks read
+    (none in a journal whose results predate outcomes)."""
+    if not any(r[1] == "outcome" for r in db.execute("PRAGMA table_info(device_results)")):
+        return {}
     return {
         str(op): (int(current), int(mismatched))
         for op, current, mismatched in db.execute(
