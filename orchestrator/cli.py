@@ -998,6 +998,9 @@ IN_TASK_BY = {
 }
 
 
+NARROW_COLUMNS = 120  # a status narrower than this prints the gates' reasons below the table
+
+
 def _print_status(status: dict[str, Any]) -> None:
     from datetime import UTC, datetime
 
@@ -1042,9 +1045,13 @@ def _print_status(status: dict[str, Any]) -> None:
     console.print(table)
     if len(status["waves"]) > 1 or (status["waves"] and status["waves"][0]["name"] != "all"):
         waves = Table(title="waves")
-        columns = ("wave", "targets", "in tasks", "upgraded", "failed", "current", "gate", "reason")
-        for column in columns:
+        # a narrow terminal squeezes a reason to a word a line: then the reasons follow the
+        # table, one line each
+        narrow = console.width < NARROW_COLUMNS
+        columns = ("wave", "targets", "in tasks", "upgraded", "failed", "current", "gate")
+        for column in (*columns, *(() if narrow else ("reason",))):
             waves.add_column(column)
+        reasons = []
         groups = status["target_kind"] == "groups"
         for w in status["waves"]:
             gate = w["gate"] + (" (approved)" if w["approved"] else "")
@@ -1059,9 +1066,13 @@ def _print_status(status: dict[str, Any]) -> None:
                 str(w["failed"]),
                 str(w["already_current"]),
                 gate,
-                w["gate_reason"] or "",
+                *(() if narrow else (w["gate_reason"] or "",)),
             )
+            if narrow and w["gate_reason"]:
+                reasons.append(f"{w['name']}: {w['gate_reason']}")
         console.print(waves)
+        for reason in reasons:
+            console.print(reason, highlight=False, markup=False)
     if status.get("passes"):
         passes = Table(title="retry passes")
         for column in ("pass", "retried", "devices", "upgraded", "failed", "current", "status"):

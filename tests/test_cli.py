@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -289,3 +290,34 @@ def test_plan_checks_webhook_urls_and_a_missing_journal_fails_every_status_forma
         result = _rollout("status", str(plan), "--format", fmt, "--journal", missing, cwd=tmp_path)
         assert result.returncode == 3, (fmt, result.stderr)
         assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_status_on_a_narrow_terminal_keeps_each_gate_reason_on_one_line(
+    sim: tuple[str, list[str]], tmp_path: Path
+) -> None:
+    """At 80 columns the waves table leaves the reasons out and prints each below it on one
+    line (not one word a line)."""
+    from rich.console import Console
+
+    from orchestrator.cli import _print_status
+    from orchestrator.logs import use_consoles
+    from orchestrator.status import read_status
+
+    url, ids = sim
+    waves = '[[waves]]\nname = "canary"\ncount = 20\n[waves.gate]\nmin_finished = 0.5\n'
+    plan = _plan(tmp_path, url, ids[5136:5236], waves=waves + '[[waves]]\nname = "rest"\n')
+    journal = tmp_path / "j.sqlite"
+    assert _rollout("run", str(plan), "--journal", str(journal), cwd=tmp_path).returncode == 0
+    status = read_status(journal, "cli")
+    reason = status["waves"][0]["gate_reason"]
+    assert len(reason) > 40
+    screen = Console(file=io.StringIO(), width=80, force_terminal=True, color_system=None)
+    use_consoles(stdout=screen)
+    try:
+        _print_status(status)
+    finally:
+        use_consoles()
+    assert isinstance(screen.file, io.StringIO)
+    lines = screen.file.getvalue().splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    assert f"canary: {reason}" in lines
