@@ -811,7 +811,7 @@ class Rollout:
                 raise RunHalted(
                     f"wave {name!r} failed its gate: {reason}{again}. Nothing more was "
                     f"submitted. To go on anyway: rollout approve PLAN --wave {name}, then "
-                    "rollout resume"
+                    + ("the next step goes on" if self.step else "rollout resume")
                 )
             if verdict is Verdict.WAIT:
                 self._set_gate(wave, name, "waiting", reason, **numbers)
@@ -841,7 +841,9 @@ class Rollout:
             if gate.approval and approval is None:
                 self._set_gate(wave, name, "awaiting-approval", reason, **numbers)
                 if self.step:
-                    raise RunWaiting(_approval_message(name, reason), waiting_for="approval")
+                    raise RunWaiting(
+                        _approval_message(name, reason, step=True), waiting_for="approval"
+                    )
                 raise RunHalted(_approval_message(name, reason))
             self._set_gate(wave, name, "passed", reason, **numbers)
             log.info("gate passed", wave=name, reason=reason)
@@ -1024,10 +1026,13 @@ def _completed_already(journal: Journal, run: RunRow) -> None:
         )
 
 
-def _approval_message(name: str, reason: str) -> str:
+def _approval_message(name: str, reason: str, step: bool = False) -> str:
+    """What a gate awaiting approval asks for; in step mode the scheduler's next step goes
+    on once approved (no `resume` to type)."""
+    then = "the next step goes on" if step else "then rollout resume"
     return (
         f"wave {name!r} passed its gate ({reason}) and waits for approval: "
-        f"rollout approve PLAN --wave {name}, then rollout resume"
+        f"rollout approve PLAN --wave {name}; {then}"
     )
 
 
@@ -1038,7 +1043,8 @@ def _approval_pending(journal: Journal, run_id: int) -> None:
             continue
         if row.gate_state == "awaiting-approval" and journal.approval(run_id, row.wave) is None:
             raise RunWaiting(
-                _approval_message(row.name, row.gate_reason or "passed"), waiting_for="approval"
+                _approval_message(row.name, row.gate_reason or "passed", step=True),
+                waiting_for="approval",
             )
         return
 
@@ -1056,7 +1062,8 @@ def _halt_stands(journal: Journal, run: RunRow) -> None:
             raise RunHalted(run.stop_reason or f"wave {row.name!r} failed its gate")
         if row.gate_state == "awaiting-approval":
             raise RunWaiting(
-                _approval_message(row.name, row.gate_reason or "passed"), waiting_for="approval"
+                _approval_message(row.name, row.gate_reason or "passed", step=True),
+                waiting_for="approval",
             )
         return
 

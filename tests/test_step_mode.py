@@ -118,7 +118,8 @@ async def test_each_waiting_state_has_its_reason_and_approval_costs_no_call(
     tmp_path: Path,
 ) -> None:
     """A step waits for tasks, then for the soak, then for approval (no call while the
-    approval is missing); after `approve` the steps finish the run."""
+    approval is missing; the line says the next step goes on once approved); after `approve`
+    the steps finish the run."""
     async with _sim() as sim:
         devices = devices_of(sim, "WM-200", 1200)
         plan = write_plan(
@@ -144,7 +145,7 @@ async def test_each_waiting_state_has_its_reason_and_approval_costs_no_call(
         assert soak.until is not None and "soaks until" in str(soak)
         assert read_status(journal, "test-plan")["status"] == "waiting"
         calls_before = sim.platform.stats.calls.copy()
-        with pytest.raises(RunWaiting, match="approve"):
+        with pytest.raises(RunWaiting, match="approve PLAN --wave canary; the next step goes on"):
             await execute(load_plan(plan), RunOptions(journal=journal, step=True))
         assert sim.platform.stats.calls == calls_before  # not even a login
         approve_wave(journal, "test-plan", "canary", "tester")
