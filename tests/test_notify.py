@@ -15,11 +15,12 @@ from aiohttp import web
 from rich.console import Console
 
 from orchestrator.engine import RunOptions, execute
-from orchestrator.errors import InputError, RunHalted
+from orchestrator.errors import InputError, JournalError, RunHalted
 from orchestrator.logs import configure_logging, use_consoles
 from orchestrator.observe import NoticeKind
 from orchestrator.plan import NOTICE_EVENTS, load_plan
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
+from orchestrator.status import read_status
 
 from .conftest import SECRET
 from .enginehelpers import SECRET_ENV, device_sets, write_plan
@@ -76,6 +77,14 @@ async def receiver() -> AsyncIterator[Receiver]:
         yield state
     finally:
         await runner.cleanup()
+
+
+def _gate(journal: Path) -> str | None:
+    """The first wave's gate state, None while the journal holds no run yet."""
+    try:
+        return str(read_status(journal, "test-plan")["waves"][0]["gate"])
+    except JournalError:  # no file yet, or the file before its run row
+        return None
 
 
 def _sim() -> SimulatorServer:
@@ -205,7 +214,6 @@ async def test_a_platform_out_of_reach_is_told_as_an_outage(
     import asyncio
 
     from orchestrator.errors import PlatformCallError
-    from orchestrator.status import read_status
 
     monkeypatch.setenv(HOOK_ENV, receiver.url)
     sim = SimulatorServer(  # real-time meters: the canary's gate waits
@@ -225,9 +233,7 @@ async def test_a_platform_out_of_reach_is_told_as_an_outage(
     try:
         for _ in range(200):
             await asyncio.sleep(0.05)
-            if journal.exists() and read_status(journal, "test-plan")["waves"][0]["gate"] == (
-                "waiting"
-            ):
+            if _gate(journal) == "waiting":
                 break
     finally:
         await sim.close()
