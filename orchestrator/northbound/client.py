@@ -114,7 +114,7 @@ class NorthboundClient:
         self._state: AppState | None = None
         self._session: aiohttp.ClientSession | None = None
         self.tokens = TokenKeeper(self._login, self._refresh, config.refresh_before)
-        self.calls = 0
+        self.calls = 0  # attempts, those that never reached the platform included
         self._calls_by_api: Counter[str] = Counter()
         self._reachable_lock = asyncio.Lock()
         self.throttled: Counter[str] = Counter()  # 1010009 replies per API since the start
@@ -217,7 +217,6 @@ class NorthboundClient:
             outcome = Outcome.UNSENT  # the connection never opened: nothing arrived
             # not a call the platform received: counted apart, as `unreachable`
             api = _api_name(method, path)
-            self.calls -= 1
             self._calls_by_api[api] -= 1
             if not self._calls_by_api[api]:
                 del self._calls_by_api[api]
