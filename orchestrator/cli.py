@@ -770,7 +770,8 @@ def _interruptible(work: Callable[[], Awaitable[R]], display: RunDisplay | None 
 
 
 def _show_status(status: dict[str, Any]) -> None:
-    """The closing summary: a table for people, one log event for pipelines."""
+    """The closing summary on stdout: a table for people, one JSON object with
+    `--log-format json` (logs stay on stderr in both modes)."""
     if (click.get_current_context().obj or {}).get("log_format") == "json":
         keys = (
             "plan",
@@ -782,14 +783,13 @@ def _show_status(status: dict[str, Any]) -> None:
             "targets_quarantined",
             "devices_succeeded",
             "devices_failed",
+            "devices_failed_unread",
             "devices_already_current",
             "calls",
         )
-        import structlog
+        import json
 
-        structlog.get_logger("orchestrator.cli").info(
-            "run summary", **{key: status[key] for key in keys}
-        )
+        click.echo(json.dumps({"summary": "run"} | {key: status[key] for key in keys}))
     else:
         _print_status(status)
 
@@ -924,6 +924,7 @@ def _retry_states(_ctx: click.Context, _param: click.Parameter, value: str) -> f
 )
 @follow_option
 @unknown_tasks_option
+@step_option
 @exits_cleanly
 def retry_command(
     plan: Path,
@@ -931,6 +932,7 @@ def retry_command(
     states: frozenset[str],
     follow: bool | None,
     unknown_tasks: str,
+    step: bool,
 ) -> None:
     """A retry pass: new tasks for the devices of PLAN's finished run whose latest outcome is
     one of --states — exactly once per pass, journaled, judged by the plan's last gate. An
@@ -948,6 +950,7 @@ def retry_command(
         follow=follow,
         unknown_tasks=UnknownTasks(unknown_tasks),
         state_dir=_state_dir(),
+        step=step,
     )
     display = RunDisplay(err(), len(loaded.fleet.members))
     result = _interruptible(lambda: retry(loaded, options, display), display)
@@ -1020,6 +1023,9 @@ IN_TASK_BY = {
 }
 
 
+NARROW_COLUMNS = 120  # a status narrower than this prints the gates' reasons below the table
+
+
 def _print_status(status: dict[str, Any]) -> None:
     from datetime import UTC, datetime
 
@@ -1038,6 +1044,8 @@ def _print_status(status: dict[str, Any]) -> None:
     table.add_row("devices upgraded", str(status["devices_succeeded"]))
     table.add_row("  version verified", str(status["devices_version_verified"]))
     table.add_row("devices failed", str(status["devices_failed"]))
+    if status.get("devices_failed_unread"):
+        table.add_row("  failed, reason not read yet", str(status["devices_failed_unread"]))
     current, left_out = (
         status["devices_already_current"],
         status["devices_left_out_already_current"],
@@ -1062,9 +1070,13 @@ def _print_status(status: dict[str, Any]) -> None:
     console.print(table)
     if len(status["waves"]) > 1 or (status["waves"] and status["waves"][0]["name"] != "all"):
         waves = Table(title="waves")
-        columns = ("wave", "targets", "in tasks", "upgraded", "failed", "current", "gate", "reason")
-        for column in columns:
+        # a narrow terminal squeezes a reason to a word a line: then the reasons follow the
+        # table, one line each
+        narrow = console.width < NARROW_COLUMNS
+        columns = ("wave", "targets", "in tasks", "upgraded", "failed", "current", "gate")
+        for column in (*columns, *(() if narrow else ("reason",))):
             waves.add_column(column)
+        reasons = []
         groups = status["target_kind"] == "groups"
         for w in status["waves"]:
             gate = w["gate"] + (" (approved)" if w["approved"] else "")
@@ -1079,9 +1091,13 @@ def _print_status(status: dict[str, Any]) -> None:
                 str(w["failed"]),
                 str(w["already_current"]),
                 gate,
-                w["gate_reason"] or "",
+                *(() if narrow else (w["gate_reason"] or "",)),
             )
+            if narrow and w["gate_reason"]:
+                reasons.append(f"{w['name']}: {w['gate_reason']}")
         console.print(waves)
+        for reason in reasons:
+            console.print(reason, highlight=False, markup=False)
     if status.get("passes"):
         passes = Table(title="retry passes")
         for column in ("pass", "retried", "devices", "upgraded", "failed", "current", "status"):
@@ -1126,7 +1142,9 @@ def status(plan: Path, journal: Path | None, as_json: bool, fmt: str) -> None:
     path, name = _journal_of(plan, journal)
     if fmt == "prometheus":
         from .metrics import textfile
+        from .status import read_status
 
+        read_status(path, name)  # no journal, no run: exit 3 as for a table, not empty text
         click.echo(textfile(path, name), nl=False)
         return
     from .status import read_status

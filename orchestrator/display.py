@@ -68,8 +68,13 @@ class RunDisplay(Observer):
 
     # ---- the observer ----------------------------------------------------------------------
     def progress(self, progress: Progress) -> None:
-        elapsed = max(1e-6, time.monotonic() - progress.started)
-        rate = f"{progress.creates / elapsed * 60:.0f} creates/min"
+        elapsed = time.monotonic() - progress.started
+        # a rate needs a few seconds of creates: one create in 0.1 s is not "600 a minute"
+        rate = (
+            f"{progress.creates / elapsed * 60:.0f} creates/min"
+            if elapsed >= RATE_AFTER_S
+            else "rate: measuring"
+        )
         self.done, self.total = progress.done_targets, progress.total_targets
         self.bar.update(
             self.task, total=progress.total_targets, completed=progress.done_targets, rate=rate
@@ -115,6 +120,9 @@ class RunDisplay(Observer):
             parts.append(wave_table(view))
             parts.append(_monitor_line(view))
         return Group(*parts)
+
+
+RATE_AFTER_S = 5.0  # seconds of creates before the bar shows a rate
 
 
 def wave_table(view: RunView) -> Table:

@@ -337,29 +337,38 @@ def start_run(journal: Journal, loaded: LoadedPlan) -> int:
 FOREIGN_ROUNDS = 3  # censuses in a row that may still see another process's fresh tasks
 
 
+def _latest_send(
+    session: RunSession, run_id: int | None, *, unsettled_only: bool
+) -> tuple[float | None, float]:
+    """(the newest create's send time, now) on one clock: the platform's where this process
+    has measured it, else ours (a step that has made no call yet must not compare our clock
+    with a platform time an earlier process recorded)."""
+    journal, clock = session.journal, session.client.clock
+    if clock.measured:
+        return journal.latest_send(run_id, unsettled_only=unsettled_only), clock.now()
+    return journal.latest_send(run_id, unsettled_only=unsettled_only, local=True), time.time()
+
+
+def _settled_at(session: RunSession, run_id: int | None, *, unsettled_only: bool) -> float | None:
+    """When (epoch seconds, our clock) the platform has surely finished with the newest
+    create of `run_id` (None: of any run; `unsettled_only`: of those without a clear reply)
+    — `request_timeout + settle` after its send — or None when it already has."""
+    sent, now = _latest_send(session, run_id, unsettled_only=unsettled_only)
+    if sent is None:
+        return None
+    wait = sent + session.plan.platform.request_timeout + session.plan.execution.settle - now
+    return time.time() + wait if wait > 0 else None
+
+
 async def _until_settled(
     session: RunSession, run_id: int | None, sleep: Sleep, *, unsettled_only: bool
 ) -> None:
-    """Wait until the platform has surely finished with the newest create of `run_id` (None:
-    of any run of the journal; `unsettled_only`: of those without a clear reply):
-    `request_timeout + settle` after it was sent — on the platform's clock where this
-    process has measured it, else on ours (a step that has made no call yet must not
-    compare our clock with a platform time an earlier process recorded)."""
-    journal = session.journal
-    horizon = session.plan.platform.request_timeout + session.plan.execution.settle
-    clock = session.client.clock
-    if clock.measured:
-        sent = journal.latest_send(run_id, unsettled_only=unsettled_only)
-        now = clock.now()
-    else:
-        sent = journal.latest_send(run_id, unsettled_only=unsettled_only, local=True)
-        now = time.time()
-    if sent is None:
-        return
-    wait = sent + horizon - now
-    if wait > 0:
+    """Wait until `_settled_at` (no wait when it has passed)."""
+    settled = _settled_at(session, run_id, unsettled_only=unsettled_only)
+    if settled is not None:
+        wait = settled - time.time()
         log.info("waiting for creates in flight to land", seconds=round(wait, 1))
-        await sleep(wait)
+        await sleep(max(0.0, wait))
 
 
 async def open_census(
@@ -626,6 +635,7 @@ class Rollout:
             if self.session.loaded.fleet.kind == "groups":
                 await self._recheck_groups(wave.index, wave.name)
             await self._submit_wave(wave.index)
+            self.publish()  # the wave's targets are in tasks now, before any poll
             if section is not None and wave.index < last:
                 await self._gate(wave.index, wave.name, section)
             elif wave.index == last:
@@ -801,6 +811,19 @@ class Rollout:
             Notice(kind, self.session.plan.name, self.session.run_id, text, dict(detail))
         )
 
+    def notice_once(self, kind: NoticeKind, text: str, **detail: object) -> None:
+        """A run-level notice sent once per state change: the journal keeps the gates' states
+        (and approvals) it was last sent for, so a halt that stands — a resume or step
+        that finds the same failed gate — is not told again."""
+        journal, run_id = self.session.journal, self.session.run_id
+        state = [[r.wave, r.gate_state, r.approved_at] for r in journal.waves(run_id)]
+        key = f"notice:{kind.value}"
+        if journal.recall(run_id, key) == state:
+            log.info("notice already sent for this state", notice=kind.value)
+            return
+        journal.remember(run_id, key, state)
+        self.notice(kind, text, **detail)
+
     def _outage_began(self, reason: str) -> None:
         """The client met the platform out of reach and pauses (execution.outage_budget)."""
         budget = self.session.plan.execution.outage_budget
@@ -842,8 +865,18 @@ class Rollout:
         Tasks of retry passes sent their devices again on purpose: the run's census ignores
         them, and a pass's census looks only at its own."""
         journal, run_id = self.session.journal, self.session.run_id
-        if retry_pass is None and not journal.needs_closing_census(run_id):
-            return
+        if not journal.needs_closing_census(run_id):
+            return  # no create sent since the last one (a step of a pass already took it)
+        if self.step:
+            settled = _settled_at(self.session, run_id, unsettled_only=False)
+            if settled is not None:  # a step never sleeps: the next one takes the census
+                raise RunWaiting(
+                    "creates in flight land by "
+                    f"{datetime.fromtimestamp(settled, UTC).isoformat(timespec='seconds')}"
+                    " (request_timeout + settle); the next step takes the closing census",
+                    waiting_for="tasks",
+                    until=settled,
+                )
         await _until_settled(self.session, run_id, self.monitor.sleep, unsettled_only=False)
         known = journal.known_operations()
         if self.census is not None:
@@ -928,7 +961,7 @@ class Rollout:
                 raise RunHalted(
                     f"wave {name!r} failed its gate: {reason}{again}. Nothing more was "
                     f"submitted. To go on anyway: rollout approve PLAN --wave {name}, then "
-                    "rollout resume"
+                    + ("the next step goes on" if self.step else "rollout resume")
                 )
             if verdict is Verdict.WAIT:
                 self._set_gate(wave, name, "waiting", reason, **numbers)
@@ -958,7 +991,9 @@ class Rollout:
             if gate.approval and approval is None:
                 self._set_gate(wave, name, "awaiting-approval", reason, **numbers)
                 if self.step:
-                    raise RunWaiting(_approval_message(name, reason), waiting_for="approval")
+                    raise RunWaiting(
+                        _approval_message(name, reason, step=True), waiting_for="approval"
+                    )
                 raise RunHalted(_approval_message(name, reason))
             self._set_gate(wave, name, "passed", reason, **numbers)
             log.info("gate passed", wave=name, reason=reason)
@@ -1012,6 +1047,8 @@ async def execute(
         if stepping_on:
             assert existing is not None
             _approval_pending(journal, existing.run_id)
+        if options.step and existing is not None and continuing and existing.status == HALTED:
+            _halt_stands(journal, existing)
         async with (
             notifying(loaded, observer) as watching,
             platform_client(loaded, options.state_dir, "run", path) as client,
@@ -1086,7 +1123,7 @@ async def execute(
                 raise
             except RunHalted as exc:
                 _record_stop(journal, run_id, HALTED, str(exc))
-                rollout.notice(NoticeKind.RUN_HALTED, f"halted at a gate: {exc}")
+                rollout.notice_once(NoticeKind.RUN_HALTED, f"halted at a gate: {exc}")
                 raise
             except BaseException:
                 _record_stop(journal, run_id, INTERRUPTED, "interrupted; in-flight state recorded")
@@ -1127,7 +1164,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _completed_already(journal: Journal, run: RunRow) -> None:
     """A completed run is said so, from the journal alone; its duplicates still exit 5."""
-    log.info(
+    log.debug(  # the command says so once, in its own words (cli.py)
         "run already completed; nothing to do (--new-run starts another)",
         run=run.run_id,
         plan=run.plan_name,
@@ -1140,10 +1177,13 @@ def _completed_already(journal: Journal, run: RunRow) -> None:
         )
 
 
-def _approval_message(name: str, reason: str) -> str:
+def _approval_message(name: str, reason: str, step: bool = False) -> str:
+    """What a gate awaiting approval asks for; in step mode the scheduler's next step goes
+    on once approved (no `resume` to type)."""
+    then = "the next step goes on" if step else "then rollout resume"
     return (
         f"wave {name!r} passed its gate ({reason}) and waits for approval: "
-        f"rollout approve PLAN --wave {name}, then rollout resume"
+        f"rollout approve PLAN --wave {name}; {then}"
     )
 
 
@@ -1154,7 +1194,27 @@ def _approval_pending(journal: Journal, run_id: int) -> None:
             continue
         if row.gate_state == "awaiting-approval" and journal.approval(run_id, row.wave) is None:
             raise RunWaiting(
-                _approval_message(row.name, row.gate_reason or "passed"), waiting_for="approval"
+                _approval_message(row.name, row.gate_reason or "passed", step=True),
+                waiting_for="approval",
+            )
+        return
+
+
+def _halt_stands(journal: Journal, run: RunRow) -> None:
+    """Step mode on a halted run: while a failed gate has no approval, or a gate awaiting
+    approval still awaits it, nothing a step could do changes that — no call, no notice
+    (it was sent when the run halted), the same halt (exit 4) or approval wait (75)."""
+    for row in journal.waves(run.run_id):
+        if row.gate_state == "passed":
+            continue
+        if journal.approval(run.run_id, row.wave) is not None:
+            return  # approved since: the step goes on
+        if row.gate_state == "failed":
+            raise RunHalted(run.stop_reason or f"wave {row.name!r} failed its gate")
+        if row.gate_state == "awaiting-approval":
+            raise RunWaiting(
+                _approval_message(row.name, row.gate_reason or "passed", step=True),
+                waiting_for="approval",
             )
         return
 

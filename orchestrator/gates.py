@@ -47,6 +47,8 @@ def evaluate(gate: GateSection, counts: WaveCounts) -> tuple[Verdict, str]:
     current = f", {counts.already_current} already current" if counts.already_current else ""
     if counts.unverified:
         current += f", {counts.unverified} succeeded with the version not checked yet"
+    if counts.unread_failed:  # counted failed here until read (status counts them apart)
+        current += f", {counts.unread_failed} of the failed with the reason not read yet"
     if gate.max_failed is not None and finished and sample_ok:
         share = failed / finished
         if share > gate.max_failed:

@@ -334,6 +334,9 @@ class WaveCounts:
     task_devices: int = 0  # Σ staResult.total of the observed tasks
     submitted_tasks: int = 0  # tasks the submitted chunks are in
     unverified: int = 0  # devices, staResult success not yet read (version unchecked)
+    # devices, staResult fail of running tasks whose failed subtasks were not read since:
+    # failed or already current, not known yet ("failed, reason not read yet")
+    unread_failed: int = 0
 
     @property
     def devices(self) -> int | None:
@@ -350,7 +353,17 @@ class WaveCounts:
 
     @property
     def real_failed(self) -> int:
+        """Failed devices as a gate counts them: a failure whose subtask was not read yet
+        counts as failed (the gate reads them before it passes or fails: monitor.py)."""
         return max(0, self.failed - self.already_current) + self.mismatched
+
+    @property
+    def failed_read(self) -> int:
+        """Failed devices whose subtask was read and judged failed (version mismatches
+        included) — what status, reports, metrics and the display count as failed. Never
+        falls as a run goes: a failure not read yet (`unread_failed`) becomes either failed
+        or already current once read."""
+        return max(0, self.failed - self.unread_failed - self.already_current) + self.mismatched
 
     @property
     def finished(self) -> int:
@@ -1410,6 +1423,16 @@ class Journal:
             " FROM tasks t WHERE t.run_id=? AND t.wave=? AND t.details_fetched=0",
             (run_id, wave),
         ).fetchone()[0]
+        seen = any(r[1] == "fails_seen" for r in db.execute("PRAGMA table_info(tasks)"))
+        unread_failed = (
+            db.execute(
+                "SELECT COALESCE(SUM(MAX(0, failed - fails_seen)), 0) FROM tasks"
+                " WHERE run_id=? AND wave=? AND details_fetched=0",
+                (run_id, wave),
+            ).fetchone()[0]
+            if seen
+            else 0
+        )  # a journal not yet opened by this version: none read
         already, mismatched = db.execute(
             "SELECT COALESCE(SUM(d.outcome='already-current'), 0),"
             " COALESCE(SUM(d.outcome='version-mismatch'), 0) FROM device_results d"
@@ -1453,6 +1476,7 @@ class Journal:
             task_devices=devices,
             submitted_tasks=int(submitted_tasks),
             unverified=int(unverified),
+            unread_failed=int(unread_failed),
         )
 
     @staticmethod

@@ -15,7 +15,8 @@ by a background task, retried with backoff (stamina) on connection errors, timeo
 5xx; when the run ends, what is still queued gets at most `give_up_after` seconds, then is
 dropped with a warning. The URL comes from the environment (`url_env`) because chat webhook
 URLs carry their secret; it is never logged — a failed delivery names the webhook by its
-index and the error's type or HTTP status only.
+place among the plan's `[[notify]]` entries (1 for the first) and the error's type or HTTP
+status only.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ log = structlog.get_logger("orchestrator.notify")
 
 class _Retry(Exception):
     """Worth sending again: no reply (connection, timeout), 429 or 5xx. The text never holds
-    the URL."""
+    the URL. Logged here as a webhook's, not by the client's retry hook as a platform call's."""
+
+    logged_by_owner = True
 
 
 class _Refused(Exception):
@@ -85,7 +88,7 @@ class Webhook:
                 self.dropped += 1
                 log.warning(
                     "notification not delivered",
-                    webhook=self.index,
+                    webhook=self.index + 1,
                     notice=notice.kind.value,
                     error=str(exc) if isinstance(exc, _Retry | _Refused) else type(exc).__name__,
                 )
@@ -117,11 +120,24 @@ class Webhook:
                         status = reply.status
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     # aiohttp's texts may carry the URL, and with it the secret: the type only
-                    raise _Retry(type(exc).__name__) from None
+                    raise self._again(attempt.num, notice, type(exc).__name__) from None
                 if status == 429 or status >= 500:
-                    raise _Retry(f"HTTP {status}")
+                    raise self._again(attempt.num, notice, f"HTTP {status}")
                 if status >= 400:
                     raise _Refused(f"HTTP {status}")  # not worth a retry
+
+    def _again(self, attempt: int, notice: Notice, error: str) -> _Retry:
+        """A failed delivery attempt, logged as the webhook's (1-based, as in the plan's
+        order) — never as a platform call, never with the URL."""
+        if attempt < self.section.attempts:
+            log.info(
+                "webhook delivery failed; trying again",
+                webhook=self.index + 1,
+                notice=notice.kind.value,
+                attempt=attempt,
+                error=error,
+            )
+        return _Retry(error)
 
 
 class Notifier(Observer):
@@ -136,9 +152,33 @@ class Notifier(Observer):
                 hook.queue.put_nowait(notice)
 
 
+def url_problem(url: str) -> str | None:
+    """What is wrong with a webhook URL, in words that never quote it (it carries a secret),
+    or None: it must be set, http or https, with a host, a port in 1–65535 and no blank —
+    what aiohttp could not send to, or would send somewhere else, is refused before any
+    call instead of being retried."""
+    from yarl import URL
+
+    if not url:
+        return "is not set"
+    try:
+        parsed = URL(url)
+        port = parsed.port
+    except ValueError:
+        return "does not hold a valid URL"
+    if parsed.scheme not in ("http", "https"):
+        return "does not hold an http(s) URL"
+    if not parsed.host or any(c.isspace() for c in url):
+        return "does not hold a valid host name"
+    if port is None or not 0 < port < 65536:
+        return "does not hold a valid port"
+    return None
+
+
 def webhook_urls(loaded: LoadedPlan) -> list[str]:
     """The URL of each `[[notify]]` entry, from its environment variable. Raises InputError
-    (exit 2, before any call) when one is unset."""
+    (exit 2, before any call) when one is unset or not a URL a webhook can be sent to
+    (`url_problem`); the message names the variable, never its value."""
     import os
 
     from .errors import InputError
@@ -146,12 +186,12 @@ def webhook_urls(loaded: LoadedPlan) -> list[str]:
     urls = []
     for index, section in enumerate(loaded.plan.notify):
         url = os.environ.get(section.url_env, "")
-        if not url.startswith(("https://", "http://")):
-            rule = "is not set" if not url else "does not hold an http(s) URL"
+        problem = url_problem(url)
+        if problem is not None:
             raise InputError(
                 str(loaded.path),
                 f"notify.{index}.url_env",
-                f"environment variable {section.url_env} {rule}",
+                f"environment variable {section.url_env} {problem}",
             )
         urls.append(url)
     return urls

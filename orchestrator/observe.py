@@ -70,7 +70,7 @@ class WaveView:
         """What the gate waits for, in words ("" when it waits for nothing)."""
         if self.gate == "soaking" and self.soak_until is not None:
             left = max(0.0, self.soak_until - time.time())
-            return f"soak, {left / 60:.0f} min left"
+            return f"soak, {duration_words(left)} left"
         if self.gate == "awaiting-approval":
             return "an operator's approval (rollout approve)"
         if self.gate == "failed" and not self.approved:
@@ -78,6 +78,18 @@ class WaveView:
         if self.gate == "waiting":
             return self.gate_reason
         return ""
+
+
+def duration_words(seconds: float) -> str:
+    """A duration as people say it: "30 s" under 2 min, "25 min" under 2 h, "5.5 h" under
+    2 days, then "3 days"."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}".removesuffix(".0") + " h"
+    return f"{seconds / 86400:.1f}".removesuffix(".0") + " days"
 
 
 @dataclass(frozen=True)
@@ -112,10 +124,11 @@ def run_view(journal: Journal, plan: str, run_id: int) -> RunView:
                 targets=row.target_count,
                 in_tasks=counts.submitted,
                 devices=counts.devices,
-                # a final subtask: upgraded, failed, or found already on the version
-                finished=counts.finished + counts.already_current,
+                # a final subtask (the tasks' counters: success, fail, stop), read or not;
+                # upgraded and failed count only what was read (as status.py does)
+                finished=counts.succeeded + counts.failed,
                 upgraded=counts.upgraded,
-                failed=counts.real_failed,
+                failed=counts.failed_read,
                 already_current=counts.already_current,
                 gate=row.gate_state,
                 gate_reason=row.gate_reason or "",

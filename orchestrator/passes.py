@@ -24,6 +24,7 @@ from .engine import (
     HALTED,
     SUBMITTED_ALL,
     Rollout,
+    RunOptions,
     adopt_found,
     check_same_inputs,
     journal_path,
@@ -217,14 +218,16 @@ async def _drive_pass(
     rows = journal.chunks(run_id, [PENDING, INTENT], current.wave)
     adopt_found(journal, run_id, census, rows, options.unknown_tasks)
     view = CensusView(census, judge, options.unknown_tasks)
-    rollout = Rollout(session, observer, sleep, view)
+    steps = RunOptions(unknown_tasks=options.unknown_tasks, step=options.step)
+    rollout = Rollout(session, observer, sleep, view, steps)
     last_wave, _ = last_gate(session.loaded)
+    sent = Progress(total_targets=current.targets)
     await Submitter(
         session,
         rollout.observer.progress,
         wave=current.wave,
         policy=wave_policy(session.loaded, last_wave, session.client.clock.now()),
-        shared_progress=Progress(total_targets=current.targets),
+        shared_progress=sent,
         census=view,
         sleep=rollout.monitor.sleep,
         progress_of_wave=True,
@@ -234,6 +237,12 @@ async def _drive_pass(
     if not follow:
         return
     if options.step:
+        if sent.creates:  # tasks created a moment ago cannot be done: the next step looks
+            raise RunWaiting(
+                f"retry pass {current.pass_no}: tasks were just created; the next step polls "
+                "them, then judges the pass by the plan's last gate",
+                waiting_for="tasks",
+            )
         await rollout.monitor.poll()
         unfinished = len(journal.unfinished_tasks(run_id))
         if unfinished:

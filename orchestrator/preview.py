@@ -6,8 +6,9 @@ exists.
 Sources of the call counts: one login, one package look-up (platform-api.md §3.1), one create
 per chunk of ≤ 256 targets (§3.4), the census before the first create and after the last
 (§3.7: 100 tasks a page; docs/resume-and-reconciliation.md); monitoring reads a page of 100
-tasks per poll (cursor past finished pages) and, per finished task with failures, its failed
-subtasks once (§3.6; docs/monitoring-and-reports.md).
+tasks per poll (cursor past finished pages) and every subtask of each finished task once, 100
+a page (§3.6; bench/monitor_calls.py's bound), plus a gate's version check of running tasks'
+successes (docs/monitoring-and-reports.md).
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ def gate_words(gate: GateSection) -> str:
         sample = f", judged from {gate.min_sample} finished" if gate.min_sample else ""
         parts.append(f"fails above {gate.max_failed:.0%} failed{sample}")
     if gate.soak:
-        parts.append(f"then soaks {gate.soak / 60:g} min")
+        from .observe import duration_words
+
+        parts.append(f"then soaks {duration_words(gate.soak)}")
     if gate.approval:
         parts.append("then waits for `rollout approve`")
     return "; ".join(parts)
@@ -92,6 +95,12 @@ def polls_per_hour(first: float, most: float) -> int:
         interval = min(most, interval * BACKOFF)
 
 
+def _subtask_pages(devices: int, chunk: int = 256, page: int = 100) -> int:
+    """Subtask pages to read a wave of `devices` cut into chunks of `chunk`: Σ ⌈nᵢ/page⌉."""
+    full, rest = divmod(devices, chunk)
+    return full * math.ceil(chunk / page) + math.ceil(rest / page)
+
+
 def preview(loaded: LoadedPlan, chunks: int, now: datetime) -> dict[str, Any]:
     """The plan's preview as data (`rollout plan --json`)."""
     p = loaded.plan
@@ -117,12 +126,24 @@ def preview(loaded: LoadedPlan, chunks: int, now: datetime) -> dict[str, Any]:
     else:
         name = p.platform.secret_env
         secret = f"${name} is set" if os.environ.get(name or "") else f"${name} is NOT set"
-    hooks = [
-        f"${n.url_env} " + ("is set" if os.environ.get(n.url_env) else "is NOT set")
+    from .notify import url_problem
+
+    hooks = [  # checked as `run` checks them (exit 2 there)
+        f"${n.url_env} "
+        + (url_problem(os.environ.get(n.url_env, "")) or "is set").replace(
+            "is not set", "is NOT set"
+        )
         for n in p.notify
     ]
     monitor = p.monitor
     per_hour = polls_per_hour(monitor.poll_interval, monitor.max_poll_interval) * pages
+    # every subtask of each finished task is read once, 100 a page (⌈n/100⌉ a task: 3 for
+    # 256; bench/monitor_calls.py's bound); a gate may read a running task's successes
+    # once more to check versions before it passes (monitor.learn_successes)
+    reads = {w.index: _subtask_pages(len(w.members)) for w in loaded.waves}
+    gated = [w.index for w in loaded.waves][:-1]  # the last wave's gate judges nothing
+    subtask_calls = sum(reads.values()) if loaded.fleet.kind == "devices" else None
+    gate_calls = sum(reads[i] for i in gated) if subtask_calls else 0
     waves = []
     for wave in loaded.waves:
         section = p.waves[wave.index] if p.waves else None
@@ -149,7 +170,9 @@ def preview(loaded: LoadedPlan, chunks: int, now: datetime) -> dict[str, Any]:
         "calls": calls,
         "census_calls": census_calls,
         "monitor_calls_per_hour": per_hour,
-        "failure_detail_calls_max": chunks,
+        # None for a group fleet: its devices are known once its tasks are seen
+        "subtask_calls": subtask_calls,
+        "gate_version_calls_max": gate_calls,
         "rate_limit": p.platform.rate_limit,
         "eta_seconds": round(max(calls - 1, 0) * spacing, 1),
         "policy": p.policy.wire(),
@@ -253,8 +276,14 @@ def rows(data: dict[str, Any], journal: dict[str, Any] | None) -> list[tuple[str
         ),
         (
             "calls to monitor",
-            f"≈ {data['monitor_calls_per_hour']} an hour of waiting for devices, plus at most "
-            f"{data['failure_detail_calls_max']} reading the failures (one per task with any)",
+            f"≈ {data['monitor_calls_per_hour']} an hour of waiting for devices, plus "
+            + (
+                f"{data['subtask_calls']} reading every device's subtask once (⌈n/100⌉ a "
+                f"task: 3 for 256 devices) and up to {data['gate_version_calls_max']} more as "
+                "gates check the versions of running tasks"
+                if data["subtask_calls"] is not None
+                else "⌈n/100⌉ a task of n devices reading every subtask once"
+            ),
         ),
         ("ETA of submission", f"{data['eta_seconds']:.0f} s at {data['rate_limit']}"),
         ("secret", data["secret"]),

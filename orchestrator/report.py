@@ -209,6 +209,7 @@ def collect(path: Path, plan_name: str, listed: int = DEFAULT_LISTED) -> ReportD
             )
         ]
         totals["duplicates"] = len(duplicates)
+        judged = _task_outcomes(db, run_id)
         task_rows = [
             {
                 "operation_id": op,
@@ -216,9 +217,7 @@ def collect(path: Path, plan_name: str, listed: int = DEFAULT_LISTED) -> ReportD
                 "wave": wave_names.get(t["wave"], ""),
                 "status": t["status"],
                 "total": t["total"],
-                "succeeded": t["succeeded"],
-                "failed": t["failed"] + t["stopped"],
-                "in_progress": t["waiting"] + t["processing"],
+                **_task_counts(t, *judged.get(op, (0, 0))),
                 "created": t["create_time"] or "",
                 "finished": t["stop_time"] or "",
             }
@@ -275,6 +274,39 @@ def collect(path: Path, plan_name: str, listed: int = DEFAULT_LISTED) -> ReportD
         )
     finally:
         db.close()
+
+
+def _task_outcomes(db: sqlite3.Connection, run_id: int) -> dict[str, tuple[int, int]]:
+    """operationId → (already current, version mismatch) devices, from the subtasks read
+    (none in a journal whose results predate outcomes)."""
+    if not any(r[1] == "outcome" for r in db.execute("PRAGMA table_info(device_results)")):
+        return {}
+    return {
+        str(op): (int(current), int(mismatched))
+        for op, current, mismatched in db.execute(
+            "SELECT operation_id, COALESCE(SUM(outcome='already-current'), 0),"
+            " COALESCE(SUM(outcome='version-mismatch'), 0) FROM device_results WHERE run_id=?"
+            " GROUP BY operation_id",
+            (run_id,),
+        )
+    }
+
+
+def _task_counts(task: dict[str, Any], current: int, mismatched: int) -> dict[str, int]:
+    """A task's devices in the outcome classes of the summary (outcomes.py), from its
+    counters (`staResult`) corrected by its subtasks read: the platform's `fail` holds the
+    already current, its `success` the version mismatches; a running task's successes not
+    version-checked and failures not read yet are in progress, as `rollout status` counts."""
+    read = bool(task.get("details_fetched"))
+    seen = int(task.get("verified") or 0) + int(task.get("unreported") or 0)
+    unverified = 0 if read else max(0, task["succeeded"] - seen - mismatched)
+    unread = 0 if read else max(0, task["failed"] - int(task.get("fails_seen") or 0))
+    return {
+        "upgraded": task["succeeded"] - mismatched - unverified,
+        "failed": max(0, task["failed"] + task["stopped"] - current - unread) + mismatched,
+        "already_current": current,
+        "in_progress": task["waiting"] + task["processing"] + unverified + unread,
+    }
 
 
 def _final_counts(summary: dict[str, Any] | None, rows: Counter[str]) -> dict[str, int]:

@@ -139,11 +139,13 @@ def read_status(path: Path, plan_name: str) -> dict[str, Any]:
             "targets_quarantined": in_plan_quarantine,
             "targets_remaining": run[3] - submitted - in_plan_quarantine,
             # devices by final outcome: upgraded (succeeded and reporting the package's
-            # version), failed (less the already current, plus version mismatches), already
-            # current (the platform's word, or left out by the fleet file)
+            # version), failed (subtask read: less the already current, plus version
+            # mismatches), already current (the platform's word, or left out by the fleet
+            # file); failed_unread: a running task's failures whose subtasks are not read yet
             "devices_succeeded": final_upgraded,
             "devices_version_verified": verified,
             "devices_failed": max(0, final_failed),
+            "devices_failed_unread": sum(w["failed_unread"] for w in waves),
             "devices_already_current": final_current + left_out,
             "devices_left_out_already_current": left_out,
             "tasks_final": tasks_final,
@@ -206,10 +208,13 @@ def wave_summaries(
         ).fetchone()
         current, mismatched = outcomes.get(wave, (0, 0))
         upgraded, failed = w_succeeded - mismatched, max(0, w_failed - current) + mismatched
-        if schema_3:  # as the gates count: versions checked, each device by its newest task
+        unread = 0
+        if schema_3:  # versions checked, each device by its newest task; a failure whose
+            # subtask is not read yet is not counted failed (it may be already current)
             counts = Journal.count_wave(db, run_id, wave)
-            upgraded, failed = counts.upgraded, counts.real_failed
+            upgraded, failed = counts.upgraded, counts.failed_read
             current, w_devices = counts.already_current, counts.task_devices
+            unread = counts.unread_failed
         retry = retry_passes.get(wave)
         # a plan wave: its devices by final outcome (a retried device's latest pass's);
         # a pass: its own devices' outcomes in it
@@ -224,6 +229,9 @@ def wave_summaries(
                 "succeeded": upgraded + final.get("upgraded", 0),
                 "failed": failed + final.get("failed", 0),
                 "already_current": current + final.get("already_current", 0),
+                # failed per the running tasks' counters, subtask not read yet: neither failed
+                # nor already current yet — counted as not finished
+                "failed_unread": unread,
                 "gate": gate,
                 "gate_reason": reason,
                 "soak_until": soak_until,

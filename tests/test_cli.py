@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -82,14 +83,15 @@ def _rollout(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_json_logs_are_one_json_object_per_line(sim: tuple[str, list[str]], tmp_path: Path) -> None:
-    """With --log-format json every stderr line is a JSON event, including the summary."""
+    """With --log-format json every stderr line is a JSON event; the closing summary is one
+    JSON object on stdout (the result, not a log event)."""
     url, ids = sim
     plan = _plan(tmp_path, url, ids[0:300])
     result = _rollout("--log-format", "json", "run", str(plan), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     events = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
     assert events and all("event" in e and "level" in e for e in events)
-    summary = next(e for e in events if e["event"] == "run summary")
+    summary = json.loads(result.stdout)
     assert summary["targets_in_tasks"] == 300 and summary["status"] == "completed"
 
 
@@ -234,7 +236,7 @@ def test_step_exits_75_until_done_then_makes_no_call(
     assert codes[-1] == 0 and set(codes[:-1]) == {75}, codes
     before = get_json(url + "/_sim/stats")["calls"]
     again = _rollout("resume", "--step", str(plan), cwd=tmp_path)
-    assert again.returncode == 0 and "already completed" in again.stderr
+    assert again.returncode == 0 and again.stderr.count("already completed") == 1  # once
     assert get_json(url + "/_sim/stats")["calls"] == before
 
 
@@ -253,7 +255,8 @@ def test_status_and_plan_to_a_file_hold_their_tables_unwrapped(
     assert preview.returncode == 0 and preview.stderr == ""
     lines = preview.stdout.splitlines()
     monitor = next(line for line in lines if "calls to monitor" in line)
-    assert "reading the failures (one per task with any)" in monitor and len(monitor) > 80
+    # 256 devices in one task: every subtask read, 100 a page
+    assert "plus 3 reading every device's subtask once" in monitor and len(monitor) > 80
     assert any("2.1.0 for WM-200 (WaterMeter, Aqualis)" in line for line in lines)
     assert any("run 1 completed: 256 targets in tasks" in line for line in lines)
     metrics = _rollout("status", "--format", "prometheus", str(plan), cwd=tmp_path).stdout
@@ -277,3 +280,63 @@ def test_a_missing_dependency_is_one_line_naming_it() -> None:
         "installation: the Python package 'aiohttp' is missing; reinstall: "
         "pip install -e .  (in the project folder, with its virtual environment active)"
     ]
+
+
+def test_plan_checks_webhook_urls_and_a_missing_journal_fails_every_status_format(
+    sim: tuple[str, list[str]], tmp_path: Path
+) -> None:
+    """`rollout plan` says a webhook variable's URL is unusable as `run` refuses it (never
+    quoting it); `status --format prometheus` without a journal exits 3 with one line, as
+    the table does, instead of printing nothing."""
+    url, ids = sim
+    notify = '[[notify]]\nurl_env = "ROLLOUT_CLI_HOOK"\n'
+    plan = _plan(tmp_path, url, ids[0:10], waves=notify)
+    hook = "ftp://example.com/s3cr3t"
+    env = dict(os.environ, **{SECRET_ENV: "demo-secret", "ROLLOUT_CLI_HOOK": hook})
+    preview = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "plan", str(plan)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert "$ROLLOUT_CLI_HOOK does not hold an http(s) URL" in preview.stdout
+    assert "s3cr3t" not in preview.stdout + preview.stderr
+    missing = str(tmp_path / "nowhere" / "x.sqlite")
+    for fmt in ("table", "prometheus"):
+        result = _rollout("status", str(plan), "--format", fmt, "--journal", missing, cwd=tmp_path)
+        assert result.returncode == 3, (fmt, result.stderr)
+        assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_status_on_a_narrow_terminal_keeps_each_gate_reason_on_one_line(
+    sim: tuple[str, list[str]], tmp_path: Path
+) -> None:
+    """At 80 columns the waves table leaves the reasons out and prints each below it on one
+    line (not one word a line)."""
+    from rich.console import Console
+
+    from orchestrator.cli import _print_status
+    from orchestrator.logs import use_consoles
+    from orchestrator.status import read_status
+
+    url, ids = sim
+    waves = '[[waves]]\nname = "canary"\ncount = 20\n[waves.gate]\nmin_finished = 0.5\n'
+    plan = _plan(tmp_path, url, ids[5136:5236], waves=waves + '[[waves]]\nname = "rest"\n')
+    journal = tmp_path / "j.sqlite"
+    assert _rollout("run", str(plan), "--journal", str(journal), cwd=tmp_path).returncode == 0
+    status = read_status(journal, "cli")
+    reason = status["waves"][0]["gate_reason"]
+    assert len(reason) > 40
+    screen = Console(file=io.StringIO(), width=80, force_terminal=True, color_system=None)
+    use_consoles(stdout=screen)
+    try:
+        _print_status(status)
+    finally:
+        use_consoles()
+    assert isinstance(screen.file, io.StringIO)
+    lines = screen.file.getvalue().splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    assert f"canary: {reason}" in lines

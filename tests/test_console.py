@@ -108,3 +108,43 @@ async def test_log_lines_never_share_a_line_with_the_live_display(
     # rest: targets, in a task, finished, upgraded, failed, already current, gate
     assert any(re.match(r"rest\s+344\s+0\s+0\s+0\s+0\s+0\s+pending", line) for line in lines)
     assert any(re.match(r"rest\s+344\s+344\s+344\s+", line) for line in lines)  # the end
+
+
+@pytest.mark.parametrize(
+    ("seconds", "words"),
+    [
+        (30, "30 s"),
+        (119, "119 s"),
+        (20 * 60, "20 min"),
+        (5.5 * 3600, "5.5 h"),
+        (3 * 86400, "3 days"),
+    ],
+)
+def test_a_soak_and_a_plans_durations_are_said_in_words(seconds: float, words: str) -> None:
+    """A soaking gate's time left and `rollout plan`'s soak read as people say them: seconds
+    under 2 min (never "0 min left"), never "0.333333 min"."""
+    import time
+
+    from orchestrator.observe import WaveView
+    from orchestrator.plan import GateSection
+    from orchestrator.preview import gate_words
+
+    view = WaveView(
+        "canary", 10, 10, 10, 10, 10, 0, 0, "soaking", "", time.time() + seconds + 0.4, False
+    )
+    assert view.waiting_for == f"soak, {words} left"
+    assert f"then soaks {words}" in gate_words(GateSection(soak=seconds))
+
+
+def test_the_bar_shows_no_rate_before_a_few_seconds_of_creates() -> None:
+    """The first create 0.1 s after the start is not "600 creates/min": the bar says it is
+    measuring until a few seconds of creates were seen."""
+    import time
+
+    from orchestrator.submitter import Progress
+
+    display = RunDisplay(Console(file=io.StringIO(), width=120), 6098)
+    display.progress(Progress(6098, 256, creates=1, started=time.monotonic() - 0.1))
+    assert display.bar.tasks[0].fields["rate"] == "rate: measuring"
+    display.progress(Progress(6098, 2560, creates=10, started=time.monotonic() - 60))
+    assert display.bar.tasks[0].fields["rate"] == "10 creates/min"

@@ -108,3 +108,65 @@ async def test_throttled_replies_reach_the_textfile(tmp_path: Path) -> None:
         v for (name, _), v in samples.items() if name == "rollout_throttled_replies_total"
     )
     assert refused > 0 and counted == refused
+
+
+async def test_failed_never_falls_when_a_running_tasks_failures_are_read(tmp_path: Path) -> None:
+    """A running task's failures not read yet are `failed_unread` (not finished), not failed:
+    reading them (7 already current, 3 failed) takes status, the gauge and the report from 0
+    to 3 failed — never from 10 down to 3 — and the report counts as status does."""
+    from orchestrator.journal import Journal
+    from orchestrator.northbound import StaResult, SubOperation, Task
+    from orchestrator.report import collect
+
+    async with SimulatorServer(SimulatorConfig(tls=False, devices=600, seed=3)) as sim:
+        plan = write_plan(tmp_path, sim, devices_of(sim, "WM-200", 100), monitor="follow = false")
+        journal_path = tmp_path / "j.sqlite"
+        await execute(load_plan(plan), RunOptions(journal=journal_path))
+    journal = Journal.open(journal_path)
+    try:
+        run = journal.latest_run("test-plan")
+        assert run is not None
+        (version,) = journal._db.execute("SELECT package_version FROM runs").fetchone()
+        ((chunk_id, operation_id, members),) = journal._db.execute(
+            "SELECT chunk_id, operation_id, members FROM chunks WHERE state='submitted'"
+        ).fetchall()
+        devices = members.split("\n")
+        counters = StaResult(total=100, processing=80, success=10, fail=10)
+        running = Task(operationId=operation_id, status="processing", staResult=counters)
+        journal.record_task(run.run_id, chunk_id, 0, running)
+
+        def seen() -> tuple[int, int, int, float, int]:
+            status = read_status(journal_path, "test-plan")
+            gauge = _samples(textfile(journal_path, "test-plan"))
+            report = collect(journal_path, "test-plan").totals
+            assert report["failed"] == status["devices_failed"]
+            assert report["already_current"] == status["devices_already_current"]
+            failed = gauge[("rollout_devices", (("outcome", "failed"), ("wave", "all")))]
+            return (
+                status["devices_failed"],
+                status["devices_failed_unread"],
+                status["devices_already_current"],
+                failed,
+                report["in_progress"],
+            )
+
+        assert seen() == (0, 10, 0, 0.0, 100)
+        same = f"current version {version} is the same as the target version"
+        fails = [
+            SubOperation(
+                deviceId=d,
+                status="fail",
+                detailInfo=same,
+                extendInfo={"fileVersion": version},
+            )
+            for d in devices[:7]
+        ] + [
+            SubOperation(
+                deviceId=d, status="fail", startTime="2026-01-01T00:00:00Z", detailInfo="x"
+            )
+            for d in devices[7:10]
+        ]
+        journal.record_failures(run.run_id, operation_id, fails, version)
+        assert seen() == (3, 0, 7, 3.0, 90)
+    finally:
+        journal.close()

@@ -16,12 +16,13 @@ from aiohttp import web
 from rich.console import Console
 
 from orchestrator.engine import RunOptions, execute
-from orchestrator.errors import InputError, RunHalted
+from orchestrator.errors import InputError, JournalError, RunHalted
 from orchestrator.loaded_plan import load_plan
 from orchestrator.logs import configure_logging, use_consoles
 from orchestrator.observe import NoticeKind
 from orchestrator.plan import NOTICE_EVENTS
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
+from orchestrator.status import read_status
 
 from .conftest import SECRET
 from .enginehelpers import SECRET_ENV, device_sets, write_fleet, write_plan
@@ -80,6 +81,14 @@ async def receiver() -> AsyncIterator[Receiver]:
         await runner.cleanup()
 
 
+def _gate(journal: Path) -> str | None:
+    """The first wave's gate state, None while the journal holds no run yet."""
+    try:
+        return str(read_status(journal, "test-plan")["waves"][0]["gate"])
+    except JournalError:  # no file yet, or the file before its run row
+        return None
+
+
 def _sim() -> SimulatorServer:
     return SimulatorServer(
         SimulatorConfig(tls=False, devices=3000, seed=4, rate_limit=(2000, 1.0), speed=36000)
@@ -90,7 +99,8 @@ async def test_gate_and_run_notices_reach_the_webhook(
     tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A passed gate and the completed run each arrive once as JSON with a plain `text`; a
-    receiver that answers 503 at first gets them on a retry; the URL is never logged."""
+    receiver that answers 503 at first gets them on a retry, logged as webhook 1's (never as
+    a platform call's); the URL is never logged."""
     monkeypatch.setenv(HOOK_ENV, receiver.url)
     receiver.fail_first = 2
     console = Console(file=io.StringIO(), width=200, record=True)
@@ -114,7 +124,12 @@ async def test_gate_and_run_notices_reach_the_webhook(
     assert passed["text"].startswith("[rollout test-plan] wave 'canary' passed its gate")
     assert passed["detail"]["wave"] == "canary" and passed["run_id"] == 1
     assert "600 targets in tasks" in completed["text"]
-    assert HOOK_SECRET not in console.export_text()
+    logs = console.export_text()
+    assert HOOK_SECRET not in logs
+    retries = [line for line in logs.splitlines() if "HTTP 503" in line]
+    assert len(retries) == 2, retries
+    assert all("webhook delivery failed" in line and "webhook=1" in line for line in retries)
+    assert "call failed; trying again" not in logs
 
 
 async def test_a_receiver_that_is_down_never_stops_the_rollout(
@@ -201,7 +216,6 @@ async def test_a_platform_out_of_reach_is_told_as_an_outage(
     import asyncio
 
     from orchestrator.errors import PlatformCallError
-    from orchestrator.status import read_status
 
     monkeypatch.setenv(HOOK_ENV, receiver.url)
     sim = SimulatorServer(  # real-time meters: the canary's gate waits
@@ -221,9 +235,7 @@ async def test_a_platform_out_of_reach_is_told_as_an_outage(
     try:
         for _ in range(200):
             await asyncio.sleep(0.05)
-            if journal.exists() and read_status(journal, "test-plan")["waves"][0]["gate"] == (
-                "waiting"
-            ):
+            if _gate(journal) == "waiting":
                 break
     finally:
         await sim.close()
@@ -301,3 +313,60 @@ def test_ctrl_c_while_the_end_waits_on_webhooks_stops_at_once_with_the_runs_code
     assert time.monotonic() - interrupted < 5, err
     assert run.returncode == 0, err
     assert "interrupted" not in err
+
+
+async def test_steps_on_a_halted_run_spend_no_call_and_tell_it_once(
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps on a run halted by a failed gate (not approved) make no call and send no
+    notice again: run-halted arrives once, each step exits as a halt."""
+    monkeypatch.setenv(HOOK_ENV, receiver.url)
+    sim = SimulatorServer(
+        SimulatorConfig(
+            tls=False, devices=3000, seed=9, rate_limit=(2000, 1.0), speed=36000, failure_rate=0.6
+        )
+    )
+    async with sim:
+        plan = write_plan(
+            tmp_path,
+            sim,
+            devices_of(sim, "WM-200", 600),
+            monitor=MONITOR + "\n" + _notify(),
+            waves=_waves("min_finished = 0.9\nmax_failed = 0.15\nmin_sample = 100"),
+        )
+        journal = tmp_path / "j.sqlite"
+        with pytest.raises(RunHalted, match="canary"):
+            await execute(load_plan(plan), RunOptions(journal=journal))
+        calls_before = sim.platform.stats.calls.copy()
+        for _ in range(3):
+            with pytest.raises(RunHalted, match=r"canary.*failed its gate"):
+                await execute(load_plan(plan), RunOptions(journal=journal, step=True))
+        assert sim.platform.stats.calls == calls_before  # not even a login
+    events = [body["event"] for body in receiver.bodies]
+    assert events.count("run-halted") == 1 and events.count("gate-failed") == 1, events
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://",
+        "http://[::1",
+        "http://127.0.0.1:99999/hook",
+        "http://exa mple.com/hook",
+        "ftp://example.com/hook",
+    ],
+)
+async def test_a_malformed_webhook_url_is_bad_input_before_any_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    """A webhook URL that could not be sent to is refused (exit 2) naming the variable, never
+    its value, before any call — not retried as a delivery."""
+    monkeypatch.setenv(HOOK_ENV, url)
+    async with _sim() as sim:
+        plan = write_plan(
+            tmp_path, sim, devices_of(sim, "WM-200", 10), monitor=MONITOR + "\n" + _notify()
+        )
+        with pytest.raises(InputError, match=rf"notify\.0\.url_env.*{HOOK_ENV} does not") as bad:
+            await execute(load_plan(plan), RunOptions(journal=tmp_path / "j.sqlite"))
+        assert url not in str(bad.value) and len(str(bad.value).splitlines()) == 1
+        assert sum(sim.platform.stats.calls.values()) == 0

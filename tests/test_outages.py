@@ -264,6 +264,10 @@ async def test_a_platform_restart_mid_run_pauses_the_run_which_completes(
     assert status["status"] == "submitted"
     failed = sum(n for outcome, n in status["attempts"].items() if outcome != "created")
     assert 1 <= failed <= 8  # each worker waits for the platform, not sending into the outage
+    # refused connections count apart: the journal's calls are those the platform received
+    received = {api: n for api, n in status["calls"].items() if api != "unreachable"}
+    assert received == dict(sim.platform.stats.calls), (status["calls"], sim.platform.stats.calls)
+    assert status["calls"].get("unreachable", 0) >= 1
 
 
 async def test_an_outage_beyond_the_budget_stops_the_run_and_resume_finishes(

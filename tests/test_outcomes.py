@@ -140,8 +140,9 @@ def _demo_versions() -> dict[str, str]:
 
 
 async def test_demo_fleet_reports_already_current_and_a_new_run_passes(tmp_path: Path) -> None:
-    """The demo's 130 meters on 2.1.0 are reported already current, not failed; every gate
-    judges real outcomes; --new-run after the clean run sends nothing and passes its gates."""
+    """The demo's 130 meters on 2.1.0 are reported already current, not failed (in the
+    summary and the task table alike); every gate judges real outcomes; --new-run after the
+    clean run sends nothing and passes its gates."""
     versions = _demo_versions()
     current = {d for d, v in versions.items() if v == "2.1.0"}
     assert len(current) == 130
@@ -161,6 +162,10 @@ async def test_demo_fleet_reports_already_current_and_a_new_run_passes(tmp_path:
         assert status["devices_failed"] == len(failed) == data.totals["failed"]
         assert status["devices_succeeded"] + len(failed) + 130 == len(versions)
         assert data.totals["already_current"] == 130
+        # the task table counts in the summary's classes: its failed leave the current out
+        by_task = {k: sum(t[k] for t in data.tasks) for k in ("failed", "already_current")}
+        assert by_task == {"failed": data.totals["failed"], "already_current": 130}
+        assert sum(t["upgraded"] for t in data.tasks) == data.totals["upgraded"]
         assert all(reason != DETAIL_SAME_VERSION for reason, _ in data.failure_reasons)
         with sqlite3.connect(journal) as db:
             canary = {

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.engine import RunOptions, execute
-from orchestrator.errors import RunAborted, RunHalted
+from orchestrator.errors import RunAborted, RunHalted, RunWaiting
 from orchestrator.journal import unfinished_pass
 from orchestrator.loaded_plan import load_plan
 from orchestrator.passes import RETRY_CHOICES, RetryOptions, retry
@@ -399,6 +399,37 @@ async def test_a_pass_submitted_without_following_is_judged_when_followed_later(
     (judged,) = read_status(journal, "test-plan")["passes"]
     assert (judged["pass_status"], judged["gate"]) == ("halted", "failed")
     assert unfinished_pass(journal, "test-plan") is None
+
+
+async def test_retry_step_exits_75_until_a_later_step_judges_the_pass(tmp_path: Path) -> None:
+    """`rollout retry --step` creates the pass's tasks and exits 75 (they need time); later
+    steps poll once each and finish the pass, judged — no sleep in any step."""
+    async with _sim() as sim:
+        devices = devices_of(sim, "WM-200", 600)
+        plan = write_plan(tmp_path, sim, devices, monitor=FAST_MONITOR, settle=0)
+        journal = tmp_path / "j.sqlite"
+        await execute(load_plan(plan), RunOptions(journal=journal))
+        code, err = await _rollout(["retry", str(plan), "--journal", str(journal), "--step"])
+        assert code == 75, err
+        assert "tasks were just created" in err
+        slept: list[float] = []
+
+        async def sleep(seconds: float) -> None:
+            slept.append(seconds)
+
+        for _ in range(80):
+            try:
+                done = await retry(
+                    load_plan(plan), RetryOptions(journal=journal, step=True), sleep=sleep
+                )
+                break
+            except RunWaiting:
+                await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the pass did not finish in 80 steps")
+        assert slept == [] and done.pass_no == 2
+        (judged,) = read_status(journal, "test-plan")["passes"]
+        assert judged["pass_status"] == "completed"
 
 
 def test_retry_states_option_is_checked(tmp_path: Path) -> None:

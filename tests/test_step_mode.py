@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,8 @@ async def test_each_waiting_state_has_its_reason_and_approval_costs_no_call(
     tmp_path: Path,
 ) -> None:
     """A step waits for tasks, then for the soak, then for approval (no call while the
-    approval is missing); after `approve` the steps finish the run."""
+    approval is missing; the line says the next step goes on once approved); after `approve`
+    the steps finish the run."""
     async with _sim() as sim:
         devices = devices_of(sim, "WM-200", 1200)
         plan = write_plan(
@@ -143,7 +145,7 @@ async def test_each_waiting_state_has_its_reason_and_approval_costs_no_call(
         assert soak.until is not None and "soaks until" in str(soak)
         assert read_status(journal, "test-plan")["status"] == "waiting"
         calls_before = sim.platform.stats.calls.copy()
-        with pytest.raises(RunWaiting, match="approve"):
+        with pytest.raises(RunWaiting, match="approve PLAN --wave canary; the next step goes on"):
             await execute(load_plan(plan), RunOptions(journal=journal, step=True))
         assert sim.platform.stats.calls == calls_before  # not even a login
         approve_wave(journal, "test-plan", "canary", "tester")
@@ -187,3 +189,26 @@ async def test_a_completed_run_is_said_so_without_any_call(tmp_path: Path) -> No
         resumed = await execute(load_plan(plan), RunOptions(journal=journal, resume_only=True))
         assert again.already_completed and resumed.already_completed
         assert sim.platform.stats.calls == calls_before
+
+
+async def test_a_step_never_sleeps_for_creates_in_flight_to_land(tmp_path: Path) -> None:
+    """A step whose creates have not surely landed (request_timeout + settle) exits waiting,
+    with the time they will have, instead of sleeping; a later step takes the census."""
+    async with SimulatorServer(
+        SimulatorConfig(tls=False, devices=600, seed=7, rate_limit=(1000, 1.0))
+    ) as sim:
+        plan = write_plan(tmp_path, sim, devices_of(sim, "WM-200", 50), monitor=MONITOR, settle=30)
+        journal = tmp_path / "j.sqlite"
+        slept: list[float] = []
+
+        async def sleep(seconds: float) -> None:
+            slept.append(seconds)
+
+        with pytest.raises(RunWaiting, match="creates in flight land by") as waiting:
+            await execute(load_plan(plan), RunOptions(journal=journal, step=True), sleep=sleep)
+        assert slept == []
+        assert waiting.value.until is not None and waiting.value.until > time.time() + 20
+        assert sim.platform.stats.tasks_created == 1
+        with pytest.raises(RunWaiting, match="creates in flight"):
+            await execute(load_plan(plan), RunOptions(journal=journal, step=True), sleep=sleep)
+        assert slept == [] and sim.platform.stats.tasks_created == 1

@@ -118,13 +118,15 @@ class NorthboundClient:
         self._state: AppState | None = None
         self._session: aiohttp.ClientSession | None = None
         self.tokens = TokenKeeper(self._login, self._refresh, config.refresh_before)
-        self.calls = 0
+        self.calls = 0  # attempts, those that never reached the platform included
         self._calls_by_api: Counter[str] = Counter()
         self._reachable_lock = asyncio.Lock()
         self.throttled: Counter[str] = Counter()  # 1010009 replies per API since the start
 
     def take_call_counts(self) -> dict[str, int]:
-        """Calls sent per API since the last time this was asked (for the journal)."""
+        """Calls sent per API since the last time this was asked (for the journal); calls
+        whose connection never opened (refused, no route, DNS) are not the platform's: they
+        count apart, as `unreachable`."""
         counts, self._calls_by_api = dict(self._calls_by_api), Counter()
         return counts
 
@@ -231,6 +233,12 @@ class NorthboundClient:
                 raise
         except (ConnectFailed, CannotConnect):
             outcome = Outcome.UNSENT  # the connection never opened: nothing arrived
+            # not a call the platform received: counted apart, as `unreachable`
+            api = _api_name(method, path)
+            self._calls_by_api[api] -= 1
+            if not self._calls_by_api[api]:
+                del self._calls_by_api[api]
+            self._calls_by_api[UNREACHABLE] += 1
             raise
         finally:
             # the slot stays taken until SECONDS after this moment: the call arrived by now
@@ -786,8 +794,15 @@ async def _speaks_plain_http(host: str, port: int, seconds: float) -> bool:
     return head == b"HTTP/"
 
 
+UNREACHABLE = "unreachable"  # take_call_counts' key for calls whose connection never opened
+
+
 def _log_retry(details: stamina.instrumentation.RetryDetails) -> None:
-    """stamina's retries of a GET, in our words (its default line carries a repr)."""
+    """stamina's retries of a GET, in our words (its default line carries a repr). The
+    hook is stamina's, global: a retry whose error says its owner logs it (`logged_by_owner`,
+    a webhook's delivery: notify.py) is not told as a platform call's."""
+    if getattr(details.caused_by, "logged_by_owner", False):
+        return
     log.warning(
         "call failed; trying again",
         error=str(details.caused_by),
