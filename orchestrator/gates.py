@@ -41,6 +41,14 @@ def evaluate(gate: GateSection, counts: WaveCounts) -> tuple[Verdict, str]:
             f"{counts.tasks} of the {counts.submitted_tasks} tasks of {counts.submitted} "
             "groups observed: their device count is not known yet"
         )
+    if counts.devices == 0:  # empty groups, groups of another model, every target quarantined
+        quarantined = (
+            f" ({counts.quarantined} of its targets quarantined)" if counts.quarantined else ""
+        )
+        return Verdict.FAIL, (
+            f"nothing to judge: the wave's tasks hold no device{quarantined}; a gate passes "
+            "on evidence, not on its absence"
+        )
     finished, failed = counts.finished, counts.real_failed
     all_final = counts.tasks > 0 and counts.final_tasks == counts.tasks
     sample_ok = finished >= gate.min_sample or all_final or base == 0

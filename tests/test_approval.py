@@ -201,3 +201,56 @@ async def test_a_journal_of_the_previous_schema_is_read_approved_and_resumed(
     with sqlite3.connect(journal) as db:
         assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == "3"
     assert read_status(journal, "test-plan")["targets_in_tasks"] == 400
+
+
+async def test_a_gate_with_no_device_to_judge_fails_instead_of_passing(tmp_path: Path) -> None:
+    """A canary whose targets all end quarantined (unknown IDs) leaves its gate nothing to
+    judge: it fails (exit 4, nothing of the next wave sent) instead of passing on 0 of 0."""
+    config = SimulatorConfig(tls=False, devices=2000, seed=9, speed=36000, rate_limit=(5000, 1.0))
+    waves = (
+        '[[waves]]\nname = "canary"\ncount = 4\n[waves.gate]\nmin_finished = 0.5\n'
+        '[[waves]]\nname = "rest"\n'
+    )
+    async with SimulatorServer(config) as sim:
+        unknown = [f"00000000-0000-4000-8000-00000000000{n}" for n in range(4)]
+        monitor = "follow = true\npoll_interval = 0.05\nmax_poll_interval = 0.1"
+        plan = write_plan(
+            tmp_path, sim, unknown + devices_of(sim, "WM-200", 50), monitor=monitor, waves=waves
+        )
+        journal = tmp_path / "j.sqlite"
+        with pytest.raises(RunHalted, match="nothing to judge"):
+            await execute(load_plan(plan), RunOptions(journal=journal))
+        assert sim.platform.stats.tasks_created == 0
+    assert read_status(journal, "test-plan")["waves"][0]["gate"] == "failed"
+
+
+async def test_an_approved_failure_still_waits_for_min_finished_and_soak(tmp_path: Path) -> None:
+    """Approving a failed gate overrides its failure share only: the resumed wave still has
+    to reach min_finished and soak before the next wave is sent."""
+    config = SimulatorConfig(
+        tls=False, devices=3000, seed=9, speed=36000, rate_limit=(5000, 1.0), failure_rate=0.5
+    )
+    gate = MANUAL_GATE.replace("approval = true\n", "soak = 1.5\n")
+    async with SimulatorServer(config) as sim:
+        monitor = "follow = true\npoll_interval = 0.05\nmax_poll_interval = 0.1"
+        plan = write_plan(
+            tmp_path, sim, devices_of(sim, "WM-200", 400), monitor=monitor, waves=gate
+        )
+        journal = tmp_path / "j.sqlite"
+        with pytest.raises(RunHalted, match="failed its gate"):
+            await execute(load_plan(plan), RunOptions(journal=journal))
+        approve_wave(journal, "test-plan", "canary", "alice")
+        states: list[str] = []
+
+        async def watch() -> None:
+            while sim.platform.stats.tasks_created < 2:
+                states.append(read_status(journal, "test-plan")["waves"][0]["gate"])
+                await asyncio.sleep(0.05)
+
+        watcher = asyncio.create_task(watch())
+        resumed = asyncio.get_running_loop().time()
+        await execute(load_plan(plan), RunOptions(journal=journal, resume_only=True))
+        await watcher
+        assert asyncio.get_running_loop().time() - resumed >= 1.5  # it soaked
+        assert "soaking" in states
+    assert read_status(journal, "test-plan")["waves"][0]["gate"] == "passed"
