@@ -16,6 +16,7 @@ from orchestrator.simulator import SimulatorConfig, SimulatorServer, generate_fl
 from orchestrator.simulator.fleet import (
     BYTES_AT_REST,
     BYTES_IN_A_TASK,
+    MEMORY_SHARE,
     MODELS,
     FleetTooLarge,
     max_devices,
@@ -60,8 +61,9 @@ def test_device_lookup_keeps_its_version_changes() -> None:
 
 
 def test_max_devices_is_memory_over_the_bytes_a_device() -> None:
-    """The cap is the available bytes over a device's cost at rest plus in a task."""
-    assert max_devices(10**9) == 10**9 // (BYTES_AT_REST + BYTES_IN_A_TASK)
+    """The cap is a share of the available bytes (room left for the server itself) over a
+    device's cost at rest plus in a task."""
+    assert max_devices(10**9) == int(10**9 * MEMORY_SHARE) // (BYTES_AT_REST + BYTES_IN_A_TASK)
 
 
 def test_a_fleet_over_the_memory_cap_is_refused_before_it_is_built() -> None:
@@ -79,7 +81,7 @@ def test_simulator_command_over_the_memory_cap_is_one_line() -> None:
     )
     err = result.stderr.strip()
     assert result.exit_code == 2 and len(err.splitlines()) == 1, err
-    assert "--devices" in err and "MB available" in err and "Traceback" not in err
+    assert "--devices" in err and "available memory" in err and "Traceback" not in err
 
 
 def test_plan_accepts_an_embedded_fleet_over_two_million() -> None:
