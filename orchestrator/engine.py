@@ -31,6 +31,7 @@ from .census import (
     plan_adoption,
     take_census,
 )
+from .counts import WaveCounts
 from .errors import (
     CensusUndecided,
     DuplicatesFound,
@@ -54,7 +55,8 @@ from .groups import (
     refuse_resent,
     resolve_groups,
 )
-from .journal import (
+from .journal import ChunkRow, Journal, PassRow, RunRow, default_journal_path
+from .journal_schema import (
     ABORTED,
     CENSUS,
     COMPLETED,
@@ -67,12 +69,6 @@ from .journal import (
     SUBMITTED,
     UNCONFIRMED,
     WAITING,
-    ChunkRow,
-    Journal,
-    PassRow,
-    RunRow,
-    WaveCounts,
-    default_journal_path,
 )
 from .loaded_plan import LoadedPlan
 from .monitor import Monitor, Sleep

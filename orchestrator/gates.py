@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from .journal import WaveCounts
+from .counts import WaveCounts
 from .plan import GateSection
 
 

@@ -26,17 +26,17 @@ whose latest outcome was a chosen failure, in chunks `p<NN>-<index>` of a wave r
 monitoring work for a pass exactly as for a wave. A device thus has one chunk per pass that
 holds it; its final outcome is its latest pass's.
 
-The default journal lives beside the plan file (`<plan dir>/.rollout/<name>.journal.sqlite`),
+Its schema, states and migrations are in journal_schema.py; the gate's view of a wave (`WaveCounts`,
+`Approval`) in counts.py. The default journal lives beside the plan file
+(`<plan dir>/.rollout/<name>.journal.sqlite`),
 so the same plan run from another working directory finds its journal.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
-import math
 import os
 import sqlite3
 import time
@@ -45,7 +45,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .counts import WAITING_FOR_DECISION, Approval, WaveCounts
 from .errors import InputError, JournalError
+from .journal_schema import (
+    CENSUS,
+    FAILED,
+    INTENT,
+    PASS_UNFINISHED,
+    PENDING,
+    QUARANTINED,
+    RECONCILED,
+    RUNNING,
+    SCHEMA,
+    SCHEMA_VERSION,
+    SECOND_CLAIM,
+    SENT,
+    SPLIT,
+    SUBMITTED,
+    UNCONFIRMED,
+    UNIQUE_CLAIMS,
+    journal_fault,
+    migrate,
+)
 from .planner import Chunk, Wave
 
 if TYPE_CHECKING:  # the journal keeps what the client read; it needs not the client itself
@@ -53,205 +74,6 @@ if TYPE_CHECKING:  # the journal keeps what the client read; it needs not the cl
     # `rollout status` starts without the client — bench/startup.py)
     from .northbound import SubOperation, Task
     from .outcomes import Outcome
-
-SCHEMA_VERSION = 3
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS runs (
-    run_id INTEGER PRIMARY KEY,
-    plan_name TEXT NOT NULL,
-    plan_path TEXT NOT NULL,
-    plan_sha TEXT NOT NULL,
-    fleet_sha TEXT NOT NULL,
-    fleet_kind TEXT NOT NULL,
-    target_count INTEGER NOT NULL,
-    operation TEXT NOT NULL,
-    file_id TEXT,
-    package_version TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    status TEXT NOT NULL,
-    stop_reason TEXT,
-    fingerprint TEXT,
-    settings TEXT
-);
-CREATE TABLE IF NOT EXISTS chunks (
-    run_id INTEGER NOT NULL REFERENCES runs(run_id),
-    chunk_id TEXT NOT NULL,
-    wave INTEGER NOT NULL DEFAULT 0,
-    kind TEXT NOT NULL,
-    members TEXT NOT NULL,
-    member_count INTEGER NOT NULL,
-    first_member TEXT NOT NULL,
-    state TEXT NOT NULL,
-    operation_id TEXT,
-    adopted INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (run_id, chunk_id)
-);
-CREATE INDEX IF NOT EXISTS chunks_state ON chunks(run_id, state);
-CREATE TABLE IF NOT EXISTS duplicates (
-    run_id INTEGER NOT NULL,
-    target TEXT NOT NULL,
-    operation_ids TEXT NOT NULL,
-    found_at REAL NOT NULL,
-    PRIMARY KEY (run_id, target)
-);
-CREATE TABLE IF NOT EXISTS anomalies (
-    anomaly_id INTEGER PRIMARY KEY,
-    run_id INTEGER NOT NULL,
-    at REAL NOT NULL,
-    kind TEXT NOT NULL,
-    detail TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS attempts (
-    attempt_id INTEGER PRIMARY KEY,
-    run_id INTEGER NOT NULL,
-    chunk_id TEXT NOT NULL,
-    sent_at REAL NOT NULL,
-    sent_platform REAL,
-    finished_at REAL,
-    outcome TEXT,
-    http_status INTEGER,
-    error_code TEXT,
-    detail TEXT,
-    operation_id TEXT
-);
-CREATE INDEX IF NOT EXISTS attempts_chunk ON attempts(run_id, chunk_id);
-CREATE TABLE IF NOT EXISTS quarantine (
-    run_id INTEGER NOT NULL,
-    device_id TEXT NOT NULL,
-    chunk_id TEXT NOT NULL,
-    error_code TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    PRIMARY KEY (run_id, device_id)
-);
-CREATE TABLE IF NOT EXISTS waves (
-    run_id INTEGER NOT NULL,
-    wave INTEGER NOT NULL,
-    name TEXT NOT NULL,
-    target_count INTEGER NOT NULL,
-    gate_state TEXT NOT NULL DEFAULT 'pending',
-    gate_reason TEXT,
-    soak_until REAL,
-    approved_at REAL,
-    approved_by TEXT,
-    updated_at REAL NOT NULL,
-    gate_finished INTEGER,
-    gate_failed INTEGER,
-    approved_state TEXT,
-    approved_finished INTEGER,
-    approved_failed INTEGER,
-    PRIMARY KEY (run_id, wave)
-);
-CREATE TABLE IF NOT EXISTS tasks (
-    run_id INTEGER NOT NULL,
-    operation_id TEXT NOT NULL,
-    chunk_id TEXT NOT NULL,
-    wave INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    total INTEGER NOT NULL DEFAULT 0,
-    waiting INTEGER NOT NULL DEFAULT 0,
-    processing INTEGER NOT NULL DEFAULT 0,
-    succeeded INTEGER NOT NULL DEFAULT 0,
-    failed INTEGER NOT NULL DEFAULT 0,
-    stopped INTEGER NOT NULL DEFAULT 0,
-    timed_out INTEGER NOT NULL DEFAULT 0,
-    create_time TEXT,
-    start_time TEXT,
-    stop_time TEXT,
-    final INTEGER NOT NULL DEFAULT 0,
-    details_fetched INTEGER NOT NULL DEFAULT 0,
-    observed_at REAL,
-    verified INTEGER NOT NULL DEFAULT 0,
-    unreported INTEGER NOT NULL DEFAULT 0,
-    fails_seen INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (run_id, operation_id)
-);
-CREATE TABLE IF NOT EXISTS device_results (
-    run_id INTEGER NOT NULL,
-    device_id TEXT NOT NULL,
-    operation_id TEXT NOT NULL,
-    status TEXT NOT NULL,
-    detail TEXT,
-    version TEXT,
-    start_time TEXT,
-    stop_time TEXT,
-    outcome TEXT,
-    PRIMARY KEY (run_id, device_id, operation_id)
-);
-CREATE INDEX IF NOT EXISTS device_results_task ON device_results(run_id, operation_id);
-CREATE TABLE IF NOT EXISTS passes (
-    run_id INTEGER NOT NULL,
-    pass_no INTEGER NOT NULL,
-    wave INTEGER NOT NULL,
-    states TEXT NOT NULL,
-    targets INTEGER NOT NULL,
-    started_at REAL NOT NULL,
-    platform_start REAL NOT NULL,
-    status TEXT NOT NULL,
-    reason TEXT,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (run_id, pass_no)
-);
-CREATE TABLE IF NOT EXISTS already_current (
-    run_id INTEGER NOT NULL,
-    device_id TEXT NOT NULL,
-    version TEXT NOT NULL,
-    PRIMARY KEY (run_id, device_id)
-);
-CREATE TABLE IF NOT EXISTS group_members (
-    run_id INTEGER NOT NULL,
-    group_name TEXT NOT NULL,
-    members TEXT NOT NULL,
-    read_at REAL NOT NULL,
-    PRIMARY KEY (run_id, group_name)
-);
-CREATE TABLE IF NOT EXISTS api_calls (
-    run_id INTEGER NOT NULL,
-    api TEXT NOT NULL,
-    calls INTEGER NOT NULL,
-    PRIMARY KEY (run_id, api)
-);
-CREATE TABLE IF NOT EXISTS progress_samples (
-    run_id INTEGER NOT NULL,
-    at REAL NOT NULL,
-    submitted INTEGER NOT NULL,
-    finished INTEGER NOT NULL,
-    succeeded INTEGER NOT NULL,
-    failed INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS events (
-    event_id INTEGER PRIMARY KEY,
-    run_id INTEGER NOT NULL,
-    at REAL NOT NULL,
-    kind TEXT NOT NULL,
-    detail TEXT NOT NULL
-);
-"""
-
-PENDING, INTENT, SUBMITTED, SPLIT, QUARANTINED, FAILED = (
-    "pending",
-    "intent",
-    "submitted",
-    "split",
-    "quarantined",
-    "failed",
-)
-FINAL_STATES = frozenset({SUBMITTED, SPLIT, QUARANTINED})
-RUNNING, INTERRUPTED, COMPLETED, ABORTED = "running", "interrupted", "completed", "aborted"
-WAITING = "waiting"  # a step (`--step`) ended cleanly; the rest needs time
-# a retry pass still to finish (`rollout retry` or `resume` go on with it): a pass submitted
-# without following ("submitted") too — it is not judged by the plan's last gate yet;
-# completed and halted (its gate failed) passes are over
-PASS_SUBMITTED = "submitted"  # engine.SUBMITTED_ALL
-PASS_UNFINISHED = frozenset({RUNNING, INTERRUPTED, ABORTED, PASS_SUBMITTED})
-SENT, RECONCILED, CENSUS, SECOND_CLAIM, UNCONFIRMED = 0, 1, 2, 3, 4  # chunks.adopted
-UNIQUE_CLAIMS = (
-    "CREATE UNIQUE INDEX IF NOT EXISTS chunks_operation ON chunks(run_id, operation_id)"
-    " WHERE operation_id IS NOT NULL AND adopted IN (0, 1)"
-)
 
 
 @dataclass(frozen=True)
@@ -310,210 +132,9 @@ class PassRow:
     reason: str | None
 
 
-@dataclass(frozen=True)
-class WaveCounts:
-    """A wave by where its targets and their devices stand, from the journal.
-
-    Device counts come from the tasks' `staResult` (devices, whatever the targets are),
-    corrected by what the monitor learned of single subtasks: `already_current` of the
-    `failed` found the device on the package's version (neither failed nor upgraded), and
-    `mismatched` of the `succeeded` report another version (failed). `unverified` of the
-    `succeeded` are in tasks still running whose success pages were not read since: their
-    version is not checked yet, so they count as not finished (neither upgraded nor failed)."""
-
-    targets: int  # the wave's targets: devices, or groups for a group fleet
-    submitted: int  # targets in submitted chunks
-    quarantined: int
-    tasks: int  # tasks observed
-    final_tasks: int
-    succeeded: int  # devices, staResult success
-    failed: int  # devices, staResult fail + stop
-    already_current: int = 0
-    mismatched: int = 0
-    kind: str = "devices"
-    task_devices: int = 0  # Σ staResult.total of the observed tasks
-    submitted_tasks: int = 0  # tasks the submitted chunks are in
-    unverified: int = 0  # devices, staResult success not yet read (version unchecked)
-    # devices, staResult fail of running tasks whose failed subtasks were not read since:
-    # failed or already current, not known yet ("failed, reason not read yet")
-    unread_failed: int = 0
-
-    @property
-    def devices(self) -> int | None:
-        """Devices in the wave's tasks: the submitted targets of a device fleet; for a group
-        fleet the tasks' totals, known once every task was observed (None before)."""
-        if self.kind == "devices":
-            return self.submitted
-        return self.task_devices if self.tasks >= self.submitted_tasks else None
-
-    @property
-    def upgraded(self) -> int:
-        """Devices whose success was read and whose reported version is the package's."""
-        return self.succeeded - self.mismatched - self.unverified
-
-    @property
-    def real_failed(self) -> int:
-        """Failed devices as a gate counts them: a failure whose subtask was not read yet
-        counts as failed (the gate reads them before it passes or fails: monitor.py)."""
-        return max(0, self.failed - self.already_current) + self.mismatched
-
-    @property
-    def failed_read(self) -> int:
-        """Failed devices whose subtask was read and judged failed (version mismatches
-        included) — what status, reports, metrics and the display count as failed. Never
-        falls as a run goes: a failure not read yet (`unread_failed`) becomes either failed
-        or already current once read."""
-        return max(0, self.failed - self.unread_failed - self.already_current) + self.mismatched
-
-    @property
-    def finished(self) -> int:
-        """Devices with a real outcome (upgraded or failed; not already current)."""
-        return self.upgraded + self.real_failed
-
-    @property
-    def base(self) -> int | None:
-        """Devices whose outcome the gate judges: all but the already current."""
-        devices = self.devices
-        return None if devices is None else max(0, devices - self.already_current)
-
-
-WAITING_FOR_DECISION = ("failed", "awaiting-approval")  # the gate states an approval is for
-
-
-@dataclass(frozen=True)
-class Approval:
-    """An operator's approval of a wave's gate, scoped to the verdict it was given for: a
-    failed gate with `failed` of `finished` devices failed, or a passed gate awaiting it."""
-
-    wave: str
-    state: str  # the gate state approved: failed | awaiting-approval
-    reason: str  # the gate's reason then
-    finished: int
-    failed: int
-    by: str
-
-    @property
-    def failed_share(self) -> float:
-        return self.failed / self.finished if self.finished else 0.0
-
-    @property
-    def tolerance(self) -> float:
-        """How far the failure share may drift above the approved one by chance: two standard
-        errors of the approved sample, 2·√(p(1−p)/n) — the approved 60 % of 50 devices
-        covers up to 73.9 %, of 250 devices up to 66.2 %."""
-        if not self.finished:
-            return 0.0
-        p = self.failed_share
-        return float(2 * math.sqrt(p * (1 - p) / self.finished))
-
-    @property
-    def limit(self) -> float:
-        """The failure share this approval lets through: the approved share plus
-        `tolerance`."""
-        return self.failed_share + self.tolerance
-
-    def rule(self) -> str:
-        """The rule `covers` applies, in an operator's words: 'more than 27.5 % of the
-        finished devices failed (the approved 7 of 43, 16.3 %, plus two standard errors of
-        that sample, 11.3 points)'."""
-        return (
-            f"more than {self.limit:.1%} of the finished devices failed (the approved "
-            f"{self.failed} of {self.finished}, {self.failed_share:.1%}, plus two standard "
-            f"errors of that sample, {self.tolerance * 100:.1f} points)"
-        )
-
-    def covers(self, passing: bool, finished: int, failed: int) -> bool:
-        """Whether this approval lets a verdict through: a passing gate that awaits approval
-        always; a failing one only when the approval was for a failed gate and the failure
-        share now is not worse than the approved one beyond chance (`tolerance`)."""
-        if passing:
-            return True
-        if self.state != "failed":
-            return False
-        share = failed / finished if finished else 0.0
-        return share <= self.limit
-
-
 def default_journal_path(plan_name: str, plan_dir: Path) -> Path:
     """`<plan dir>/.rollout/<name>.journal.sqlite`: beside the plan, whatever the cwd."""
     return plan_dir.absolute() / ".rollout" / f"{plan_name}.journal.sqlite"
-
-
-# columns added after schema 1, in the order they came (ALTER TABLE appends them)
-ADDED_COLUMNS = (
-    ("runs", "fingerprint", "TEXT"),  # 2
-    ("runs", "settings", "TEXT"),
-    ("attempts", "sent_platform", "REAL"),
-    ("waves", "gate_finished", "INTEGER"),  # 3: the verdict's numbers, and what was approved
-    ("waves", "gate_failed", "INTEGER"),
-    ("waves", "approved_state", "TEXT"),
-    ("waves", "approved_finished", "INTEGER"),
-    ("waves", "approved_failed", "INTEGER"),
-    ("tasks", "verified", "INTEGER NOT NULL DEFAULT 0"),  # 3: versions checked
-    ("tasks", "unreported", "INTEGER NOT NULL DEFAULT 0"),
-    ("tasks", "fails_seen", "INTEGER NOT NULL DEFAULT 0"),
-    ("device_results", "outcome", "TEXT"),  # 3: outcomes.Outcome
-)
-SQLITE_IOERR, SQLITE_READONLY, SQLITE_FULL, SQLITE_CANTOPEN = 10, 8, 13, 14
-FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
-
-
-def journal_fault(path: Path, exc: BaseException) -> JournalError:
-    """What the operating system or SQLite refused, as one line that names the fix.
-
-    A full disk leaves the journal consistent — SQLite rolls the failed transaction back, and
-    a create is sent only after its intent was committed — so `resume` after freeing space
-    finishes the run."""
-    folder = path.parent
-    number = exc.errno if isinstance(exc, OSError) else None
-    code = getattr(exc, "sqlite_errorcode", None)
-    primary = code & 0xFF if isinstance(code, int) else None
-    if number in FULL_ERRNOS or primary == SQLITE_FULL:
-        return JournalError(
-            f"{path}: the disk holding the journal is full; free space, then the same command "
-            "again — `rollout resume` once a run has started (the journal is consistent: "
-            "nothing in flight is lost)"
-        )
-    if number in READ_ONLY_ERRNOS or primary == SQLITE_READONLY:
-        return JournalError(
-            f"{folder}: the journal's folder is not writable here; make it writable, or pass "
-            "--journal PATH to keep the journal elsewhere"
-        )
-    if number in (errno.ENOTDIR, errno.EEXIST, errno.ENOENT, errno.ENAMETOOLONG):
-        reason = (
-            "a file is in the way"
-            if number in (errno.ENOTDIR, errno.EEXIST)
-            else ("its path is too long" if number == errno.ENAMETOOLONG else "a parent is missing")
-        )
-        return JournalError(
-            f"{folder}: cannot create the journal's folder ({reason}); pass --journal PATH "
-            "to keep the journal elsewhere"
-        )
-    if primary == SQLITE_CANTOPEN:
-        return JournalError(
-            f"{path}: cannot open the journal (its folder is missing or not writable); pass "
-            "--journal PATH to keep it elsewhere"
-        )
-    if number is not None or primary == SQLITE_IOERR:
-        said = exc.strerror if isinstance(exc, OSError) and exc.strerror else "I/O error"
-        return JournalError(f"{path}: the disk refused the journal ({said.lower()})")
-    return JournalError(f"{path}: not a usable journal ({exc})")
-
-
-def _migrate(connection: sqlite3.Connection, found: int, path: Path) -> None:
-    """Bring an older journal to this schema (in place, in one transaction)."""
-    if found > SCHEMA_VERSION:
-        raise JournalError(
-            f"{path}: journal schema {found} is newer than this rollout ({SCHEMA_VERSION})"
-        )
-    connection.execute("BEGIN IMMEDIATE")
-    for table, column, declaration in ADDED_COLUMNS:
-        columns = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
-        if column not in columns:
-            connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
-    connection.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
-    connection.execute("COMMIT")
 
 
 class Journal:
@@ -552,7 +173,7 @@ class Journal:
             if row is None:
                 connection.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             elif int(row[0]) != SCHEMA_VERSION:
-                _migrate(connection, int(row[0]), path)
+                migrate(connection, int(row[0]), path)
             connection.execute(UNIQUE_CLAIMS)
         except (sqlite3.Error, OSError) as exc:
             os.close(lock_fd)
@@ -1756,7 +1377,7 @@ def _approve(
         found = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if found is not None and int(found[0]) < SCHEMA_VERSION:
             db.executescript(SCHEMA)
-            _migrate(db, int(found[0]), path)
+            migrate(db, int(found[0]), path)
         run = db.execute(
             "SELECT run_id FROM runs WHERE plan_name=? ORDER BY run_id DESC LIMIT 1", (plan_name,)
         ).fetchone()

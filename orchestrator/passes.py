@@ -42,18 +42,15 @@ from .errors import (
     RunHalted,
     RunWaiting,
 )
-from .journal import (
+from .journal import NEVER_STARTED, Journal, PassRow, RunRow
+from .journal_schema import (
     ABORTED,
     COMPLETED,
     INTENT,
     INTERRUPTED,
-    NEVER_STARTED,
     PASS_UNFINISHED,
     PENDING,
     RUNNING,
-    Journal,
-    PassRow,
-    RunRow,
 )
 from .loaded_plan import LoadedPlan
 from .monitor import Sleep

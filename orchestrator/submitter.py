@@ -79,7 +79,7 @@ from .errors import (
     RunAborted,
     Throttled,
 )
-from .journal import FAILED, INTENT, PENDING
+from .journal_schema import FAILED, INTENT, PENDING
 from .loaded_plan import LoadedPlan
 from .northbound import (
     CreateTaskRequest,

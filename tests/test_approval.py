@@ -10,9 +10,11 @@ import pytest
 from click.testing import CliRunner
 
 from orchestrator.cli import main
+from orchestrator.counts import Approval
 from orchestrator.engine import RunOptions, execute
 from orchestrator.errors import InputError, RunHalted
-from orchestrator.journal import ADDED_COLUMNS, Approval, approve_wave
+from orchestrator.journal import approve_wave
+from orchestrator.journal_schema import ADDED_COLUMNS
 from orchestrator.loaded_plan import load_plan
 from orchestrator.report import collect
 from orchestrator.simulator import SimulatorConfig, SimulatorServer

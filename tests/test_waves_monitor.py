@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.counts import WaveCounts
 from orchestrator.engine import RunOptions, execute
 from orchestrator.errors import RunHalted
 from orchestrator.gates import Verdict, evaluate
-from orchestrator.journal import WaveCounts, approve_wave
+from orchestrator.journal import approve_wave
 from orchestrator.loaded_plan import load_plan
 from orchestrator.plan import GateSection
 from orchestrator.report import collect, render_to_string
