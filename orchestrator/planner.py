@@ -87,9 +87,9 @@ def _pick(wave: WaveSection, pool: Sequence[int], size: int, fleet: Fleet) -> Se
     short = size - sum(quota)
     if short:
         rests = array("q", (size * counts[key] % total for key in keys))
-        order = [index for index, rest in enumerate(rests) if rest]
+        order = array("I", compress(range(len(rests)), rests))
         rng.shuffle(order)
-        reach = list(accumulate(rests[index] for index in order))
+        reach = array("q", accumulate(map(rests.__getitem__, order)))
         start = rng.randrange(total)
         for seat in range(short):  # each rest < total: a stratum takes at most one more
             quota[order[bisect_right(reach, start + seat * total)]] += 1
@@ -107,7 +107,7 @@ def _strata(
     of each code; and a stratum's positions in the pool (ascending).
 
     Up to `FEW_STRATA` values, a C-speed pass a stratum; beyond, the positions sorted by code
-    once into one array (4 bytes a device), each stratum a slice of it."""
+    once (a counting sort) into one array (4 bytes a device), each stratum a slice of it."""
     if len(values) <= FEW_STRATA:
         found: dict[int, array[int]] = {}
         for code in range(len(values)):
@@ -119,8 +119,12 @@ def _strata(
     counts = array("I", bytes(4 * len(values)))
     for code in codes:
         counts[code] += 1
-    ordered = array("I", sorted(range(len(codes)), key=codes.__getitem__))  # stable: in order
     starts = array("I", accumulate(counts, initial=0))
+    ordered = array("I", bytes(4 * len(codes)))  # a counting sort: each stratum in pool order
+    cursor = starts[:-1]
+    for position, code in enumerate(codes):
+        ordered[cursor[code]] = position
+        cursor[code] += 1
     present = sorted(compress(range(len(values)), counts), key=values.__getitem__)
 
     def members(code: int) -> Sequence[int]:
