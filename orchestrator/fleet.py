@@ -447,12 +447,14 @@ def _coded(cells: list[str], raw: dict[str, int], table: dict[str, int]) -> list
     """The codes of a batch's cells of one column; a cell not seen before gets the code of its
     trimmed value (a new one: the next code, in order of first appearance) — a Python step
     per new cell only, the rest C-speed passes."""
-    new = set(cells).difference(raw)
-    if new:
+    try:
+        return list(map(raw.__getitem__, cells))
+    except KeyError:  # new values: each coded once, in order, the known ones in C passes
+        new = set(cells).difference(raw)
         for cell in filter(new.__contains__, cells):
             if cell not in raw:
                 raw[cell] = table.setdefault(cell.strip(), len(table))
-    return list(map(raw.__getitem__, cells))
+        return list(map(raw.__getitem__, cells))
 
 
 def _narrow(codes: array[int], distinct: int) -> array[int]:
@@ -507,7 +509,8 @@ class _CsvRead:
                 values = list(map(str.strip, cells, repeat(TRIM)))
                 if not all(values) or max(map(len, batch)) > self.width:
                     raise LookupError  # a blank row, or more fields than the header
-                if _QUOTED_LINE_END.search("".join(cells)) is not None:
+                joined = "".join(cells)
+                if "\n" in joined or "\r" in joined:
                     raise LookupError  # a line end inside an ID: a quote never closed
                 coded = [
                     _coded(list(map(itemgetter(i), batch)), raw, table) for i, _, raw, table in kept
