@@ -5,9 +5,10 @@ UTF-16 with its BOM (Excel's "Unicode text"); fields separated by `,`, `;` (Exce
 locales) or a tab, sniffed from the header; the `deviceId` header recognised in any of them
 and in any letter case; lines ending in LF, CRLF or CR alone (old Mac). Checked for the
 faults an operator makes — an empty file, blank or duplicate IDs (also in two letter cases),
-a missing column, a row with more fields than the header, an unreadable file, a header line
-where an ID should be, an ID holding a space, a control character or an invisible one
-(zero-width space, no-break space, BOM, …) — each refused with its line number;
+a missing column, a row with more fields than the header, an opening quote never closed (the
+line it opened on is named), an unreadable file, a header line where an ID should be, an ID
+holding a space, the field separator, a control character or an invisible one (zero-width
+space, no-break space, BOM, …) — each refused with its line number;
 fingerprinted so a changed file is noticed on resume.
 
 Only what the plan uses is kept: the IDs (one `str` each, shared by the waves, the chunks
@@ -487,8 +488,9 @@ def _csv_ids(
 
 class _CsvRead:
     """The rows of a CSV fleet file, a batch of rows at a time: a batch of plain rows goes
-    through C-speed passes (`map`, `itemgetter`), and only a batch holding a blank, short or
-    long row or a column value not seen before is read row by row."""
+    through C-speed passes (`map`, `itemgetter`; a column value not seen before costs one
+    Python step, `_coded`), and only a batch holding a blank, short or long row or an ID cell
+    with a line end in it (a quote never closed) is read row by row."""
 
     def __init__(self, reader: _Reader, where: _Where, columns: Sequence[str]) -> None:
         self.reader = reader
