@@ -7,7 +7,8 @@ made before anything is timed, and the same IDs one per line. Rows, each a fresh
 - `rollout plan --json` — what an operator runs. The CSV's plan has a 1 000-device canary
   stratified by `group` and `version_column = "firmwareVersion"` (the devices already on
   the package's version are left out), so both kept columns are read; the one-per-line
-  plan has a random canary.
+  plan has a random canary. A third fleet is the CSV with 100 000 distinct `group` values
+  (a site or street column; seeded random, about 10 devices each): `rollout plan` only.
 - plan + journal — `load_plan`, then the run and its chunks (3 888 for the CSV, 3 907 one a
   line) inserted into a new SQLite journal (WAL, synchronous=FULL): what `rollout run` does
   before its first call.
@@ -31,6 +32,7 @@ import argparse
 import csv
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -41,6 +43,7 @@ from pathlib import Path
 GOAL_SECONDS = 5.0
 GOAL_PEAK_MB = 300.0
 GOAL_BYTES_PER_DEVICE = 150.0
+GROUPS = 100_000  # distinct values of `group` in the many-groups CSV
 
 CSV_PLAN = """name = "scale-csv"
 [platform]
@@ -133,6 +136,19 @@ def _write_fleets(directory: Path, devices: int) -> None:
         reader = csv.reader(rows)
         next(reader)
         lines.writelines(f"{row[0]}\n" for row in reader)
+    # the same rows with 100 000 distinct groups (a site or street column): most 4 096-row
+    # batches bring values not seen before, and the canary is drawn among 100 000 strata
+    picker = random.Random(1)
+    with (
+        (directory / "fleet.csv").open(newline="") as rows,
+        (directory / "groups.csv").open("w", newline="") as out,
+    ):
+        reader, writer = csv.reader(rows), csv.writer(out, lineterminator="\n")
+        writer.writerow(next(reader))
+        writer.writerows(
+            [*row[:5], f"grp-{picker.randrange(GROUPS):06d}", *row[6:]] for row in reader
+        )
+    (directory / "groups.toml").write_text(CSV_PLAN.replace("fleet.csv", "groups.csv"))
     (directory / "csv.toml").write_text(CSV_PLAN)
     (directory / "lines.toml").write_text(LINES_PLAN)
 
@@ -213,11 +229,14 @@ def main() -> int:
             f" {(directory / 'fleet.txt').stat().st_size >> 20} MB; {args.runs} run(s) a row"
         )
         print(f"{'row':<30} {'seconds':>13} {'CPU seconds':>13} {'peak RSS MB':>13}  goals")
-        for fleet, plan in (("CSV", "csv.toml"), ("one per line", "lines.toml")):
-            for label, command in (
-                ("rollout plan", [sys.executable, "-m", "orchestrator", "plan", "--json"]),
-                ("plan + journal", [*me, "--child", "journal"]),
-            ):
+        plan_only = ("rollout plan", [sys.executable, "-m", "orchestrator", "plan", "--json"])
+        journal = ("plan + journal", [*me, "--child", "journal"])
+        for fleet, plan, rows in (
+            ("CSV", "csv.toml", (plan_only, journal)),
+            ("CSV 100 k groups", "groups.toml", (plan_only,)),
+            ("one per line", "lines.toml", (plan_only, journal)),
+        ):
+            for label, command in rows:
                 runs = [_child([*command, str(directory / plan)]) for _ in range(args.runs)]
                 for run in runs:  # every device accounted for: the child did the whole work
                     shown = json.loads(run.output)

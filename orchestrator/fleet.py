@@ -5,9 +5,10 @@ UTF-16 with its BOM (Excel's "Unicode text"); fields separated by `,`, `;` (Exce
 locales) or a tab, sniffed from the header; the `deviceId` header recognised in any of them
 and in any letter case; lines ending in LF, CRLF or CR alone (old Mac). Checked for the
 faults an operator makes — an empty file, blank or duplicate IDs (also in two letter cases),
-a missing column, a row with more fields than the header, an unreadable file, a header line
-where an ID should be, an ID holding a space, a control character or an invisible one
-(zero-width space, no-break space, BOM, …) — each refused with its line number;
+a missing column, a row with more fields than the header, an opening quote never closed (the
+line it opened on is named), an unreadable file, a header line where an ID should be, an ID
+holding a space, the field separator, a control character or an invisible one (zero-width
+space, no-break space, BOM, …) — each refused with its line number;
 fingerprinted so a changed file is noticed on resume.
 
 Only what the plan uses is kept: the IDs (one `str` each, shared by the waves, the chunks
@@ -54,6 +55,9 @@ HEADER_WORDS = frozenset(
 )
 # an ID that may be a header word: short and without a digit (no header word has one)
 _MAYBE_HEADER = re.compile(r"^[^\d\n]{1,16}$", re.MULTILINE)
+# a line end inside an ID cell: only a quote that opened and never closed puts it there (csv
+# takes the line end off an unquoted cell)
+_QUOTED_LINE_END = re.compile(r"[\r\n]")
 
 
 class Column(Sequence[str]):
@@ -221,11 +225,13 @@ class _Where:
                     break
             column = self.column
             try:
-                for row in reader:
+                start = reader.line_num + 1
+                for row in reader:  # a row's own line: where it starts (a quote may run on)
                     if (column < len(row) and row[column].strip(TRIM)) or any(
                         cell.strip() for cell in row
                     ):
-                        numbers.append(reader.line_num)
+                        numbers.append(start)
+                    start = reader.line_num + 1
             except csv.Error:
                 pass  # past the rows read the first time
         return numbers
@@ -311,7 +317,9 @@ def _read(
         head.append(line)
         if len(head) >= SNIFF_LINES:
             break
-    stream = chain(head, lines)
+    # a last line without its line end gets one: an unclosed quote there then holds a line
+    # end like one opened earlier (csv ends a quoted field silently at the end of the input)
+    stream = chain(head, lines, ("\n" if where.newline == "\n" else "\r",))
     delimiter = _delimiter(head, first)
     if delimiter is not None or _is_id_header(first):
         where.delimiter = delimiter or ","
@@ -364,7 +372,10 @@ def _id_problem(device_id: str) -> str | None:
 
 def _check_ids(ids: list[str], where: _Where) -> None:
     """Each ID against `_id_problem`, a block at a time: a block passes in a few C-speed
-    passes, and only a block that may hold a fault is looked at ID by ID."""
+    passes, and only a block that may hold a fault is looked at ID by ID. In a CSV, an ID
+    holding the field separator is refused too: a deviceId is a UUID (platform-api.md §1), so
+    the separator there is a quote gone wrong, not part of an ID."""
+    separator = where.delimiter
     for start in range(0, len(ids), CHECK_BLOCK):
         block = ids[start : start + CHECK_BLOCK]
         flat = "".join(block)
@@ -372,12 +383,19 @@ def _check_ids(ids: list[str], where: _Where) -> None:
         if (
             flat.isprintable()
             and " " not in flat
+            and (separator is None or separator not in flat)
             and max(lengths) <= MAX_DEVICE_ID
             and (min(lengths) > 16 or _MAYBE_HEADER.search("\n".join(block)) is None)
         ):
             continue
         for offset, device_id in enumerate(block):
             problem = _id_problem(device_id)
+            if problem is None and separator is not None and separator in device_id:
+                shown = "a tab" if separator == "\t" else f"the field separator {separator!r}"
+                problem = (
+                    f"device ID {device_id[:40]!r} holds {shown} (a quoted field, or a quote "
+                    "never closed): device IDs are UUIDs"
+                )
             if problem is not None:
                 raise where.refuse(start + offset, problem)
 
@@ -426,6 +444,20 @@ def _both_cases(ids: list[str]) -> bool:
     return False
 
 
+def _coded(cells: list[str], raw: dict[str, int], table: dict[str, int]) -> list[int]:
+    """The codes of a batch's cells of one column; a cell not seen before gets the code of its
+    trimmed value (a new one: the next code, in order of first appearance) — a Python step
+    per new cell only, the rest C-speed passes."""
+    try:
+        return list(map(raw.__getitem__, cells))
+    except KeyError:  # new values: each coded once, in order, the known ones in C passes
+        new = set(cells).difference(raw)
+        for cell in filter(new.__contains__, cells):
+            if cell not in raw:
+                raw[cell] = table.setdefault(cell.strip(), len(table))
+        return list(map(raw.__getitem__, cells))
+
+
 def _narrow(codes: array[int], distinct: int) -> array[int]:
     """The codes in the smallest unsigned type that holds them."""
     for typecode in ("B", "H"):
@@ -456,8 +488,9 @@ def _csv_ids(
 
 class _CsvRead:
     """The rows of a CSV fleet file, a batch of rows at a time: a batch of plain rows goes
-    through C-speed passes (`map`, `itemgetter`), and only a batch holding a blank, short or
-    long row or a column value not seen before is read row by row."""
+    through C-speed passes (`map`, `itemgetter`; a column value not seen before costs one
+    Python step, `_coded`), and only a batch holding a blank, short or long row or an ID cell
+    with a line end in it (a quote never closed) is read row by row."""
 
     def __init__(self, reader: _Reader, where: _Where, columns: Sequence[str]) -> None:
         self.reader = reader
@@ -474,13 +507,17 @@ class _CsvRead:
         pick = itemgetter(self.where.column)
         while batch := list(islice(self.reader, READ_ROWS)):
             try:
-                values = list(map(str.strip, map(pick, batch), repeat(TRIM)))
+                cells = list(map(pick, batch))
+                values = list(map(str.strip, cells, repeat(TRIM)))
                 if not all(values) or max(map(len, batch)) > self.width:
                     raise LookupError  # a blank row, or more fields than the header
+                joined = "".join(cells)
+                if "\n" in joined or "\r" in joined:
+                    raise LookupError  # a line end inside an ID: a quote never closed
                 coded = [
-                    list(map(raw.__getitem__, map(itemgetter(i), batch))) for i, _, raw, _ in kept
+                    _coded(list(map(itemgetter(i), batch)), raw, table) for i, _, raw, table in kept
                 ]
-            except LookupError:  # also a short row (IndexError), a new value (KeyError)
+            except LookupError:  # also a short row (IndexError)
                 self._rows(batch)
                 continue
             ids.extend(values)
@@ -521,7 +558,14 @@ class _CsvRead:
         """A batch row by row: blank rows skipped, faults refused, new values coded."""
         column, width, ids = self.where.column, self.width, self.ids
         for row in batch:
-            value = row[column].strip(TRIM) if column < len(row) else ""
+            cell = row[column] if column < len(row) else ""
+            value = cell.strip(TRIM)
+            if _QUOTED_LINE_END.search(cell) is not None:
+                raise self.where.refuse(
+                    len(ids),
+                    "an opening quote is never closed (the ID runs on over the next lines): "
+                    "close it or remove it",
+                )
             if not value:
                 if not any(cell.strip() for cell in row):
                     continue  # a blank line, or only separators

@@ -14,9 +14,10 @@ import math
 import random
 import re
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import compress
+from itertools import accumulate, compress
 from typing import TYPE_CHECKING
 
 from .errors import InputError
@@ -59,7 +60,14 @@ def _size(wave: WaveSection, total: int, remaining: int, last: bool) -> int:
 
 def _pick(wave: WaveSection, pool: Sequence[int], size: int, fleet: Fleet) -> Sequence[int]:
     """Positions (into `pool`, fleet indexes) of the targets this wave takes, in file order:
-    a `range` when they are the pool's first."""
+    a `range` when they are the pool's first.
+
+    A stratified wave gives each stratum (devices sharing a value of `stratify_by`) its whole
+    share of `size` seats, then draws the seats left over among the strata with the seeded
+    generator, each stratum taking one with probability its share's fraction (systematic
+    sampling over a seeded shuffle of the strata): every stratum's expected seats equal its
+    share, every device can be drawn, and another seed draws others. Inside a stratum the
+    devices are a seeded sample."""
     if wave.selection == "ordered" or size >= len(pool):
         return range(min(size, len(pool)))
     rng = random.Random(wave.seed)
@@ -67,31 +75,62 @@ def _pick(wave: WaveSection, pool: Sequence[int], size: int, fleet: Fleet) -> Se
         return sorted(rng.sample(range(len(pool)), size))
     assert wave.stratify_by is not None
     column = fleet.attributes[wave.stratify_by]
-    # each pool device's code, in pool order (one C-speed gather), then each stratum's positions
+    # each pool device's code, in pool order (one C-speed gather)
     codes = column.codes
     if len(pool) != len(codes):
         codes = array(codes.typecode, map(codes.__getitem__, pool))
-    strata: dict[str, Sequence[int]] = {}
-    if len(column.values) <= FEW_STRATA:  # a C-speed pass a stratum
-        for code, value in enumerate(column.values):
-            positions = array("l", compress(range(len(pool)), _in_stratum(codes, code)))
-            if positions:
-                strata[value] = positions
-    else:  # one pass in all
-        by_code: dict[int, list[int]] = {}
-        for position, code in enumerate(codes):
-            by_code.setdefault(code, []).append(position)
-        strata = {column.values[code]: positions for code, positions in by_code.items()}
-    # proportional allocation, largest remainder first, so no stratum fills the wave alone
-    exact = {key: size * len(items) / len(pool) for key, items in strata.items()}
-    quota = {key: int(value) for key, value in exact.items()}
-    short = size - sum(quota.values())
-    for key in sorted(exact, key=lambda k: (quota[k] - exact[k], k))[:short]:
-        quota[key] += 1
+    keys, counts, members = _strata(codes, column.values)
+    total = len(pool)
+    # proportional allocation in whole numbers: size·count // total seats each, and the
+    # remainder (size·count mod total, in 1/total seats) decides who takes the seats left
+    quota = array("q", (size * counts[key] // total for key in keys))
+    short = size - sum(quota)
+    if short:
+        rests = array("q", (size * counts[key] % total for key in keys))
+        order = array("I", compress(range(len(rests)), rests))
+        rng.shuffle(order)
+        reach = array("q", accumulate(map(rests.__getitem__, order)))
+        start = rng.randrange(total)
+        for seat in range(short):  # each rest < total: a stratum takes at most one more
+            quota[order[bisect_right(reach, start + seat * total)]] += 1
     chosen: list[int] = []
-    for key in sorted(strata):
-        chosen.extend(rng.sample(strata[key], quota[key]))
+    for key, seats in zip(keys, quota, strict=True):
+        if seats:
+            chosen.extend(rng.sample(members(key), seats))
     return sorted(chosen)
+
+
+def _strata(
+    codes: array[int], values: Sequence[str]
+) -> tuple[list[int], Sequence[int], Callable[[int], Sequence[int]]]:
+    """The strata of the pool's `codes`: the codes present, ordered by their value; the count
+    of each code; and a stratum's positions in the pool (ascending).
+
+    Up to `FEW_STRATA` values, a C-speed pass a stratum; beyond, the positions sorted by code
+    once (a counting sort) into one array (4 bytes a device), each stratum a slice of it."""
+    if len(values) <= FEW_STRATA:
+        found: dict[int, array[int]] = {}
+        for code in range(len(values)):
+            positions = array("l", compress(range(len(codes)), _in_stratum(codes, code)))
+            if positions:
+                found[code] = positions
+        sizes = [len(found.get(code, ())) for code in range(len(values))]
+        return sorted(found, key=values.__getitem__), sizes, found.__getitem__
+    counts = array("I", bytes(4 * len(values)))
+    for code in codes:
+        counts[code] += 1
+    starts = array("I", accumulate(counts, initial=0))
+    ordered = array("I", bytes(4 * len(codes)))  # a counting sort: each stratum in pool order
+    cursor = starts[:-1]
+    for position, code in enumerate(codes):
+        ordered[cursor[code]] = position
+        cursor[code] += 1
+    present = sorted(compress(range(len(values)), counts), key=values.__getitem__)
+
+    def members(code: int) -> Sequence[int]:
+        return ordered[starts[code] : starts[code + 1]]
+
+    return present, counts, members
 
 
 def _in_stratum(codes: array[int], code: int) -> Iterable[int]:

@@ -67,6 +67,33 @@ REFUSED: list[tuple[str, bytes, str]] = [
     ("latin-1", "deviceId\nstraße-1\n".encode("latin-1"), "not UTF-8 (nor UTF-16 with a BOM)"),
     ("semicolon-no-id-column", b"serial;model\nx;y\n", "line 1: a CSV fleet file needs"),
     ("stray-cr-in-a-line", f"deviceId,group\n{A},no\rrth\n{B},s\n".encode(), "line 2: not"),
+    (
+        "unclosed-quote-on-the-last-line",
+        f'deviceId,group\n{A},north\n"{B},north\n'.encode(),
+        "line 3: an opening quote is never closed",
+    ),
+    (
+        "unclosed-quote-at-the-end-without-line-end",
+        f'deviceId,group\n{A},north\n"{B},north'.encode(),
+        "line 3: an opening quote is never closed",
+    ),
+    (
+        "unclosed-quote-mid-file",
+        f'deviceId,group\n{A},north\n"{B},north\n{C},south\n'.encode(),
+        "line 3: an opening quote is never closed",
+    ),
+    (
+        "unclosed-quote-closed-later-past-many-rows",
+        (
+            'deviceId,group\n"x-0,n\n' + "".join(f"x-{i},n\n" for i in range(1, 5000)) + 'x",n\n'
+        ).encode(),
+        "line 2: an opening quote is never closed",
+    ),
+    (
+        "separator-inside-a-quoted-id",
+        f'deviceId;group\n{A};north\n"{B};x";north\n'.encode(),
+        "line 3: device ID '0b5d3f1a-1111-4c41-9a55-3a8a8f1b2c3d;x' holds the field separator",
+    ),
 ]
 
 
@@ -121,6 +148,11 @@ def _one_line_exit_2(plan: Path, rule: str) -> None:
 
 
 REFUSED_BY_PLAN: list[tuple[str, bytes, str]] = [
+    (
+        "unclosed-quote-mid-file",
+        f'deviceId,group\n{A},north\n"{B},north\n{C},south\n'.encode(),
+        "line 3: an opening quote is never closed",
+    ),
     (
         "same-id-two-letter-cases",
         f"{A}\n{B}\n{A.upper()}\n".encode(),
@@ -232,6 +264,19 @@ def test_thousands_of_rows_read_alike_in_batches(tmp_path: Path) -> None:
     assert fleet.members == [f"dev-{i:05d}" for i in range(30_000)]
     assert list(fleet.attributes["group"]) == [group for group, _ in cells]
     assert list(fleet.attributes["version"]) == [version for _, version in cells]
+
+
+def test_many_new_values_are_coded_in_order_of_first_appearance(tmp_path: Path) -> None:
+    """A column with a new value in most rows reads cell for cell, its values numbered in the
+    order they first appear (as row by row)."""
+    groups = [f"grp-{(i * 7919) % 20_000:05d}" for i in range(30_000)]
+    path = tmp_path / "fleet.csv"
+    path.write_text(
+        "deviceId,group\n" + "".join(f"dev-{i:05d}, {g}\n" for i, g in enumerate(groups))
+    )
+    column = read_fleet_file(path, ["group"]).attributes["group"]
+    assert list(column) == groups
+    assert list(column.values) == list(dict.fromkeys(groups))
 
 
 def test_a_fleet_without_some_devices_keeps_its_columns_aligned(tmp_path: Path) -> None:

@@ -99,3 +99,55 @@ def test_bisect_splits_in_halves_and_keeps_the_wave() -> None:
     assert (left.chunk_id, right.chunk_id) == ("w00-000000.0", "w00-000000.1")
     assert list(left.members) + list(right.members) == list(chunk.members)
     assert left.wave == right.wave == chunk.wave
+
+
+def _stratified(count: int, seed: int) -> str:
+    return (
+        BASE + f'[[waves]]\nname = "c"\ncount = {count}\nselection = "stratified"\n'
+        f'stratify_by = "group"\nseed = {seed}\n[[waves]]\nname = "rest"\n'
+    )
+
+
+def test_one_value_a_device_draws_a_seeded_random_canary() -> None:
+    """With a value per device, the seed decides the canary: the same seed gives the same
+    one, and over seeds every device is drawn about as often as any other."""
+    members = [f"dev-{i:03d}" for i in range(200)]
+    fleet = Fleet("devices", members, "sha", "f.csv", {"group": Column.of(members)})
+    draws = {
+        seed: assign_waves(parse_plan(_stratified(10, seed), "p"), fleet, "p")[0].members
+        for seed in range(200)
+    }
+    assert draws[5] == assign_waves(parse_plan(_stratified(10, 5), "p"), fleet, "p")[0].members
+    times = Counter(device for members in draws.values() for device in members)
+    assert all(len(members) == 10 for members in draws.values())
+    assert set(times) == set(members) and max(times.values()) <= 30  # 10 expected each
+
+
+def test_leftover_seats_go_to_strata_in_proportion_to_their_size() -> None:
+    """Seats no stratum fills whole go to small and large strata alike by share: half the
+    devices in groups of three and half alone give half of a canary each, on average."""
+    groups = [f"trio-{i // 3:02d}" for i in range(150)] + [f"solo-{i:03d}" for i in range(150)]
+    members = [f"dev-{i:03d}" for i in range(300)]
+    fleet = Fleet("devices", members, "sha", "f.csv", {"group": Column.of(groups)})
+    in_trios = [
+        sum(
+            int(member[4:]) < 150
+            for member in assign_waves(parse_plan(_stratified(10, seed), "p"), fleet, "p")[
+                0
+            ].members
+        )
+        for seed in range(200)
+    ]
+    assert 4.5 <= sum(in_trios) / len(in_trios) <= 5.5
+
+
+def test_many_strata_with_whole_shares_mirror_them() -> None:
+    """Past sixteen values (the one-pass path), whole shares are taken exactly, from each
+    stratum's own devices."""
+    groups = [f"g{i % 40:02d}" for i in range(4000)]
+    fleet = Fleet(
+        "devices", [f"dev-{i:04d}" for i in range(4000)], "sha", "f", {"group": Column.of(groups)}
+    )
+    canary = assign_waves(parse_plan(_stratified(200, 1), "p"), fleet, "p")[0].members
+    share = Counter(groups[int(member[4:])] for member in canary)
+    assert len(share) == 40 and set(share.values()) == {5}
