@@ -9,6 +9,7 @@ interrupted (Ctrl-C), in-flight state recorded.
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import sys
@@ -47,6 +48,7 @@ EXIT_HALTED = 4
 EXIT_DUPLICATES = 5
 EXIT_WAITING = 75  # sysexits' EX_TEMPFAIL: "try again later"
 EXIT_INTERRUPTED = 130
+EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE: stdout's reader went away (`rollout report PLAN | head`)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -90,7 +92,14 @@ def out() -> Console:
     """stdout: human results (status, plan, the closing summary); never wrapped in a file."""
     from .logs import stdout_console
 
-    return stdout_console()
+    console = stdout_console()
+    # rich ends the process itself (exit 1) on a closed pipe; `exits_cleanly` decides instead
+    console.on_broken_pipe = _broken_pipe  # type: ignore[method-assign]
+    return console
+
+
+def _broken_pipe() -> None:
+    raise BrokenPipeError(errno.EPIPE, "Broken pipe")
 
 
 def _say(label: str, message: str) -> None:
@@ -102,13 +111,35 @@ def _say(label: str, message: str) -> None:
     err().print(line, highlight=False, soft_wrap=True)
 
 
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (poll: POLLERR on its write end)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def exits_cleanly(command: Callable[P, R]) -> Callable[P, R]:
     """Map the orchestrator's errors to one line on stderr and a documented exit code."""
 
     @wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            return command(*args, **kwargs)
+            result = command(*args, **kwargs)
+            sys.stdout.flush()  # a closed pipe is found here, not at the interpreter's exit
+            return result
+        except BrokenPipeError:
+            if not _stdout_closed():
+                _say("[red]system:[/]", "Broken pipe")
+                sys.exit(EXIT_FAILED)
+            # the reader of stdout went away (`rollout report PLAN | head`): end quietly as a
+            # process killed by SIGPIPE would, the rest of the output unwritten
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_PIPE_CLOSED)
         except KeyboardInterrupt:
             _say(
                 "[yellow]interrupted:[/]",
@@ -1213,7 +1244,7 @@ def report(
         _start_logging()
         anyio.run(refresh, _load(plan), journal, _state_dir())
     path, name = _journal_of(plan, journal)
-    data = collect(path, name, listed)
+    data = collect(path, name, listed, reasons=fmt in ("html", "json"))  # only they show them
     if output is None:
         WRITERS[fmt](data, sys.stdout)
         return
