@@ -340,3 +340,35 @@ def test_status_on_a_narrow_terminal_keeps_each_gate_reason_on_one_line(
     lines = screen.file.getvalue().splitlines()
     assert all(len(line) <= 80 for line in lines)
     assert f"canary: {reason}" in lines
+
+
+def test_a_closed_stdout_pipe_ends_quietly_with_141(
+    sim: tuple[str, list[str]], tmp_path: Path
+) -> None:
+    """`rollout report|status|plan … | head`: once stdout's reader has gone, each command ends
+    with exit 141 (SIGPIPE's) and nothing on stderr — no `system: Broken pipe`."""
+    url, ids = sim
+    plan = _plan(tmp_path, url, ids[4624:4880])
+    assert _rollout("run", str(plan), cwd=tmp_path).returncode == 0
+    env = dict(os.environ, **{SECRET_ENV: "demo-secret"})
+    for args in (
+        ("report", "--format", "jsonl"),
+        ("report", "--format", "csv"),
+        ("status",),
+        ("status", "--json"),
+        ("plan", "--offline"),
+    ):
+        reader, writer = os.pipe()
+        os.close(reader)  # the reader went away before the first line
+        result = subprocess.run(
+            [sys.executable, "-m", "orchestrator", *args, str(plan)],
+            cwd=tmp_path,
+            env=env,
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        os.close(writer)
+        assert (result.returncode, result.stderr) == (141, ""), args
