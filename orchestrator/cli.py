@@ -10,6 +10,7 @@ interrupted (Ctrl-C), in-flight state recorded.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import sqlite3
 import sys
@@ -170,6 +171,26 @@ def _load(plan: Path) -> LoadedPlan:
     from .loaded_plan import load_plan
 
     return load_plan(plan)
+
+
+def _load_following(plan: Path) -> LoadedPlan:
+    """The plan for the commands that only follow tasks already submitted (`watch`, `report
+    --refresh`): the plan file read and checked, the fleet file not read — its targets are in
+    the journal, as for `status`; the fleet may have moved or changed since. The plan's
+    fleet is then empty (of its kind: a group fleet's `keep_upgraded`) and it has no waves
+    of targets: it cannot plan or submit. Raises InputError for a bad plan file."""
+    from .fleet import Fleet
+    from .loaded_plan import LoadedPlan
+    from .plan import read_plan_file
+
+    settings, data = read_plan_file(plan)
+    loaded = LoadedPlan.__new__(LoadedPlan)  # LoadedPlan.__init__ splits the fleet into waves
+    loaded.path, loaded.plan = plan, settings
+    loaded.plan_sha = hashlib.sha256(data).hexdigest()
+    kind = "groups" if settings.fleet.groups is not None else "devices"
+    loaded.fleet = Fleet(kind, [], "", "not read: following the journal's tasks")
+    loaded.already_current, loaded.waves, loaded.device_models = [], [], {}
+    return loaded
 
 
 def _journal_of(plan: Path, journal: Path | None) -> tuple[Path, str]:
@@ -1009,9 +1030,11 @@ def watch(plan: Path, journal: Path | None, metrics_port: int | None, metrics_ho
     from .status import read_status
 
     _start_logging()
-    loaded = _load(plan)
-    display = RunDisplay(err(), len(loaded.fleet.members))
-    with _metrics(journal_path(loaded, journal), loaded.plan.name, metrics_port, metrics_host):
+    loaded = _load_following(plan)  # the fleet file is not read: the journal has the tasks
+    path = journal_path(loaded, journal)
+    targets = read_status(path, loaded.plan.name)["targets"] if path.exists() else 0
+    display = RunDisplay(err(), targets)
+    with _metrics(path, loaded.plan.name, metrics_port, metrics_host):
         state_dir = _state_dir()
         result = _interruptible(
             lambda: watch_run(loaded, journal, observer=display, state_dir=state_dir), display
@@ -1242,7 +1265,7 @@ def report(
         from .engine import refresh
 
         _start_logging()
-        anyio.run(refresh, _load(plan), journal, _state_dir())
+        anyio.run(refresh, _load_following(plan), journal, _state_dir())
     path, name = _journal_of(plan, journal)
     data = collect(path, name, listed, reasons=fmt in ("html", "json"))  # only they show them
     if output is None:
