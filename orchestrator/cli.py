@@ -184,6 +184,10 @@ def _load_following(plan: Path) -> LoadedPlan:
     from .plan import read_plan_file
 
     settings, data = read_plan_file(plan)
+    for name in ("ca_file", "client_cert", "client_key"):  # the platform's, as load_plan
+        value = getattr(settings.platform, name)
+        if value is not None and not (plan.parent / value).is_file():
+            raise InputError(str(plan), f"platform.{name}", f"file {value} does not exist")
     loaded = LoadedPlan.__new__(LoadedPlan)  # LoadedPlan.__init__ splits the fleet into waves
     loaded.path, loaded.plan = plan, settings
     loaded.plan_sha = hashlib.sha256(data).hexdigest()
