@@ -1,7 +1,7 @@
 """Reports of a 1 000 000-device run, each format in a fresh process: seconds, peak memory and
 file size beside their goals; the HTML page opened in headless Chromium.
 
-Two journals are built first, not timed, in a builder process of their own (on Linux a child's
+Three journals are built first, not timed, in a builder process of their own (on Linux a child's
 peak RSS starts from its parent's), from a fleet CSV shaped like the
 simulator's (deviceId, type, model, manufacturer, version, group; 1 % of it already on the
 target version, so left out by `fleet.version_column`), planned in two waves (`canary` 1 000,
@@ -10,7 +10,10 @@ target version, so left out by `fleet.version_column`), planned in two waves (`c
 - finished: every task final and read; 2 % of the devices failed, 0.5 % found
   already current by the platform, 20 chunks (5 120 devices) quarantined, 300 progress samples;
 - mid-run: the canary's tasks finished, a third of the rest's tasks running (not final), a
-  third created but not observed yet (no task row), the last third not submitted.
+  third created but not observed yet (no task row), the last third not submitted;
+- unique details: the finished run, but each failed device's detail is its own ~4 KB text
+  (a platform answering long, unique failure texts: the reasons must be counted in bounded
+  memory and cut on the page).
 
 Then for each journal and each format (CSV, JSON Lines, JSON, HTML), a fresh
 `python -m orchestrator report PLAN --journal J --format F -o FILE`: wall time, the child's
@@ -50,7 +53,12 @@ if TYPE_CHECKING:
     from orchestrator.loaded_plan import LoadedPlan
 
 FORMATS = ("csv", "jsonl", "json", "html")
-JOURNALS = {"finished.sqlite": False, "mid.sqlite": True}  # file → mid-run
+JOURNALS = {
+    "finished.sqlite": "finished",
+    "mid.sqlite": "mid-run",
+    "details.sqlite": "unique details",
+}
+DETAIL_BYTES = 4_000  # a failed device's detail in the unique-details journal
 HTML_BYTES_GOAL = 5_000_000
 OPEN_SECONDS_GOAL = 5.0
 PEAK_MB_GOAL = 100.0
@@ -96,11 +104,12 @@ def _fleet(path: Path, devices: int) -> None:
             fleet.write(f"{device},WaterMeter,WM-200,Aqualis,{version},{groups[index % 3]}\n")
 
 
-def _journal(path: Path, loaded: LoadedPlan, mid_run: bool) -> None:
+def _journal(path: Path, loaded: LoadedPlan, kind: str) -> None:
     """A run's journal as the engine and the monitor leave it (see the module docstring)."""
     from orchestrator.engine import start_run
     from orchestrator.journal import Journal
 
+    mid_run, unique = kind == "mid-run", kind == "unique details"
     journal = Journal.open(path)
     run_id = start_run(journal, loaded)
     journal.set_package(run_id, "0123456789abcdef01234567", TARGET)
@@ -160,7 +169,7 @@ def _journal(path: Path, loaded: LoadedPlan, mid_run: bool) -> None:
                     done,
                 ),
             )
-            rows = [(d, "Download package timeout.", "1.8.0", "failed") for d in failed]
+            rows = [(d, _detail(d, unique), "1.8.0", "failed") for d in failed]
             rows += [
                 (
                     d,
@@ -201,6 +210,11 @@ def _journal(path: Path, loaded: LoadedPlan, mid_run: bool) -> None:
         )
 
 
+def _detail(device: str, unique: bool) -> str:
+    """A failed device's detail: one common reason, or its own ~`DETAIL_BYTES` text."""
+    return f"{device} " + "x" * DETAIL_BYTES if unique else "Download package timeout."
+
+
 def _build(directory: Path, devices: int) -> None:
     """The fleet, the plan and both journals, in the process `--build` runs in."""
     from orchestrator.loaded_plan import load_plan
@@ -208,9 +222,9 @@ def _build(directory: Path, devices: int) -> None:
     _fleet(directory / "fleet.csv", devices)
     (directory / "plan.toml").write_text(PLAN.format(canary=min(1000, devices // 10)))
     loaded = load_plan(directory / "plan.toml")
-    for name, mid_run in JOURNALS.items():
+    for name, kind in JOURNALS.items():
         (directory / name).unlink(missing_ok=True)
-        _journal(directory / name, loaded, mid_run)
+        _journal(directory / name, loaded, kind)
 
 
 def _report(directory: Path, journal: Path, fmt: str) -> tuple[float, float, int]:
@@ -279,7 +293,7 @@ def main() -> None:
         )
         print(
             f"{args.devices} devices (CSV fleet, {args.devices // 100} left out as already "
-            f"current): two journals built in {time.perf_counter() - started:.0f} s (not "
+            f"current): three journals built in {time.perf_counter() - started:.0f} s (not "
             f"timed); this launcher's own peak RSS {_own_peak_mb():.0f} MB"
         )
         missed = False
@@ -288,8 +302,8 @@ def main() -> None:
             (directory / "empty.html").write_text("<!doctype html><title>empty</title>")
             empty, _ = _open(chromium, directory, directory / "empty.html")
             print(f"chromium opens an empty page in {empty:.1f} s")
-        for file, mid_run in JOURNALS.items():
-            name, journal = ("mid-run" if mid_run else "finished"), directory / file
+        for file, name in JOURNALS.items():
+            journal = directory / file
             for fmt in FORMATS:
                 seconds, peak, size = _report(directory, journal, fmt)
                 ok_peak = peak <= PEAK_MB_GOAL
@@ -299,7 +313,7 @@ def main() -> None:
                 goals += f", ≤ {HTML_BYTES_GOAL / 1e6:.0f} MB" if fmt == "html" else ""
                 goals += f", ≤ {SECONDS_GOAL:.0f} s" if fmt != "html" else ""
                 print(
-                    f"{name:8} {fmt:5}: {seconds:5.1f} s, peak RSS {peak:4.0f} MB, "
+                    f"{name:14} {fmt:5}: {seconds:5.1f} s, peak RSS {peak:4.0f} MB, "
                     f"{size / 1e6:7.1f} MB  (goal: {goals}) "
                     f"{_verdict(ok_peak and ok_size and ok_time)}"
                 )
@@ -310,7 +324,7 @@ def main() -> None:
                 more = re.findall(r'id="([a-z-]+)-more"><b>(\d+)</b>', dom)
                 ok = rendered and seconds <= OPEN_SECONDS_GOAL
                 print(
-                    f"{name:8} html in chromium: {seconds:.1f} s to the dumped DOM, summary "
+                    f"{name:14} html in chromium: {seconds:.1f} s to the dumped DOM, summary "
                     f"{'rendered' if rendered else 'MISSING'}, more beyond the lists: "
                     f"{', '.join(f'{k} {n}' for k, n in more) or 'none'}  "
                     f"(goal: ≤ {OPEN_SECONDS_GOAL:.0f} s) {_verdict(ok)}"

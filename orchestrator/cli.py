@@ -9,6 +9,8 @@ interrupted (Ctrl-C), in-flight state recorded.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import sqlite3
 import sys
@@ -47,6 +49,7 @@ EXIT_HALTED = 4
 EXIT_DUPLICATES = 5
 EXIT_WAITING = 75  # sysexits' EX_TEMPFAIL: "try again later"
 EXIT_INTERRUPTED = 130
+EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE: stdout's reader went away (`rollout report PLAN | head`)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -90,7 +93,14 @@ def out() -> Console:
     """stdout: human results (status, plan, the closing summary); never wrapped in a file."""
     from .logs import stdout_console
 
-    return stdout_console()
+    console = stdout_console()
+    # rich ends the process itself (exit 1) on a closed pipe; `exits_cleanly` decides instead
+    console.on_broken_pipe = _broken_pipe  # type: ignore[method-assign]
+    return console
+
+
+def _broken_pipe() -> None:
+    raise BrokenPipeError(errno.EPIPE, "Broken pipe")
 
 
 def _say(label: str, message: str) -> None:
@@ -102,13 +112,35 @@ def _say(label: str, message: str) -> None:
     err().print(line, highlight=False, soft_wrap=True)
 
 
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (poll: POLLERR on its write end)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def exits_cleanly(command: Callable[P, R]) -> Callable[P, R]:
     """Map the orchestrator's errors to one line on stderr and a documented exit code."""
 
     @wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            return command(*args, **kwargs)
+            result = command(*args, **kwargs)
+            sys.stdout.flush()  # a closed pipe is found here, not at the interpreter's exit
+            return result
+        except BrokenPipeError:
+            if not _stdout_closed():
+                _say("[red]system:[/]", "Broken pipe")
+                sys.exit(EXIT_FAILED)
+            # the reader of stdout went away (`rollout report PLAN | head`): end quietly as a
+            # process killed by SIGPIPE would, the rest of the output unwritten
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_PIPE_CLOSED)
         except KeyboardInterrupt:
             _say(
                 "[yellow]interrupted:[/]",
@@ -139,6 +171,30 @@ def _load(plan: Path) -> LoadedPlan:
     from .loaded_plan import load_plan
 
     return load_plan(plan)
+
+
+def _load_following(plan: Path) -> LoadedPlan:
+    """The plan for the commands that only follow tasks already submitted (`watch`, `report
+    --refresh`): the plan file read and checked, the fleet file not read — its targets are in
+    the journal, as for `status`; the fleet may have moved or changed since. The plan's
+    fleet is then empty (of its kind: a group fleet's `keep_upgraded`) and it has no waves
+    of targets: it cannot plan or submit. Raises InputError for a bad plan file."""
+    from .fleet import Fleet
+    from .loaded_plan import LoadedPlan
+    from .plan import read_plan_file
+
+    settings, data = read_plan_file(plan)
+    for name in ("ca_file", "client_cert", "client_key"):  # the platform's, as load_plan
+        value = getattr(settings.platform, name)
+        if value is not None and not (plan.parent / value).is_file():
+            raise InputError(str(plan), f"platform.{name}", f"file {value} does not exist")
+    loaded = LoadedPlan.__new__(LoadedPlan)  # LoadedPlan.__init__ splits the fleet into waves
+    loaded.path, loaded.plan = plan, settings
+    loaded.plan_sha = hashlib.sha256(data).hexdigest()
+    kind = "groups" if settings.fleet.groups is not None else "devices"
+    loaded.fleet = Fleet(kind, [], "", "not read: following the journal's tasks")
+    loaded.already_current, loaded.waves, loaded.device_models = [], [], {}
+    return loaded
 
 
 def _journal_of(plan: Path, journal: Path | None) -> tuple[Path, str]:
@@ -978,9 +1034,11 @@ def watch(plan: Path, journal: Path | None, metrics_port: int | None, metrics_ho
     from .status import read_status
 
     _start_logging()
-    loaded = _load(plan)
-    display = RunDisplay(err(), len(loaded.fleet.members))
-    with _metrics(journal_path(loaded, journal), loaded.plan.name, metrics_port, metrics_host):
+    loaded = _load_following(plan)  # the fleet file is not read: the journal has the tasks
+    path = journal_path(loaded, journal)
+    targets = read_status(path, loaded.plan.name)["targets"] if path.exists() else 0
+    display = RunDisplay(err(), targets)
+    with _metrics(path, loaded.plan.name, metrics_port, metrics_host):
         state_dir = _state_dir()
         result = _interruptible(
             lambda: watch_run(loaded, journal, observer=display, state_dir=state_dir), display
@@ -1211,9 +1269,9 @@ def report(
         from .engine import refresh
 
         _start_logging()
-        anyio.run(refresh, _load(plan), journal, _state_dir())
+        anyio.run(refresh, _load_following(plan), journal, _state_dir())
     path, name = _journal_of(plan, journal)
-    data = collect(path, name, listed)
+    data = collect(path, name, listed, reasons=fmt in ("html", "json"))  # only they show them
     if output is None:
         WRITERS[fmt](data, sys.stdout)
         return

@@ -41,6 +41,7 @@ from .report_model import (
     WAVE_COUNTS,
     DeviceRow,
     ReportData,
+    clip,
 )
 from .status import wave_summaries
 
@@ -75,11 +76,44 @@ def _iso(epoch: float | None) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
 
 
-def collect(path: Path, plan_name: str, listed: int = DEFAULT_LISTED) -> ReportData:
+REASON_CHARS = 300  # a failure reason's key: its text, spaces squeezed, cut here with "…"
+REASONS_KEPT = 2_000  # distinct reasons counted apart; devices of any further one: "other"
+OTHER_REASONS = "other reasons"  # the row of the devices whose reason came past REASONS_KEPT
+
+
+class _Reasons:
+    """Failed devices by reason in bounded memory: at most `REASONS_KEPT` keys of at most
+    `REASON_CHARS` characters; a device whose reason is new once that many are kept counts in
+    `other` (a million unique details cost kilobytes, not hundreds of megabytes)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.other = 0
+
+    def add(self, text: str) -> None:
+        key = clip(text, REASON_CHARS)
+        if key in self.counts or len(self.counts) < REASONS_KEPT:
+            self.counts[key] += 1
+        else:
+            self.other += 1
+
+    def ranked(self) -> list[tuple[str, int]]:
+        """(reason, devices), most devices first; the "other reasons" row last."""
+        ranked = self.counts.most_common()
+        if self.other:
+            ranked.append((f"{OTHER_REASONS} (past the first {REASONS_KEPT})", self.other))
+        return ranked
+
+
+def collect(
+    path: Path, plan_name: str, listed: int = DEFAULT_LISTED, reasons: bool = True
+) -> ReportData:
     """The report of PLAN_NAME's latest run in the journal at PATH: one pass over the device
     rows counts the totals and keeps the first `listed` devices of each of `LISTS`; memory
     does not grow with the number of devices (rows are read chunk by chunk, a task's kept
-    subtask rows at a time). Raises JournalError when the journal holds no run of the plan."""
+    subtask rows at a time). `reasons`: count the failed devices by reason (`_Reasons`:
+    bounded; the formats that show them, HTML and JSON, ask for it; CSV and JSON Lines do
+    not). Raises JournalError when the journal holds no run of the plan."""
     db: sqlite3.Connection = Journal.open_readonly(path)
     db.row_factory = sqlite3.Row
     try:
@@ -148,7 +182,7 @@ def collect(path: Path, plan_name: str, listed: int = DEFAULT_LISTED) -> ReportD
                 reader.close()
 
         per_wave: dict[str, Counter[str]] = {}
-        reasons: Counter[str] = Counter()
+        by_reason = _Reasons()
         lists: dict[str, list[DeviceRow]] = {bucket: [] for bucket in LISTS}
         for device in rows():
             counts = per_wave.get(device.wave)
@@ -161,8 +195,8 @@ def collect(path: Path, plan_name: str, listed: int = DEFAULT_LISTED) -> ReportD
             bucket = _bucket(device.outcome)
             if bucket != "upgraded":
                 counts[bucket] += 1
-            if bucket == "failed":
-                reasons[device.detail or device.outcome] += 1
+            if bucket == "failed" and reasons:
+                by_reason.add(device.detail or device.outcome)
             kept = lists.get(bucket)
             if kept is not None and len(kept) < listed:
                 kept.append(device)
@@ -191,6 +225,9 @@ def collect(path: Path, plan_name: str, listed: int = DEFAULT_LISTED) -> ReportD
             "devices": everything["devices"],
             **{k: sum(w[k] for w in waves) + outside[k] for k in WAVE_COUNTS},
         }
+        # failures the platform counted in tasks whose subtasks are not read yet: their
+        # devices are in progress (reason unknown, maybe already current) — `rollout status`
+        totals["failed_unread"] = sum(int(s.get("failed_unread", 0)) for s in summaries.values())
         totals.update(
             {f"in_task_by_{how}": everything[f"in_task_by_{how}"] for how in IN_TASK_BY.values()}
         )
@@ -266,7 +303,7 @@ def collect(path: Path, plan_name: str, listed: int = DEFAULT_LISTED) -> ReportD
             calls,
             progress,
             {**totals, "tasks": len(task_rows), "calls": sum(calls.values())},
-            reasons.most_common(),
+            by_reason.ranked(),
             rows,
             passes,
             lists,

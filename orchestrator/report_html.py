@@ -14,10 +14,12 @@ from html import escape
 from typing import Any, TextIO
 from zoneinfo import ZoneInfo
 
-from .report_model import DeviceRow, ReportData
+from .report_model import DeviceRow, ReportData, clip
 
 HTML_TASK_ROWS = 5_000  # tasks listed on the page (10^6 devices in 256-device tasks: 3 907)
 CHART_POINTS = 500  # progress samples drawn at most (evenly spread, the last always)
+TEXT_CHARS = 300  # a reason or a detail on the page: cut here with "…" (whole in CSV/JSON/JSONL)
+REASON_ROWS = 50  # failure reasons drawn at most (all of them in the JSON report)
 MORE = "see the CSV, JSON or JSON Lines report"
 COLOURS = {
     "upgraded": "#2e7d32",
@@ -184,22 +186,35 @@ def waves_chart(waves: list[dict[str, Any]]) -> str:
     )
 
 
-def reasons_chart(reasons: list[tuple[str, int]]) -> str:
-    """Failure reasons, each in full, with its device count and a bar."""
-    if not reasons:
+def reasons_chart(reasons: list[tuple[str, int]], unread: int = 0) -> str:
+    """Failure reasons (up to `TEXT_CHARS` characters each) with their device counts and a
+    bar; then, when some tasks' subtasks are not read yet, the failures the platform counted
+    there whose reason is not known yet (in progress in the summary, as in `rollout status`)."""
+    if not reasons and not unread:
         return '<p class="note">No device failed.</p>'
-    most = max(n for _, n in reasons)
+    most = max([n for _, n in reasons] + [unread])
+    shown = [(clip(reason, TEXT_CHARS), count, "failed") for reason, count in reasons[:REASON_ROWS]]
+    if unread:
+        shown.append(("reason not read yet (subtasks not read)", unread, "in_progress"))
     rows = "".join(
-        f'<tr><td class="reason">{_e(reason)}</td><td>{count}</td><td class="bar">'
+        ('<tr class="unread">' if bucket == "in_progress" else "<tr>") + f'<td class="reason">'
+        f'{_e(reason)}</td><td>{count}</td><td class="bar">'
         f'<div class="hbar"><div class="bar-reason" style="width:{count / most * 100:.1f}%;'
-        f'background:{COLOURS["failed"]}"></div></div></td></tr>'
-        for reason, count in reasons[:50]
+        f'background:{COLOURS[bucket]}"></div></div></td></tr>'
+        for reason, count, bucket in shown
     )
     more = (
-        f'<p class="note">{len(reasons) - 50} more reasons in the JSON report.</p>'
-        if len(reasons) > 50
+        f'<p class="note">{len(reasons) - REASON_ROWS} more reasons in the JSON report.</p>'
+        if len(reasons) > REASON_ROWS
         else ""
     )
+    if unread:
+        more += (
+            f'<p class="note" id="reasons-unread">{unread} failures counted by the platform in '
+            "tasks whose subtasks are not read yet: their reason is not known yet and they are "
+            "counted in progress, not failed (some may prove already current); `rollout watch` "
+            "or <code>rollout report --refresh</code> reads them.</p>"
+        )
     return (
         f'<table id="chart-reasons" class="reasons" aria-label="failure reasons"><thead><tr>'
         f"<th>reason</th><th>devices</th><th></th></tr></thead><tbody>{rows}</tbody></table>" + more
@@ -274,7 +289,7 @@ def _device_table(data: ReportData, zone: ZoneInfo, platform_time: str) -> Itera
             d.task_status,
             d.subtask_status,
             "yes" if d.upgraded else "no",
-            d.detail,
+            clip(d.detail, TEXT_CHARS),
             d.version,
             _when(d.task_finished, zone),
             d.in_task_by,
@@ -314,7 +329,7 @@ def _device_lists(data: ReportData, zone: ZoneInfo, platform_time: str) -> Itera
                     d.chunk,
                     d.operation_id,
                     d.subtask_status,
-                    d.detail,
+                    clip(d.detail, TEXT_CHARS),
                     d.version,
                     _when(d.task_finished, zone),
                     d.outcome,
@@ -333,7 +348,17 @@ def _device_lists(data: ReportData, zone: ZoneInfo, platform_time: str) -> Itera
     if current:
         yield from _table_parts(
             ["device", "wave", "chunk", "operationId", "detail", "version"],
-            ([d.device_id, d.wave, d.chunk, d.operation_id, d.detail, d.version] for d in current),
+            (
+                [
+                    d.device_id,
+                    d.wave,
+                    d.chunk,
+                    d.operation_id,
+                    clip(d.detail, TEXT_CHARS),
+                    d.version,
+                ]
+                for d in current
+            ),
             "already-current",
             frozenset({4}),
         )
@@ -351,7 +376,7 @@ def _quarantined(data: ReportData) -> Iterator[str]:
         return
     yield from _table_parts(
         ["device", "wave", "chunk", "refusal (error code, reason)"],
-        ([d.device_id, d.wave, d.chunk, d.detail] for d in kept),
+        ([d.device_id, d.wave, d.chunk, clip(d.detail, TEXT_CHARS)] for d in kept),
         "quarantined",
         frozenset({3}),
     )
@@ -424,6 +449,11 @@ def _page(data: ReportData) -> Iterator[str]:
         ("failed", totals["failed"]),
         ("already current", totals["already_current"]),
         ("in progress", totals["in_progress"]),
+        *(
+            [("of which failed, reason not read yet", totals["failed_unread"])]
+            if totals.get("failed_unread")
+            else []
+        ),
         ("quarantined", totals["quarantined"]),
         ("not submitted", totals["not_submitted"]),
         ("already in a task (census)", totals["in_task_by_census"]),
@@ -486,7 +516,9 @@ def _page(data: ReportData) -> Iterator[str]:
         )
     }
 {_passes(data)}
-<h2>Failure reasons</h2><div class="panel">{reasons_chart(data.failure_reasons)}</div>
+<h2>Failure reasons</h2><div class="panel">{
+        reasons_chart(data.failure_reasons, totals.get("failed_unread", 0))
+    }</div>
 """
     yield from _device_lists(data, zone, platform_time)
     yield "\n<h2>Quarantined devices</h2>\n"

@@ -37,6 +37,14 @@ class DeviceRow(NamedTuple):
     pass_outcomes: str = ""  # "1:failed 2:upgraded": the outcome in each pass, oldest first
 
 
+def clip(text: str, limit: int) -> str:
+    """TEXT on one line (each run of white space one space), cut to LIMIT characters, the
+    last of them "…" when cut — the key failure reasons are counted by (`report.py`) and what
+    the HTML page shows of a reason or a detail (`report_html.py`)."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
 DEVICE_COLUMNS = DeviceRow._fields
 WAVE_COUNTS = (
     "upgraded",
@@ -54,9 +62,12 @@ class ReportData:
     million of them must not sit in memory); the totals were counted in one pass, which also
     kept the first `listed` devices of each of `LISTS` (in journal order: chunk by chunk).
 
-    `totals` holds `devices`, each of `WAVE_COUNTS`, `in_task_by_<how>`, `duplicates`,
-    `tasks` and `calls`; a list of `lists[bucket]` is whole when its length equals
-    `totals[bucket]`."""
+    `totals` holds `devices`, each of `WAVE_COUNTS`, `failed_unread` (failures the platform
+    counted whose subtasks are not read yet: in `in_progress`, no reason known),
+    `in_task_by_<how>`, `duplicates`, `tasks` and `calls`; `failure_reasons` holds (reason,
+    devices) of the failed devices, most first, at most `report.REASONS_KEPT` reasons and an
+    "other reasons" row (empty when the report was collected without reasons); a list of
+    `lists[bucket]` is whole when its length equals `totals[bucket]`."""
 
     run: dict[str, Any]
     waves: list[dict[str, Any]]

@@ -40,7 +40,7 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list[st
         ids = [
             line.split(",")[0] for line in fleet.read_text().splitlines()[1:] if ",WM-200," in line
         ]
-        assert len(ids) >= 4624
+        assert len(ids) >= 5136
         yield url, ids
 
 
@@ -340,3 +340,55 @@ def test_status_on_a_narrow_terminal_keeps_each_gate_reason_on_one_line(
     lines = screen.file.getvalue().splitlines()
     assert all(len(line) <= 80 for line in lines)
     assert f"canary: {reason}" in lines
+
+
+def test_a_closed_stdout_pipe_ends_quietly_with_141(
+    sim: tuple[str, list[str]], tmp_path: Path
+) -> None:
+    """`rollout report|status|plan … | head`: once stdout's reader has gone, each command ends
+    with exit 141 (SIGPIPE's) and nothing on stderr — no `system: Broken pipe`."""
+    url, ids = sim
+    plan = _plan(tmp_path, url, ids[4624:4880])
+    assert _rollout("run", str(plan), cwd=tmp_path).returncode == 0
+    env = dict(os.environ, **{SECRET_ENV: "demo-secret"})
+    for args in (
+        ("report", "--format", "jsonl"),
+        ("report", "--format", "csv"),
+        ("status",),
+        ("status", "--json"),
+        ("plan", "--offline"),
+    ):
+        reader, writer = os.pipe()
+        os.close(reader)  # the reader went away before the first line
+        result = subprocess.run(
+            [sys.executable, "-m", "orchestrator", *args, str(plan)],
+            cwd=tmp_path,
+            env=env,
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        os.close(writer)
+        assert (result.returncode, result.stderr) == (141, ""), args
+
+
+def test_watch_and_report_refresh_need_no_fleet_file(
+    sim: tuple[str, list[str]], tmp_path: Path
+) -> None:
+    """`watch` and `report --refresh` follow the journal's tasks from the plan file alone:
+    the fleet file moved away after `run --no-follow`, both still end the tasks' story."""
+    url, ids = sim
+    plan = _plan(tmp_path, url, ids[4880:5136])
+    assert _rollout("run", "--no-follow", str(plan), cwd=tmp_path).returncode == 0
+    (tmp_path / "fleet.txt").rename(tmp_path / "moved.txt")
+    time.sleep(0.5)  # at 36 000x, every meter has woken and finished by now
+    refreshed = _rollout("report", str(plan), "--format", "json", "--refresh", cwd=tmp_path)
+    assert refreshed.returncode == 0, refreshed.stderr
+    assert json.loads(refreshed.stdout)["calls"]["listTasks"] >= 1
+    watched = _rollout("watch", str(plan), cwd=tmp_path)
+    assert watched.returncode == 0, watched.stderr
+    status = json.loads(_rollout("status", "--json", str(plan), cwd=tmp_path).stdout)
+    assert status["tasks_final"] == status["tasks_observed"] == 1
+    assert status["devices_succeeded"] + status["devices_failed"] == 256

@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 
+from orchestrator import report
 from orchestrator.engine import RunOptions, execute
 from orchestrator.loaded_plan import load_plan
 from orchestrator.report import collect, render_to_string
+from orchestrator.report_html import TEXT_CHARS
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
+from orchestrator.status import read_status
 
 from .conftest import SECRET
 from .enginehelpers import SECRET_ENV, write_plan
@@ -125,3 +130,87 @@ async def test_mid_run_page_does_not_list_every_device(
     assert '<table id="devices">' not in html and 'id="devices-elsewhere"' in html
     devices = {row.device_id for row in data.devices()}
     assert not [device for device in devices if device in html]
+
+
+def _rewrite_details(journal: Path, detail: Callable[[int], str]) -> int:
+    """Give each failed device's kept subtask row the detail DETAIL(n) (the n-th row): what a
+    platform answering long or unique failure texts leaves in the journal. Rows rewritten."""
+    db = sqlite3.connect(journal)
+    with db:
+        rows = db.execute(
+            "SELECT rowid FROM device_results WHERE outcome IN ('failed', 'timed-out')"
+        ).fetchall()
+        for n, (rowid,) in enumerate(rows):
+            db.execute("UPDATE device_results SET detail=? WHERE rowid=?", (detail(n), rowid))
+    db.close()
+    return len(rows)
+
+
+async def test_failure_reasons_are_bounded_and_counted_only_when_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unique failure details: at most REASONS_KEPT reasons are counted apart, the rest as one
+    "other reasons" row, every failed device counted once; CSV/JSONL collect no reasons."""
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    journal = await _run(tmp_path, 600, 0.2, follow=True)
+    failed = _rewrite_details(journal, lambda n: f"unique failure {n}\n  (long\ttext)")
+    assert failed > 5
+    monkeypatch.setattr(report, "REASONS_KEPT", 3)
+    data = collect(journal, "test-plan")
+    assert len(data.failure_reasons) == 4 and data.failure_reasons[0][0].endswith("(long text)")
+    assert data.failure_reasons[-1] == ("other reasons (past the first 3)", failed - 3)
+    assert sum(n for _, n in data.failure_reasons) == data.totals["failed"] == failed
+    html = render_to_string(data, "html")
+    assert "other reasons (past the first 3)" in html
+    assert collect(journal, "test-plan", reasons=False).failure_reasons == []
+
+
+async def test_long_details_are_cut_on_the_page_and_whole_in_the_device_formats(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """4 KB failure details: the page shows each reason and detail cut to TEXT_CHARS with "…"
+    (so its size stays bounded); CSV, JSON and JSON Lines keep them whole."""
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    journal = await _run(tmp_path, 600, 0.2, follow=True)
+    _rewrite_details(journal, lambda n: f"{n:05d} " + "x" * 4000)
+    data = collect(journal, "test-plan", listed=20)
+    html = render_to_string(data, "html")
+    assert "x" * TEXT_CHARS not in html
+    cut = "x" * (TEXT_CHARS - 7) + "…"
+    assert f'<td class="reason">00000 {cut}</td>' in html  # the reasons table
+    assert f'<td class="wrap">00000 {cut}</td>' in html  # the failed devices' list
+    assert len(html) < 200_000
+    lines = render_to_string(data, "jsonl").splitlines()
+    assert sum(len(json.loads(line)["detail"]) == 4006 for line in lines) == data.totals["failed"]
+
+
+async def test_failures_not_read_yet_have_their_own_reasons_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finished tasks whose subtasks are not read yet: their failures are one reasons row
+    ("reason not read yet") and a summary card, the count `rollout status` shows apart; the
+    read reasons still add up to the failed devices."""
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    journal = await _run(tmp_path, 768, 0.2, follow=True)
+    db = sqlite3.connect(journal)
+    with db:  # the monitor listed the first task final and has not read its subtasks yet
+        op, unread = db.execute(
+            "SELECT operation_id, failed FROM tasks ORDER BY chunk_id LIMIT 1"
+        ).fetchone()
+        db.execute(
+            "UPDATE tasks SET details_fetched=0, fails_seen=0, verified=0, unreported=0"
+            " WHERE operation_id=?",
+            (op,),
+        )
+        db.execute("DELETE FROM device_results WHERE operation_id=?", (op,))
+    db.close()
+    assert unread > 0
+    data = collect(journal, "test-plan", listed=20)
+    assert data.totals["failed_unread"] == unread
+    assert read_status(journal, "test-plan")["devices_failed_unread"] == unread
+    assert sum(n for _, n in data.failure_reasons) == data.totals["failed"]
+    html = render_to_string(data, "html")
+    row = '<tr class="unread"><td class="reason">reason not read yet (subtasks not read)</td>'
+    assert f"{row}<td>{unread}</td>" in html and 'id="reasons-unread"' in html
+    assert f"<b>{unread}</b><span>of which failed, reason not read yet</span>" in html
+    assert json.loads(render_to_string(data, "json"))["summary"]["failed_unread"] == unread
