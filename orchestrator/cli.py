@@ -10,7 +10,6 @@ interrupted (Ctrl-C), in-flight state recorded.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import sqlite3
 import sys
@@ -174,27 +173,10 @@ def _load(plan: Path) -> LoadedPlan:
 
 
 def _load_following(plan: Path) -> LoadedPlan:
-    """The plan for the commands that only follow tasks already submitted (`watch`, `report
-    --refresh`): the plan file read and checked, the fleet file not read — its targets are in
-    the journal, as for `status`; the fleet may have moved or changed since. The plan's
-    fleet is then empty (of its kind: a group fleet's `keep_upgraded`) and it has no waves
-    of targets: it cannot plan or submit. Raises InputError for a bad plan file."""
-    from .fleet import Fleet
-    from .loaded_plan import LoadedPlan
-    from .plan import read_plan_file
+    """`watch`, `report --refresh`: the plan without its fleet (`load_following`)."""
+    from .loaded_plan import load_following
 
-    settings, data = read_plan_file(plan)
-    for name in ("ca_file", "client_cert", "client_key"):  # the platform's, as load_plan
-        value = getattr(settings.platform, name)
-        if value is not None and not (plan.parent / value).is_file():
-            raise InputError(str(plan), f"platform.{name}", f"file {value} does not exist")
-    loaded = LoadedPlan.__new__(LoadedPlan)  # LoadedPlan.__init__ splits the fleet into waves
-    loaded.path, loaded.plan = plan, settings
-    loaded.plan_sha = hashlib.sha256(data).hexdigest()
-    kind = "groups" if settings.fleet.groups is not None else "devices"
-    loaded.fleet = Fleet(kind, [], "", "not read: following the journal's tasks")
-    loaded.already_current, loaded.waves, loaded.device_models = [], [], {}
-    return loaded
+    return load_following(plan)
 
 
 def _journal_of(plan: Path, journal: Path | None) -> tuple[Path, str]:

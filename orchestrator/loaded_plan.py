@@ -21,7 +21,7 @@ from .fleet import Fleet, read_fleet_file
 from .plan import INVENTORY_MODEL, Plan, check_times, read_plan_file
 from .planner import assign_waves
 
-__all__ = ["LoadedPlan", "load_plan"]
+__all__ = ["LoadedPlan", "load_following", "load_plan"]
 
 
 class LoadedPlan:
@@ -34,12 +34,20 @@ class LoadedPlan:
     settings, gates, windows, a comment or a moved start may change between `run` and
     `resume` (the engine logs what changed, from `settings`)."""
 
-    def __init__(self, path: Path, plan: Plan, fleet: Fleet, plan_sha: str) -> None:
+    def __init__(
+        self, path: Path, plan: Plan, fleet: Fleet, plan_sha: str, *, following: bool = False
+    ) -> None:
+        """`following`: the fleet was not read (`load_following`): no waves, nothing to send."""
         self.path = path
         self.plan = plan
         self.plan_sha = plan_sha
         # devices the fleet file says already run the target version: left out, never sent
         self.already_current: list[tuple[str, str]] = []
+        # deviceId → model, from `[fleet] inventory` (a group fleet's members; else empty)
+        self.device_models: dict[str, str] = {}
+        if following:
+            self.fleet, self.waves = fleet, []
+            return
         column, target = plan.fleet.version_column, plan.firmware.version
         if column is not None and target is not None:
             versions = fleet.attributes[column]
@@ -56,8 +64,6 @@ class LoadedPlan:
                 )
         self.fleet = fleet
         self.waves = assign_waves(plan, fleet, str(path))
-        # deviceId → model, from `[fleet] inventory` (a group fleet's members; else empty)
-        self.device_models: dict[str, str] = {}
 
     @property
     def base_dir(self) -> Path:
@@ -146,10 +152,7 @@ def load_plan(path: Path, now: datetime | None = None, *, check_start: bool = Fa
     if check_start:
         check_times(plan, source, now)
     base = path.parent
-    for name in ("ca_file", "client_cert", "client_key"):
-        value = getattr(plan.platform, name)
-        if value is not None and not (base / value).is_file():
-            raise InputError(source, f"platform.{name}", f"file {value} does not exist")
+    _check_platform_files(plan, path)
     if plan.fleet.devices_file is not None:
         fleet_path = base / plan.fleet.devices_file
         if not fleet_path.is_file():
@@ -175,3 +178,23 @@ def load_plan(path: Path, now: datetime | None = None, *, check_start: bool = Fa
             zip(listed.members, listed.attributes[INVENTORY_MODEL], strict=True)
         )
     return loaded
+
+
+def load_following(path: Path) -> LoadedPlan:
+    """The plan for commands that only follow tasks already submitted (`watch`, `report
+    --refresh`): the plan file read and checked, the fleet file NOT read — the targets are in
+    the journal, as for `status`, and the fleet may have moved or changed since. Its fleet is
+    empty (of its kind) and it has no waves: it cannot plan or submit. Raises InputError."""
+    plan, data = read_plan_file(path)
+    _check_platform_files(plan, path)
+    kind = "groups" if plan.fleet.groups is not None else "devices"
+    fleet = Fleet(kind, [], "", "not read: following the journal's tasks")
+    return LoadedPlan(path, plan, fleet, hashlib.sha256(data).hexdigest(), following=True)
+
+
+def _check_platform_files(plan: Plan, path: Path) -> None:
+    """The platform's TLS files exist beside the plan. Raises InputError naming the field."""
+    for name in ("ca_file", "client_cert", "client_key"):
+        value = getattr(plan.platform, name)
+        if value is not None and not (path.parent / value).is_file():
+            raise InputError(str(path), f"platform.{name}", f"file {value} does not exist")
