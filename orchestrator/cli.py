@@ -423,6 +423,14 @@ def _state_dir() -> Path | None:
     "reports the old version).",
 )
 @click.option(
+    "--detail-padding",
+    default=0,
+    type=click.IntRange(0),
+    metavar="CHARS",
+    help="Each failed subtask's detailInfo names its device and carries CHARS more characters "
+    "(failure texts long and each one different).",
+)
+@click.option(
     "--outage",
     default=0.0,
     type=click.FloatRange(min=0),
@@ -497,6 +505,7 @@ def simulator(
     reject_next_creates: int,
     reject_status: int,
     rollback_rate: float,
+    detail_padding: int,
     outage: float,
     outage_status: str,
     state_file: Path | None,
@@ -559,6 +568,7 @@ def simulator(
             reject_next_creates=reject_next_creates,
             reject_status=reject_status,
             rollback_rate=rollback_rate,
+            detail_padding=detail_padding,
             outage_s=outage,
             outage_status=int(outage_status),
             throttle_next_calls=throttle_next_calls,

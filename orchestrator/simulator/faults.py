@@ -14,7 +14,9 @@ Kinds:
   (`reject_next_creates`, `reject_status`);
 - upgrades reported as succeeded while the device rolled back to its previous image, the
   subtask reporting that old version (`rollback_rate`; decided when a task is first looked
-  at, like the rest of its devices' behaviour).
+  at, like the rest of its devices' behaviour);
+- failure texts that are long and each one different: a failed subtask's `detailInfo` names
+  its device and carries `detail_padding` more characters (decided the same way).
 - a gateway with no platform behind it: every platform call answers 502/503/504 without
   acting, for some real seconds (`outage_s`, `outage_status`).
 - the next N calls refused with 1010009 as if another client had just filled the app's
@@ -59,6 +61,7 @@ class FaultConfig:
     reject_next_creates: int = 0  # refuse this many more valid creates before commit
     reject_status: int = 400  # their HTTP status: 400 platform error, else a gateway reply
     rollback_rate: float = 0.0  # share of succeeded upgrades that report the old version
+    detail_padding: int = 0  # a failed subtask's detailInfo names its device, plus N chars
     outage_s: float = 0.0  # from the next call on, for this many real seconds: a gateway ...
     outage_status: int = 503  # ... answers every platform call with this (502/503/504)
     throttle_next_calls: int = 0  # refuse this many more calls with 1010009 (not counted)

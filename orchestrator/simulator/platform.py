@@ -231,6 +231,7 @@ class Platform:
                 self.tasks[self._materialized],
                 self.fleet.devices,
                 self.faults.config.rollback_rate,
+                self.faults.config.detail_padding,
             )
             self._materialized += 1
 

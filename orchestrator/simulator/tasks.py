@@ -13,6 +13,7 @@ subtask `wait/processing/fail/success/stop` (platform-api.md §3.8).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -255,12 +256,27 @@ def plan_subtask(task: Task, device: Device, index: int, rollback_rate: float = 
     raise AssertionError("unreachable: the loop returns on its last attempt")
 
 
-def materialize(task: Task, devices: Mapping[str, Device], rollback_rate: float = 0.0) -> None:
+def materialize(
+    task: Task, devices: Mapping[str, Device], rollback_rate: float = 0.0, detail_padding: int = 0
+) -> None:
+    """Plan every subtask's life at once. `detail_padding` (the fault knob): each failed
+    subtask's detailInfo also names its device and carries that many more characters — a
+    platform whose failure texts are long and each one different."""
     if task.lives is not None:
         return
     lives = [
         plan_subtask(task, devices[d], i, rollback_rate) for i, d in enumerate(task.device_ids)
     ]
+    if detail_padding > 0:
+        lives = [
+            dataclasses.replace(
+                life,
+                detail=f"{life.detail} (device {life.device_id}) {'x' * detail_padding}",
+            )
+            if life.change_statuses[-1] == "fail"
+            else life
+            for life in lives
+        ]
     task.lives = lives
     if lives:
         task.first_activity = min(life.change_times[1] for life in lives)
