@@ -996,8 +996,12 @@ class Journal:
                 " (SELECT COALESCE(SUM(member_count), 0) FROM chunks"
                 "   WHERE run_id=? AND state='submitted'),"
                 " COALESCE(SUM(succeeded + failed + stopped), 0), COALESCE(SUM(succeeded), 0),"
-                " COALESCE(SUM(failed + stopped), 0) FROM tasks WHERE run_id=?",
-                (run_id, time.time(), run_id, run_id),
+                # failed: the platform's fail, less the already current read so far (its
+                # fail of a device already on the version is no failure: outcomes.py)
+                " MAX(0, COALESCE(SUM(failed + stopped), 0) - (SELECT COUNT(*) FROM"
+                "   device_results WHERE run_id=? AND outcome='already-current'))"
+                " FROM tasks WHERE run_id=?",
+                (run_id, time.time(), run_id, run_id, run_id),
             )
 
     # ---- waves and gates ---------------------------------------------------------------------

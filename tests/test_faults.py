@@ -279,7 +279,8 @@ CASES: list[Case] = [
             env, url=f"http://127.0.0.1:{_closed_port()}", execution="outage_budget = 1"
         ),
         1,
-        "platform unreachable for 1 s",
+        "refused the connection); nothing is lost: `rollout resume PLAN` goes on once it "
+        "answers (`rollout run PLAN` if no run had started",
         True,
     ),
     (

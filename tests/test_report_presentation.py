@@ -82,7 +82,7 @@ name = "rest"
 
 
 async def _run(
-    tmp_path: Path, count: int, failure_rate: float, follow: bool, detail_padding: int = 0
+    tmp_path: Path, count: int, failure_rate: float | None, follow: bool, detail_padding: int = 0
 ) -> Path:
     """A run of COUNT WM-200 meters on the simulator (failure texts DETAIL_PADDING characters
     longer, each naming its device: the simulator's fault knob); its journal."""
@@ -219,3 +219,15 @@ async def test_failures_not_read_yet_have_their_own_reasons_row(
     assert f"{row}<td>{unread}</td>" in html and 'id="reasons-unread"' in html
     assert f"<b>{unread}</b><span>of which failed, reason not read yet</span>" in html
     assert json.loads(render_to_string(data, "json"))["summary"]["failed_unread"] == unread
+
+
+async def test_the_progress_series_ends_at_the_summarys_failed_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chart's last sample counts failed devices as the summary does: the platform's
+    fail of a meter already on the version (already current) is no failure."""
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    journal = await _run(tmp_path, 600, None, follow=True)  # the models' own behaviour
+    data = collect(journal, "test-plan")
+    assert data.totals["already_current"] > 0  # the simulator's fleet holds some
+    assert data.progress[-1]["failed"] == data.totals["failed"]

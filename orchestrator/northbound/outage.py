@@ -119,8 +119,8 @@ class Outage:
         if left <= 0.05 * self.first_wait:
             raise PlatformUnreachable(
                 f"platform unreachable for {describe_duration(down)} ({reason}); nothing is "
-                "lost: `rollout resume` goes on once it answers "
-                f"(execution.outage_budget = {self.budget:g} s)"
+                "lost: `rollout resume PLAN` goes on once it answers (`rollout run PLAN` if "
+                f"no run had started; execution.outage_budget = {self.budget:g} s)"
             )
         wait = min(self.max_wait, max(self.first_wait, down / 2), left)
         if now - self._last_log >= LOG_EVERY:
