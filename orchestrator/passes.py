@@ -203,18 +203,20 @@ async def _drive_pass(
         journal.known_operations(),
         created_windows=journal.created_windows(),
     )
-    census = await take_census(
-        judge,
-        session.operation,
-        "devices",
-        pass_targets(journal, run_id, current),
-        since=current.platform_start,
-        ignore=journal.operations_outside(run_id, current.wave),
-    )
-    journal.record_census(run_id, "opening", census.summary() | {"pass": current.pass_no})
     rows = journal.chunks(run_id, [PENDING, INTENT], current.wave)
-    adopt_found(journal, run_id, census, rows, options.unknown_tasks)
-    view = CensusView(census, judge, options.unknown_tasks)
+    view = CensusView(None, judge, options.unknown_tasks)
+    if rows:  # a census only for chunks still to send or settle (a later step has none)
+        census = await take_census(
+            judge,
+            session.operation,
+            "devices",
+            pass_targets(journal, run_id, current),
+            since=current.platform_start,
+            ignore=journal.operations_outside(run_id, current.wave),
+        )
+        journal.record_census(run_id, "opening", census.summary() | {"pass": current.pass_no})
+        adopt_found(journal, run_id, census, rows, options.unknown_tasks)
+        view = CensusView(census, judge, options.unknown_tasks)
     steps = RunOptions(unknown_tasks=options.unknown_tasks, step=options.step)
     rollout = Rollout(session, observer, sleep, view, steps)
     last_wave, _ = last_gate(session.loaded)
