@@ -29,6 +29,24 @@ def _files(directory: Path) -> list[Path]:
     return [path for path in directory.rglob("*") if path.is_file()]
 
 
+async def test_every_folder_the_state_needs_is_created_private(
+    live_sim: SimulatorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A state root whose parents do not exist yet: every folder created for it is 0700,
+    not only the last one (the folder holding it, which existed, is left as it was)."""
+    root = tmp_path / "new" / "deeper" / "state"
+    monkeypatch.setenv("ROLLOUT_STATE_DIR", str(root))
+    async with NorthboundClient(client_config(live_sim)) as client:
+        await client.list_packages()
+        state = client.state
+    assert state.directory.is_relative_to(root)
+    created = [state.directory, *state.directory.parents][: len(state.directory.parents)]
+    created = [folder for folder in created if folder.is_relative_to(tmp_path / "new")]
+    assert tmp_path / "new" in created and len(created) >= 4
+    for folder in created:
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+
+
 async def test_state_is_private_and_never_holds_the_secret(
     live_sim: SimulatorServer, private_host_state: Path
 ) -> None:

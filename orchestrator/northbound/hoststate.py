@@ -79,7 +79,12 @@ def app_key(base_url: str, app_id: str) -> str:
 
 
 def _private_dir(path: Path) -> None:
-    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    """Create `path` and each missing parent with mode 0700 (mkdir's `parents` would give
+    the parents the umask's mode); an existing `path` is made 0700 too, its parents kept."""
+    missing = [folder for folder in (path, *path.parents) if not folder.exists()]
+    for folder in reversed(missing):
+        folder.mkdir(mode=DIR_MODE, exist_ok=True)
+        os.chmod(folder, DIR_MODE)
     os.chmod(path, DIR_MODE)
 
 

@@ -585,8 +585,9 @@ def read_budget(path: Path, clock: Clock = time.monotonic) -> BudgetView | None:
     nothing yet, or no process is running or made a call in the last window."""
     if not path.exists():
         return None
-    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000)
+    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
     try:
+        db.execute("BEGIN")  # one snapshot for every read: the per-process counts add up
         if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'budget'").fetchone() is None:
             return None  # created, never written (e.g. a full disk): nothing recorded
         now = clock()
