@@ -706,9 +706,10 @@ class Rollout:
         if lost:
             await self._send_again()
 
-    async def _run_census(self) -> Census:
-        """A census of the run's targets now (retry passes' tasks sent theirs on purpose)."""
-        journal, run_id = self.session.journal, self.session.run_id
+    def _judge_for_census(self) -> PackageJudge:
+        """The run's package judge (a new one after `--ignore-census`), told every task the
+        journal knows and when our creates were sent (samples of the platform's clock)."""
+        journal = self.session.journal
         known = journal.known_operations()
         if self.census is not None:
             judge = self.census.judge
@@ -716,6 +717,12 @@ class Rollout:
         else:
             judge = PackageJudge(self.session.client, self.session.package, known)
         judge.created_windows = journal.created_windows()
+        return judge
+
+    async def _run_census(self) -> Census:
+        """A census of the run's targets now (retry passes' tasks sent theirs on purpose)."""
+        journal, run_id = self.session.journal, self.session.run_id
+        judge = self._judge_for_census()
         return await take_census(
             judge,
             self.session.operation,
@@ -874,13 +881,7 @@ class Rollout:
                     until=settled,
                 )
         await _until_settled(self.session, run_id, self.monitor.sleep, unsettled_only=False)
-        known = journal.known_operations()
-        if self.census is not None:
-            judge = self.census.judge
-            judge.known.update(known)
-        else:
-            judge = PackageJudge(self.session.client, self.session.package, known)
-        judge.created_windows = journal.created_windows()
+        judge = self._judge_for_census()
         if retry_pass is None:
             kind = self.session.loaded.fleet.kind
             targets = census_targets(journal, run_id, self.session.loaded)
