@@ -711,6 +711,8 @@ def _drive(
     _start_logging()
     loaded = _load(plan)
     path = journal_path(loaded, journal)
+    if resume_only and not path.exists():  # nothing to resume: and no empty journal left behind
+        raise JournalError(f"{path}: no run of plan {loaded.plan.name!r} to resume")
     if not resume_only and (new_run or not has_run(path, loaded.plan.name)):
         check_times(loaded.plan, str(loaded.path))  # a first run refuses a passed start
     display = RunDisplay(err(), len(loaded.fleet.members))

@@ -392,3 +392,14 @@ def test_watch_and_report_refresh_need_no_fleet_file(
     status = json.loads(_rollout("status", "--json", str(plan), cwd=tmp_path).stdout)
     assert status["tasks_final"] == status["tasks_observed"] == 1
     assert status["devices_succeeded"] + status["devices_failed"] == 256
+
+
+def test_resume_without_a_run_is_one_line_and_leaves_no_journal(tmp_path: Path) -> None:
+    """`rollout resume` of a plan never run: exit 3 naming the journal, one line, and no
+    journal file (nor its folder) left behind."""
+    plan = _plan(tmp_path, "http://127.0.0.1:9", ["00000000-0000-4000-8000-000000000001"])
+    result = _rollout("resume", str(plan), cwd=tmp_path)
+    assert result.returncode == 3, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "no run of plan 'cli' to resume" in result.stderr
+    assert not (tmp_path / ".rollout").exists()
