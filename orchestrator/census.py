@@ -32,7 +32,7 @@ from enum import StrEnum
 
 import structlog
 
-from .northbound import NorthboundClient, OperationType, Package, Priority, Status, Task
+from .northbound import NorthboundClient, OperationType, Package, Page, Priority, Status, Task
 from .northbound.clock import parse_platform_time
 from .planner import Chunk
 
@@ -81,6 +81,23 @@ class PackageJudge:
         if isinstance(version, str) and version:
             return Match.SAME if version == self.package.version else Match.OTHER
         return Match.UNKNOWN
+
+    async def list_tasks(
+        self, operation: OperationType, *, device_id: str | None = None, page_no: int = 0
+    ) -> Page[Task]:
+        """A page (PAGE_SIZE tasks) of the task list filtered to this package's device type,
+        model and manufacturer (platform-api.md §3.7), and to `device_id` when given."""
+        package = self.package
+        return await self.client.list_tasks(
+            operation_type=operation,
+            device_type=package.device_type or None,
+            model=package.model or None,
+            manufacturer=package.manufacturer or None,
+            device_id=device_id,
+            page_no=page_no,
+            page_size=PAGE_SIZE,
+            priority=self.priority,
+        )
 
     async def judge(self, task: Task) -> Match:
         verdict = self._verdicts.get(task.operation_id)
@@ -206,19 +223,10 @@ async def take_census(
     when neither the reply nor the journal tells its package. Raises PlatformCallError."""
     started = time.monotonic()
     census = Census()
-    package = judge.package
     seen: set[str] = set()
     page_no = 0
     while True:
-        page = await judge.client.list_tasks(
-            operation_type=operation,
-            device_type=package.device_type or None,
-            model=package.model or None,
-            manufacturer=package.manufacturer or None,
-            page_no=page_no,
-            page_size=PAGE_SIZE,
-            priority=judge.priority,
-        )
+        page = await judge.list_tasks(operation, page_no=page_no)
         census.pages += 1
         for task in page.items:
             if task.operation_id in seen:

@@ -180,15 +180,7 @@ async def tasks_holding(
     `deviceId` filter (platform-api.md §3.7: the platform's own expansion of group targets,
     so a device of another model is in none), less `ignore`; a task whose package the
     platform does not tell counts. One call (the first 100 tasks)."""
-    package = judge.package
-    page = await judge.client.list_tasks(
-        operation_type=operation,
-        device_type=package.device_type or None,
-        model=package.model or None,
-        manufacturer=package.manufacturer or None,
-        device_id=device,
-        priority=judge.priority,
-    )
+    page = await judge.list_tasks(operation, device_id=device)
     found = []
     for task in page.items:
         if task.operation_id in ignore:
